@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Relay benchmark: the same load generator (wrk), in the same run, against
+#   direct  — a fast local upstream (nginx serving a 1 KB Messages response)
+#   nginx   — Debian's nginx as a plain reverse proxy to that upstream
+#   relay   — claude-relay-proxy to that upstream
+# It prints requests/s and p50/p99 latency of each, the ratios, the relay's
+# added p50 latency over direct, and the relay's RSS idle and with 1,000
+# concurrent open streams. Figures, not pass/fail: the machines are shared.
+#
+#   bench/run.sh                 # defaults
+#   DURATION=20 CONNECTIONS=128 bench/run.sh
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+STREAMS=${STREAMS:-1000}
+out=${OUT:-$root/bench/out}
+mkdir -p "$out"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh" >&2; exit 1; }; }
+need wrk
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
+ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
+
+echo "building release binaries..."
+(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin mock-upstream)
+RELAY="$root/target/release/claude-relay-proxy"
+MOCK="$root/target/release/mock-upstream"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port)
+
+# The upstream: a 1 KB Messages API response, as fast as a server can give it.
+body=$(python3 - <<'PY'
+import json
+text = ("The relay passes every byte through unchanged. " * 16).strip()
+print(json.dumps({"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench",
+  "content":[{"type":"text","text":text}],"stop_reason":"end_turn","stop_sequence":None,
+  "usage":{"input_tokens":25,"output_tokens":180}}, separators=(",",":")))
+PY
+)
+mkdir -p "$work/up" "$work/ng"
+cat > "$work/up/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '$body'; }
+  }
+}
+NGINX
+cat > "$work/ng/nginx.conf" <<NGINX
+worker_processes auto;
+daemon off;
+pid $work/ng/nginx.pid;
+error_log $work/ng/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/ng; proxy_temp_path $work/ng; fastcgi_temp_path $work/ng; uwsgi_temp_path $work/ng; scgi_temp_path $work/ng;
+  upstream claude { server 127.0.0.1:$UP; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://claude;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key "sk-ant-bench";
+    }
+  }
+}
+NGINX
+"$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+"$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" & pids+=($!)
+"$MOCK" --listen "127.0.0.1:$MK" 2>/dev/null & pids+=($!)
+
+echo "bench-relay-key" > "$work/relay.key"
+echo "sk-ant-bench" > "$work/upstream.key"
+cat > "$work/relay.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$RL
+  admin_listen: 127.0.0.1:$RA
+log:
+  level: warn   # no access lines, as nginx runs with access_log off
+clients:
+  - id: bench
+    relay_keys: [{file: $work/relay.key}]
+regions:
+  - name: local
+    base_url: http://127.0.0.1:$UP
+    api_keys: [{file: $work/upstream.key}]
+  - name: streams
+    priority: 10
+    base_url: http://127.0.0.1:$MK
+    api_keys: [{file: $work/upstream.key}]
+YAML
+"$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
+wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"
+sleep 0.5
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+idle_rss=$(rss_kb "$relay_pid")
+
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.headers["x-api-key"] = "bench-relay-key"
+LUA
+
+# wrk's latency lines are in us, ms or s; print microseconds.
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }
+run_wrk() { # name url threads connections seconds
+  local name=$1 url=$2 t=$3 c=$4 d=$5 f="$out/wrk-$1-c$4.txt"
+  wrk -t"$t" -c"$c" -d"${d}s" --latency -s "$work/post.lua" "$url" > "$f"
+  local rps p50 p99 errs
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$f")
+  p50=$(awk '$1=="50%" {print $2}' "$f" | to_us)
+  p99=$(awk '$1=="99%" {print $2}' "$f" | to_us)
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' "$f" | tr '\n' ' ')
+  echo "$name $rps $p50 $p99 $errs"
+}
+
+echo "warming up..."
+for u in "http://127.0.0.1:$UP/v1/messages" "http://127.0.0.1:$NG/v1/messages" "http://127.0.0.1:$RL/v1/messages"; do
+  wrk -t2 -c"$CONNECTIONS" -d2s -s "$work/post.lua" "$u" > /dev/null
+done
+
+echo "throughput: wrk -t2 -c$CONNECTIONS -d${DURATION}s, 1 KB responses"
+tp=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 2 "$CONNECTIONS" "$DURATION"
+        run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 2 "$CONNECTIONS" "$DURATION"
+        run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 2 "$CONNECTIONS" "$DURATION"; } )
+echo "latency: wrk -t1 -c1 -d${DURATION}s (one request at a time)"
+lat=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 1 1 "$DURATION"
+         run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 1 1 "$DURATION"
+         run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 1 1 "$DURATION"; } )
+
+# 1,000 concurrent open streams: each answered by an endless, slow SSE stream.
+cat > "$work/stream.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"claude-bench","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-api-key"] = "bench-relay-key"
+wrk.headers["x-relay-region"] = "streams"
+wrk.headers["x-mock"] = "stream-endless"
+wrk.headers["x-mock-delay-ms"] = "1000"
+LUA
+wrk -t2 -c"$STREAMS" -d10s --timeout 30s -s "$work/stream.lua" "http://127.0.0.1:$RL/v1/messages" > "$out/wrk-streams.txt" 2>&1 &
+wrk_pid=$!
+peak_streams=0; peak_rss=0
+for _ in $(seq 1 18); do
+  sleep 0.5
+  n=$(curl -s "http://127.0.0.1:$RA/metrics" | awk '/^claude_relay_in_flight_requests / {print $2}')
+  r=$(rss_kb "$relay_pid")
+  [ "${n:-0}" -gt "$peak_streams" ] && peak_streams=$n
+  [ "$r" -gt "$peak_rss" ] && peak_rss=$r
+done
+wait "$wrk_pid" || true
+hwm=$(hwm_kb "$relay_pid")
+
+report=$(
+  echo "== claude-relay benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores) =="
+  echo
+  echo "throughput (wrk -t2 -c$CONNECTIONS -d${DURATION}s, 1 KB JSON responses)"
+  printf '%-8s %12s %10s %10s\n' target req/s p50_us p99_us
+  echo "$tp" | awk '{printf "%-8s %12.0f %10.0f %10.0f %s %s %s %s %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
+  echo
+  echo "latency (wrk -t1 -c1 -d${DURATION}s)"
+  printf '%-8s %12s %10s %10s\n' target req/s p50_us p99_us
+  echo "$lat" | awk '{printf "%-8s %12.0f %10.0f %10.0f %s %s %s %s %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
+  echo
+  d=$(echo "$tp" | awk '$1=="direct"{print $2}'); n=$(echo "$tp" | awk '$1=="nginx"{print $2}'); r=$(echo "$tp" | awk '$1=="relay"{print $2}')
+  ld=$(echo "$lat" | awk '$1=="direct"{print $3}'); ln=$(echo "$lat" | awk '$1=="nginx"{print $3}'); lr=$(echo "$lat" | awk '$1=="relay"{print $3}')
+  awk -v d="$d" -v n="$n" -v r="$r" 'BEGIN {printf "ratios: relay/nginx throughput %.2f (target >= 1.00); relay/direct %.2f; nginx/direct %.2f\n", r/n, r/d, n/d}'
+  awk -v ld="$ld" -v ln="$ln" -v lr="$lr" 'BEGIN {printf "added p50 latency over direct: relay %.0f us (target < 100 us); nginx %.0f us\n", lr-ld, ln-ld}'
+  awk -v i="$idle_rss" 'BEGIN {printf "relay RSS idle: %.1f MB (target < 30 MB)\n", i/1024}'
+  awk -v p="$peak_rss" -v h="$hwm" -v s="$peak_streams" 'BEGIN {printf "relay RSS with %d concurrent open streams: %.1f MB, peak %.1f MB (target < 100 MB)\n", s, p/1024, h/1024}'
+)
+echo
+echo "$report" | tee "$out/results.txt"

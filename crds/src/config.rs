@@ -1,0 +1,1252 @@
+//! The proxy configuration document.
+//!
+//! One YAML or JSON document that the proxy reads from a file (standalone) and
+//! that the operator renders into a ConfigMap (in-cluster). Secrets are never
+//! inline: every secret is a [`SecretSource`] that names a file or an
+//! environment variable.
+//!
+//! Parsing (`parse_yaml`) rejects unknown fields and names the path of the bad
+//! field; [`ProxyConfig::validate`] then checks what types cannot express.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::HumanDuration;
+
+/// Default body limit: the Claude API's own request size limit.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Name of this relay, scoping its state in a shared store (the operator
+    /// writes `namespace/name`).
+    #[serde(default = "default_relay_name")]
+    pub relay_name: String,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Who may use the relay. At least one.
+    pub clients: Vec<ClientConfig>,
+    /// Upstream regions. The relay sends to the one with the lowest `priority`
+    /// value (ties: listed order).
+    pub regions: Vec<RegionConfig>,
+    /// Replay protection of signed requests.
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    /// Where nonces and rate-limit windows live. Absent: in memory, which is
+    /// only correct for a single replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the API listener. A change needs a restart.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`). A change needs a restart.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// How long requests and streams in flight may run after SIGTERM.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    /// Worker threads, each serving its share of connections start to end;
+    /// 0 means one per core. A change needs a restart.
+    #[serde(default)]
+    pub workers: usize,
+    /// How often the config file and the files it references are checked for changes.
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: HumanDuration,
+    /// Serve HTTPS instead of plain HTTP. Files are re-read when they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DownstreamTls>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            max_body_bytes: default_max_body_bytes(),
+            shutdown_grace: default_shutdown_grace(),
+            workers: 0,
+            reload_interval: default_reload_interval(),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, such as `info` or `claude_relay_proxy=debug,info`.
+    /// `RUST_LOG` wins when set. Read at start only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where a secret comes from. Written as `{file: /path}` or `{env: NAME}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretSource {
+    /// A file holding the secret (surrounding white space is trimmed), such as a mounted Secret.
+    File(PathBuf),
+    /// An environment variable holding the secret.
+    Env(String),
+}
+
+/// A client's relay key: a secret source, or the hex SHA-256 of the key
+/// (`{sha256: ...}`), which is not a secret and may stand in the config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum RelayKeySource {
+    File(PathBuf),
+    Env(String),
+    Sha256(String),
+}
+
+/// Reads `{kind: value}` with `kind` among `kinds`. Hand-written because
+/// serde's own errors quote the offending value, and a value written where
+/// a reference belongs is most likely the secret itself.
+fn secret_reference<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    kinds: &[&'static str],
+) -> Result<(&'static str, String), D::Error> {
+    let expected = || {
+        let forms: Vec<String> = kinds.iter().map(|k| format!("{{{k}: ...}}")).collect();
+        serde::de::Error::custom(format!(
+            "expected one of {}; a secret is never written inline",
+            forms.join(", ")
+        ))
+    };
+    let value = serde_json::Value::deserialize(d).map_err(|_| expected())?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(expected());
+    };
+    let mut entries = map.into_iter();
+    match (entries.next(), entries.next()) {
+        (Some((key, serde_json::Value::String(text))), None) => kinds
+            .iter()
+            .find(|k| **k == key)
+            .map(|k| (*k, text))
+            .ok_or_else(expected),
+        _ => Err(expected()),
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match secret_reference(d, &["file", "env"])? {
+            ("file", path) => SecretSource::File(path.into()),
+            (_, name) => SecretSource::Env(name),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayKeySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match secret_reference(d, &["file", "env", "sha256"])? {
+            ("file", path) => RelayKeySource::File(path.into()),
+            ("env", name) => RelayKeySource::Env(name),
+            (_, hex) => RelayKeySource::Sha256(hex),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Name used in logs and metrics; never the key.
+    pub id: String,
+    /// Relay keys this client may present as `x-api-key` or `Authorization: Bearer`.
+    /// Several keys allow rotation with overlap.
+    #[serde(default)]
+    pub relay_keys: Vec<RelayKeySource>,
+    /// Methods this client may use. Empty (the default): `relay_key` when it
+    /// has relay keys, `signature` when it has signing secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth: Vec<AuthMethod>,
+    /// HMAC secrets for signed requests (docs/signing.md); the key id on the
+    /// wire is `id`. Several are all valid at once, for rotation with overlap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_secrets: Vec<SecretSource>,
+    /// Requests per period for this client, shared by all replicas through the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl ClientConfig {
+    /// Whether the client may authenticate with `method` (explicit `auth`, or
+    /// the default derived from which credentials it has).
+    pub fn allows(&self, method: AuthMethod) -> bool {
+        if !self.auth.is_empty() {
+            return self.auth.contains(&method);
+        }
+        match method {
+            AuthMethod::RelayKey => !self.relay_keys.is_empty(),
+            AuthMethod::Signature => !self.signing_secrets.is_empty(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `x-api-key` or `Authorization: Bearer` with one of `relay_keys`.
+    RelayKey,
+    /// HMAC-SHA256 signed request with one of `signing_secrets`.
+    Signature,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests allowed per period; more get 429 with `retry-after`.
+    pub requests: u32,
+    pub per: RatePeriod,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RatePeriod {
+    Second,
+    Minute,
+}
+
+impl RatePeriod {
+    pub fn duration(self) -> std::time::Duration {
+        match self {
+            RatePeriod::Second => std::time::Duration::from_secs(1),
+            RatePeriod::Minute => std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Short name, used in metrics and logs (`us`, `eu-gateway`).
+    pub name: String,
+    /// `https://api.anthropic.com`, or a gateway, optionally with a path prefix.
+    pub base_url: String,
+    /// Lower is preferred.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// The upstream API keys of this region, used in turn.
+    pub api_keys: Vec<SecretSource>,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    #[serde(default)]
+    pub timeouts: UpstreamTimeouts,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Extra PEM CA certificates trusted besides the webpki roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeouts {
+    /// TCP (and TLS) connect.
+    #[serde(default = "default_connect_timeout")]
+    pub connect: HumanDuration,
+    /// From sending the request until the response headers. A non-streaming
+    /// Messages call only answers when the whole generation is done, so this is long.
+    #[serde(default = "default_response_headers_timeout")]
+    pub response_headers: HumanDuration,
+    /// Longest silence between two chunks of a response body.
+    #[serde(default = "default_idle_timeout")]
+    pub idle: HumanDuration,
+    /// Cap on the whole exchange, body included.
+    #[serde(default = "default_total_timeout")]
+    pub total: HumanDuration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            response_headers: default_response_headers_timeout(),
+            idle: default_idle_timeout(),
+            total: default_total_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Idle keep-alive connections kept open per upstream host.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_host: usize,
+    /// Idle connections are closed after this long.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Requests in flight to this region at once; more wait (and show as
+    /// `waiting` in the pool metrics).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_idle_per_host: default_max_idle(),
+            idle_timeout: default_pool_idle_timeout(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// A signed request's timestamp may differ from the relay's clock by at
+    /// most this much, either way. Nonces are remembered for twice as long.
+    #[serde(default = "default_replay_window")]
+    pub window: HumanDuration,
+    /// When the store is unreachable, accept signed requests without the nonce
+    /// check (logged loudly) instead of answering 503.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            window: default_replay_window(),
+            fail_open: false,
+        }
+    }
+}
+
+/// The shared store, written `{memory: {...}}` or `{redis: {...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// In this process only: correct for one replica.
+    Memory(MemoryStoreConfig),
+    /// Shared by every replica. Boxed: it is much larger than the memory variant.
+    Redis(Box<RedisStoreConfig>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryStoreConfig {
+    /// Nonces remembered at once; when full, signed requests get 503 rather
+    /// than a nonce being forgotten early (which would allow a replay).
+    #[serde(default = "default_memory_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for MemoryStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_memory_max_entries(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStoreConfig {
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// `redis://host:port/db` or `rediss://...` (TLS), without credentials.
+    /// Standalone mode only; exactly one of `url` and `url_from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The URL from a secret, when it carries credentials. Standalone mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<SecretSource>,
+    /// Required in sentinel mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<RedisSentinelConfig>,
+    /// Required in cluster mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RedisClusterConfig>,
+    /// ACL user name; overrides one in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password; overrides one in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_from: Option<SecretSource>,
+    #[serde(default)]
+    pub tls: RedisTlsConfig,
+    /// Connections kept open; commands are spread over them.
+    #[serde(default = "default_redis_pool_size")]
+    pub pool_size: usize,
+    /// TCP (and TLS) connect.
+    #[serde(default = "default_redis_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Bound on every command, so a Redis outage fails requests fast instead of hanging them.
+    #[serde(default = "default_redis_command_timeout")]
+    pub command_timeout: HumanDuration,
+    #[serde(default)]
+    pub reconnect: RedisReconnectConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Sentinel,
+    Cluster,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSentinelConfig {
+    /// Name of the monitored primary (`mymaster`).
+    pub service_name: String,
+    /// Sentinels as `host:port`.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisClusterConfig {
+    /// Some cluster nodes as `host:port`; the rest are discovered.
+    pub nodes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// Connect with TLS (also implied by a `rediss://` URL).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Extra PEM CA certificates trusted besides the webpki roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisReconnectConfig {
+    /// First delay after a lost connection; doubled on each failed attempt.
+    #[serde(default = "default_reconnect_min_delay")]
+    pub min_delay: HumanDuration,
+    /// Cap on the delay between attempts. Attempts never stop.
+    #[serde(default = "default_reconnect_max_delay")]
+    pub max_delay: HumanDuration,
+}
+
+impl Default for RedisReconnectConfig {
+    fn default() -> Self {
+        Self {
+            min_delay: default_reconnect_min_delay(),
+            max_delay: default_reconnect_max_delay(),
+        }
+    }
+}
+
+fn default_replay_window() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_memory_max_entries() -> usize {
+    1_000_000
+}
+fn default_redis_pool_size() -> usize {
+    4
+}
+fn default_redis_connect_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_redis_command_timeout() -> HumanDuration {
+    HumanDuration::from_millis(250)
+}
+fn default_reconnect_min_delay() -> HumanDuration {
+    HumanDuration::from_millis(100)
+}
+fn default_reconnect_max_delay() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_relay_name() -> String {
+    "standalone".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_reload_interval() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_response_headers_timeout() -> HumanDuration {
+    HumanDuration::from_secs(600)
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_total_timeout() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+fn default_max_idle() -> usize {
+    64
+}
+fn default_pool_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(90)
+}
+fn default_max_in_flight() -> usize {
+    4096
+}
+
+/// A config document that cannot be used, with the path of the bad field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl ProxyConfig {
+    /// Parses YAML (and so JSON) with unknown fields rejected; the error names
+    /// the path of the offending field.
+    pub fn parse_yaml(text: &str) -> Result<Self, ConfigError> {
+        // Through a JSON value: YAML's own enum encoding wants `!tags`, while
+        // people (and the operator's JSON) write `{file: /path}`.
+        let value: serde_json::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                path: "(document)".into(),
+                message: e.to_string(),
+            })?;
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            ConfigError::Parse {
+                path: if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                message,
+            }
+        })
+    }
+
+    /// Parses and validates.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse_yaml(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: names unique and well formed, URLs,
+    /// non-empty lists, positive durations. Collects every problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |path: String, message: &str| problems.push(format!("{path}: {message}"));
+
+        if self.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.server.reload_interval.is_zero() {
+            bad("server.reload_interval".into(), "must be greater than 0");
+        }
+        if self.clients.is_empty() {
+            bad("clients".into(), "at least one client is required");
+        }
+        let mut ids = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            if !is_name(&client.id) {
+                bad(
+                    format!("clients[{i}].id"),
+                    "must be 1-63 characters of a-z, A-Z, 0-9, '-', '_' or '.'",
+                );
+            }
+            if !ids.insert(client.id.as_str()) {
+                bad(format!("clients[{i}].id"), "duplicate client id");
+            }
+            if client.relay_keys.is_empty() && client.signing_secrets.is_empty() {
+                bad(
+                    format!("clients[{i}].relay_keys"),
+                    "the client has no way to authenticate: give at least one relay key or signing secret",
+                );
+            }
+            for (k, key) in client.relay_keys.iter().enumerate() {
+                if let RelayKeySource::Sha256(hex) = key
+                    && (hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    bad(
+                        format!("clients[{i}].relay_keys[{k}].sha256"),
+                        "must be 64 hex digits",
+                    );
+                }
+            }
+        }
+
+        if self.regions.is_empty() {
+            bad("regions".into(), "at least one region is required");
+        }
+        let mut names = HashSet::new();
+        for (i, region) in self.regions.iter().enumerate() {
+            if !is_name(&region.name) {
+                bad(
+                    format!("regions[{i}].name"),
+                    "must be 1-63 characters of a-z, A-Z, 0-9, '-', '_' or '.'",
+                );
+            }
+            if !names.insert(region.name.as_str()) {
+                bad(format!("regions[{i}].name"), "duplicate region name");
+            }
+            if let Err(why) = check_base_url(&region.base_url) {
+                bad(format!("regions[{i}].base_url"), why);
+            }
+            if region.api_keys.is_empty() {
+                bad(
+                    format!("regions[{i}].api_keys"),
+                    "at least one upstream API key is required",
+                );
+            }
+            let t = &region.timeouts;
+            for (field, value) in [
+                ("connect", t.connect),
+                ("response_headers", t.response_headers),
+                ("idle", t.idle),
+                ("total", t.total),
+            ] {
+                if value.is_zero() {
+                    bad(
+                        format!("regions[{i}].timeouts.{field}"),
+                        "must be greater than 0",
+                    );
+                }
+            }
+            if region.pool.max_in_flight == 0 {
+                bad(
+                    format!("regions[{i}].pool.max_in_flight"),
+                    "must be greater than 0",
+                );
+            }
+        }
+
+        self.validate_signing_and_store(&mut problems);
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The checks of client auth methods, rate limits, replay and store.
+    fn validate_signing_and_store(&self, problems: &mut Vec<String>) {
+        let mut bad = |path: String, message: &str| problems.push(format!("{path}: {message}"));
+        for (i, client) in self.clients.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for (m, method) in client.auth.iter().enumerate() {
+                if !seen.insert(method) {
+                    bad(format!("clients[{i}].auth[{m}]"), "duplicate method");
+                }
+            }
+            if client.auth.contains(&AuthMethod::RelayKey) && client.relay_keys.is_empty() {
+                bad(
+                    format!("clients[{i}].auth"),
+                    "allows relay_key but the client has no relay_keys",
+                );
+            }
+            if client.auth.contains(&AuthMethod::Signature) && client.signing_secrets.is_empty() {
+                bad(
+                    format!("clients[{i}].auth"),
+                    "allows signature but the client has no signing_secrets",
+                );
+            }
+            if client.rate_limit.is_some_and(|r| r.requests == 0) {
+                bad(
+                    format!("clients[{i}].rate_limit.requests"),
+                    "must be greater than 0",
+                );
+            }
+        }
+
+        let window = *self.replay.window;
+        if window < std::time::Duration::from_secs(1)
+            || window > std::time::Duration::from_secs(3600)
+        {
+            bad("replay.window".into(), "must be between 1s and 1h");
+        }
+
+        match &self.store {
+            None => {}
+            Some(StoreConfig::Memory(memory)) if memory.max_entries == 0 => {
+                bad("store.memory.max_entries".into(), "must be greater than 0");
+            }
+            Some(StoreConfig::Memory(_)) => {}
+            Some(StoreConfig::Redis(redis)) => {
+                for (path, problem) in redis.problems() {
+                    bad(format!("store.redis.{path}"), problem);
+                }
+            }
+        }
+    }
+
+    /// Every file the config refers to, so a watcher can notice a change in any of them.
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(tls) = &self.server.tls {
+            files.push(tls.cert_file.clone());
+            files.push(tls.key_file.clone());
+        }
+        for client in &self.clients {
+            for key in &client.relay_keys {
+                if let RelayKeySource::File(path) = key {
+                    files.push(path.clone());
+                }
+            }
+            for secret in &client.signing_secrets {
+                if let SecretSource::File(path) = secret {
+                    files.push(path.clone());
+                }
+            }
+        }
+        if let Some(StoreConfig::Redis(redis)) = &self.store {
+            for secret in [&redis.url_from, &redis.password_from]
+                .into_iter()
+                .flatten()
+            {
+                if let SecretSource::File(path) = secret {
+                    files.push(path.clone());
+                }
+            }
+            if let Some(ca) = &redis.tls.ca_file {
+                files.push(ca.clone());
+            }
+        }
+        for region in &self.regions {
+            for key in &region.api_keys {
+                if let SecretSource::File(path) = key {
+                    files.push(path.clone());
+                }
+            }
+            if let Some(ca) = &region.tls.ca_file {
+                files.push(ca.clone());
+            }
+        }
+        files
+    }
+}
+
+impl RedisStoreConfig {
+    /// What is wrong, as (path below `store.redis`, message) pairs.
+    fn problems(&self) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        let mut bad = |path: &str, message: &'static str| out.push((path.to_owned(), message));
+        let standalone = self.mode == RedisMode::Standalone;
+        match (&self.url, &self.url_from) {
+            (Some(_), Some(_)) => bad("url", "give url or url_from, not both"),
+            (None, None) if standalone => bad("url", "standalone mode needs url or url_from"),
+            (Some(_), None) | (None, Some(_)) if !standalone => bad(
+                "url",
+                "only for standalone mode; sentinel and cluster take addresses",
+            ),
+            _ => {}
+        }
+        if let Some(url) = &self.url
+            && let Err(why) = check_redis_url(url)
+        {
+            bad("url", why);
+        }
+        match (self.mode, &self.sentinel) {
+            (RedisMode::Sentinel, None) => {
+                bad("sentinel", "sentinel mode needs service_name and addresses")
+            }
+            (RedisMode::Sentinel, Some(sentinel)) => {
+                if sentinel.service_name.is_empty() {
+                    bad("sentinel.service_name", "must not be empty");
+                }
+                if sentinel.addresses.is_empty() {
+                    bad("sentinel.addresses", "at least one sentinel is required");
+                }
+                for (i, address) in sentinel.addresses.iter().enumerate() {
+                    if !is_host_port(address) {
+                        bad(&format!("sentinel.addresses[{i}]"), "must be host:port");
+                    }
+                }
+            }
+            (_, Some(_)) => bad("sentinel", "only for sentinel mode"),
+            (_, None) => {}
+        }
+        match (self.mode, &self.cluster) {
+            (RedisMode::Cluster, None) => bad("cluster", "cluster mode needs nodes"),
+            (RedisMode::Cluster, Some(cluster)) => {
+                if cluster.nodes.is_empty() {
+                    bad("cluster.nodes", "at least one node is required");
+                }
+                for (i, node) in cluster.nodes.iter().enumerate() {
+                    if !is_host_port(node) {
+                        bad(&format!("cluster.nodes[{i}]"), "must be host:port");
+                    }
+                }
+            }
+            (_, Some(_)) => bad("cluster", "only for cluster mode"),
+            (_, None) => {}
+        }
+        if self.tls.ca_file.is_some()
+            && !self.tls.enabled
+            && !self
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            bad("tls.ca_file", "set tls.enabled (or use a rediss:// URL)");
+        }
+        if !(1..=64).contains(&self.pool_size) {
+            bad("pool_size", "must be between 1 and 64");
+        }
+        for (path, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+            ("reconnect.min_delay", self.reconnect.min_delay),
+            ("reconnect.max_delay", self.reconnect.max_delay),
+        ] {
+            if value.is_zero() {
+                bad(path, "must be greater than 0");
+            }
+        }
+        if self.reconnect.min_delay > self.reconnect.max_delay {
+            bad("reconnect.min_delay", "must not exceed reconnect.max_delay");
+        }
+        out
+    }
+}
+
+/// A Redis URL as the config may hold it: no credentials, since the config is
+/// not a secret (they belong in `url_from` or `password_from`).
+fn check_redis_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or("must start with redis:// or rediss://")?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not carry credentials; use url_from or password_from");
+    }
+    if authority.is_empty() {
+        return Err("has no host");
+    }
+    Ok(())
+}
+
+fn is_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A base URL: `http` or `https`, a host, an optional port and path prefix,
+/// no query or fragment.
+pub fn check_base_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("must start with https:// or http://")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err("has no host");
+    }
+    if authority.contains('@') {
+        return Err("must not carry credentials");
+    }
+    if rest.contains('?') || rest.contains('#') {
+        return Err("must not have a query or fragment");
+    }
+    if rest
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("must not contain white space");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+clients:
+  - id: app
+    relay_keys: [{env: RELAY_KEY}]
+regions:
+  - name: us
+    base_url: https://api.anthropic.com
+    api_keys: [{file: /secrets/key}]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = ProxyConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(config.regions[0].timeouts.connect.as_secs(), 1);
+        assert_eq!(config.regions[0].timeouts.idle.as_secs(), 60);
+        assert_eq!(
+            config.regions[0].api_keys[0],
+            SecretSource::File("/secrets/key".into())
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let text = MINIMAL.replace(
+            "base_url: https://api.anthropic.com",
+            "base_url: https://api.anthropic.com\n    prioritty: 3",
+        );
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0]"), "{err}");
+        assert!(err.contains("prioritty"), "{err}");
+    }
+
+    #[test]
+    fn inline_secret_is_rejected() {
+        let text = MINIMAL.replace("{file: /secrets/key}", "sk-ant-inline");
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0].api_keys[0]"), "{err}");
+        assert!(!err.contains("sk-ant-inline"), "secret echoed: {err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let text = format!("{MINIMAL}    timeouts: {{connect: soon}}\n");
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0].timeouts.connect"), "{err}");
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let text = r#"
+clients:
+  - id: app
+    relay_keys: []
+  - id: app
+    relay_keys: [{sha256: nothex}]
+regions:
+  - name: us
+    base_url: ftp://example.com
+    api_keys: []
+"#;
+        let err = ProxyConfig::from_yaml(text).unwrap_err().to_string();
+        for expected in [
+            "clients[0].relay_keys",
+            "clients[1].id: duplicate",
+            "clients[1].relay_keys[0].sha256",
+            "regions[0].base_url",
+            "regions[0].api_keys",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        assert!(check_base_url("https://api.anthropic.com").is_ok());
+        assert!(check_base_url("http://127.0.0.1:8080/prefix").is_ok());
+        assert!(check_base_url("https://").is_err());
+        assert!(check_base_url("https://user:pw@host").is_err());
+        assert!(check_base_url("https://host/?q").is_err());
+        assert!(check_base_url("api.anthropic.com").is_err());
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let config = ProxyConfig::from_yaml(MINIMAL).unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(ProxyConfig::from_yaml(&json).unwrap(), config);
+    }
+}
+
+#[cfg(test)]
+mod signing_store_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+regions:
+  - name: us
+    base_url: https://api.anthropic.com
+    api_keys: [{file: /secrets/key}]
+"#;
+
+    fn config(extra: &str) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::from_yaml(&format!("{BASE}{extra}"))
+    }
+
+    fn problems(extra: &str) -> String {
+        config(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn auth_defaults_follow_the_credentials_given() {
+        let c = config(
+            r#"
+clients:
+  - id: keys-only
+    relay_keys: [{env: K}]
+  - id: signed-only
+    signing_secrets: [{file: /s/a}]
+  - id: both
+    relay_keys: [{env: K}]
+    signing_secrets: [{file: /s/b}]
+  - id: restricted
+    auth: [signature]
+    relay_keys: [{env: K}]
+    signing_secrets: [{file: /s/c}]
+"#,
+        )
+        .unwrap();
+        let allows = |i: usize| {
+            (
+                c.clients[i].allows(AuthMethod::RelayKey),
+                c.clients[i].allows(AuthMethod::Signature),
+            )
+        };
+        assert_eq!(allows(0), (true, false));
+        assert_eq!(allows(1), (false, true));
+        assert_eq!(allows(2), (true, true));
+        assert_eq!(allows(3), (false, true));
+        assert_eq!(c.replay.window.as_secs(), 300);
+        assert!(!c.replay.fail_open);
+        assert_eq!(c.store, None);
+    }
+
+    #[test]
+    fn auth_method_without_its_credentials_is_named() {
+        let err = problems(
+            r#"
+clients:
+  - id: a
+    auth: [relay_key, signature, signature]
+    relay_keys: [{env: K}]
+  - id: b
+    auth: [relay_key]
+    signing_secrets: [{env: S}]
+    rate_limit: {requests: 0, per: second}
+"#,
+        );
+        for expected in [
+            "clients[0].auth[2]: duplicate",
+            "clients[0].auth: allows signature but the client has no signing_secrets",
+            "clients[1].auth: allows relay_key but the client has no relay_keys",
+            "clients[1].rate_limit.requests",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_and_replay_parse() {
+        let c = config(
+            r#"
+clients:
+  - id: a
+    signing_secrets: [{file: /s/a}, {file: /s/b}]
+    rate_limit: {requests: 10, per: minute}
+replay: {window: 2m, fail_open: true}
+"#,
+        )
+        .unwrap();
+        let limit = c.clients[0].rate_limit.unwrap();
+        assert_eq!(limit.requests, 10);
+        assert_eq!(limit.per.duration().as_secs(), 60);
+        assert_eq!(c.replay.window.as_secs(), 120);
+        assert!(c.replay.fail_open);
+        let err = problems("clients: [{id: a, relay_keys: [{env: K}]}]\nreplay: {window: 0s}\n");
+        assert!(err.contains("replay.window"), "{err}");
+        let err = problems(
+            "clients: [{id: a, relay_keys: [{env: K}], rate_limit: {requests: 1, per: hour}}]\n",
+        );
+        assert!(err.contains("clients[0].rate_limit.per"), "{err}");
+    }
+
+    #[test]
+    fn redis_store_modes_are_checked() {
+        let clients = "clients: [{id: a, relay_keys: [{env: K}]}]\n";
+        let ok = config(&format!(
+            "{clients}store: {{redis: {{url: 'redis://redis:6379/0', pool_size: 8}}}}\n"
+        ))
+        .unwrap();
+        let Some(StoreConfig::Redis(redis)) = &ok.store else {
+            panic!("not redis: {:?}", ok.store)
+        };
+        assert_eq!(redis.mode, RedisMode::Standalone);
+        assert_eq!(redis.pool_size, 8);
+        assert_eq!(redis.command_timeout.as_millis(), 250);
+        assert_eq!(redis.reconnect.max_delay.as_secs(), 5);
+
+        let sentinel = config(&format!(
+            "{clients}store: {{redis: {{mode: sentinel, sentinel: {{service_name: mymaster, addresses: ['s1:26379', 's2:26379']}}}}}}\n"
+        ));
+        assert!(sentinel.is_ok(), "{sentinel:?}");
+        let cluster = config(&format!(
+            "{clients}store: {{redis: {{mode: cluster, cluster: {{nodes: ['n1:6379']}}, tls: {{enabled: true}}}}}}\n"
+        ));
+        assert!(cluster.is_ok(), "{cluster:?}");
+
+        for (store, expected) in [
+            ("{redis: {}}", "store.redis.url: standalone mode needs url"),
+            (
+                "{redis: {url: 'redis://x:6379', url_from: {env: U}}}",
+                "store.redis.url: give url or url_from",
+            ),
+            (
+                "{redis: {url: 'redis://:hunter2@x:6379'}}",
+                "store.redis.url: must not carry credentials",
+            ),
+            (
+                "{redis: {url: 'http://x'}}",
+                "store.redis.url: must start with",
+            ),
+            (
+                "{redis: {mode: sentinel}}",
+                "store.redis.sentinel: sentinel mode needs",
+            ),
+            (
+                "{redis: {mode: sentinel, sentinel: {service_name: m, addresses: [nope]}}}",
+                "store.redis.sentinel.addresses[0]: must be host:port",
+            ),
+            (
+                "{redis: {mode: cluster, url: 'redis://x:1', cluster: {nodes: []}}}",
+                "store.redis.url: only for standalone",
+            ),
+            (
+                "{redis: {mode: cluster, cluster: {nodes: []}}}",
+                "store.redis.cluster.nodes",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', cluster: {nodes: ['a:1']}}}",
+                "store.redis.cluster: only for cluster mode",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', tls: {ca_file: /ca.pem}}}",
+                "store.redis.tls.ca_file",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', pool_size: 0}}",
+                "store.redis.pool_size",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', command_timeout: 0s}}",
+                "store.redis.command_timeout",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', reconnect: {min_delay: 10s, max_delay: 1s}}}",
+                "store.redis.reconnect.min_delay",
+            ),
+            ("{memory: {max_entries: 0}}", "store.memory.max_entries"),
+        ] {
+            let err = problems(&format!("{clients}store: {store}\n"));
+            assert!(
+                err.contains(expected),
+                "{store}: missing {expected:?} in {err}"
+            );
+            assert!(!err.contains("hunter2"), "secret echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn secret_files_of_signing_and_store_are_watched() {
+        let c = config(
+            r#"
+clients:
+  - id: a
+    signing_secrets: [{file: /s/old}, {file: /s/new}, {env: NOT_A_FILE}]
+store:
+  redis:
+    url_from: {file: /s/redis-url}
+    password_from: {file: /s/redis-password}
+    tls: {enabled: true, ca_file: /s/ca.pem}
+"#,
+        )
+        .unwrap();
+        let files = c.referenced_files();
+        for expected in [
+            "/s/old",
+            "/s/new",
+            "/s/redis-url",
+            "/s/redis-password",
+            "/s/ca.pem",
+        ] {
+            assert!(
+                files.contains(&PathBuf::from(expected)),
+                "{expected} not in {files:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_fields_round_trip_through_json() {
+        let c = config(
+            r#"
+clients:
+  - id: a
+    auth: [signature]
+    signing_secrets: [{file: /s/a}]
+    rate_limit: {requests: 5, per: second}
+store: {redis: {mode: sentinel, sentinel: {service_name: m, addresses: ['s:26379']}}}
+"#,
+        )
+        .unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_yaml(&json).unwrap(), c);
+    }
+}

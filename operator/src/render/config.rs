@@ -1,0 +1,177 @@
+//! The proxy config document (`ProxyConfig`) of a relay.
+//!
+//! Built as JSON and then parsed into `ProxyConfig`, so fields the proxy adds
+//! later with defaults need no change here, and a field renamed on either
+//! side fails the render tests instead of silently vanishing.
+
+use claude_relay_crds::config::ProxyConfig;
+use claude_relay_crds::resources::{RatePeriod, RedisMode, Timeouts};
+use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
+use kube::ResourceExt;
+use serde_json::{Map, Value, json};
+
+use super::{ADMIN_PORT, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
+
+/// Renders and validates the proxy config of `relay` with `regions`.
+pub fn render_config(
+    relay: &ClaudeRelay,
+    regions: &[UpstreamRegion],
+) -> Result<ProxyConfig, InvalidSpec> {
+    let spec = &relay.spec;
+    let mut server = json!({
+        "listen": format!("0.0.0.0:{HTTP_PORT}"),
+        "admin_listen": format!("0.0.0.0:{ADMIN_PORT}"),
+    });
+    if let Some(tls) = &spec.tls {
+        server["tls"] = json!({
+            "cert_file": format!("{SECRETS_DIR}/{}/tls.crt", tls.secret_name),
+            "key_file": format!("{SECRETS_DIR}/{}/tls.key", tls.secret_name),
+        });
+    }
+
+    let log = spec.log.clone().unwrap_or_default();
+    let mut log_json =
+        json!({ "format": log.format.unwrap_or(claude_relay_crds::config::LogFormat::Json) });
+    if let Some(level) = log.level {
+        log_json["level"] = level.into();
+    }
+
+    let clients: Vec<Value> = spec
+        .clients
+        .iter()
+        .map(|client| {
+            let mut c = json!({
+                "id": client.id,
+                "relay_keys": client.relay_key_secret_ref.iter().map(file).collect::<Vec<_>>(),
+            });
+            if let Some(secrets) = &client.signing_secret_refs {
+                c["signing_secrets"] = secrets.iter().map(file).collect();
+            }
+            if let Some(limit) = &client.rate_limit {
+                let per = match limit.per {
+                    RatePeriod::Second => "second",
+                    RatePeriod::Minute => "minute",
+                };
+                c["rate_limit"] = json!({ "requests": limit.requests, "per": per });
+            }
+            c
+        })
+        .collect();
+
+    // Lowest priority value first; equal priorities in name order, so the
+    // rendering does not depend on the order the API server listed them in.
+    let mut sorted: Vec<&UpstreamRegion> = regions.iter().collect();
+    sorted.sort_by_key(|r| (r.spec.priority, r.name_any()));
+    let regions: Vec<Value> = sorted
+        .into_iter()
+        .map(|region| {
+            let mut r = json!({
+                "name": region.name_any(),
+                "base_url": region.spec.base_url,
+                "priority": region.spec.priority,
+                "weight": region.spec.weight,
+                "api_keys": region.spec.api_key_secret_refs.iter().map(file).collect::<Vec<_>>(),
+                "timeouts": timeouts(region.spec.timeouts.as_ref(), spec.timeouts.as_ref()),
+            });
+            if let Some(ca) = &region.spec.ca_secret_ref {
+                r["tls"] = json!({ "ca_file": secret_path(ca) });
+            }
+            r
+        })
+        .collect();
+
+    let mut doc = json!({
+        "relay_name": format!("{}/{}", relay.namespace().unwrap_or_default(), relay.name_any()),
+        "server": server,
+        "log": log_json,
+        "clients": clients,
+        "regions": regions,
+    });
+    if let Some(redis) = &spec.redis {
+        doc["store"] = json!({ "redis": redis_store(redis) });
+    }
+
+    let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
+        InvalidSpec(format!(
+            "the proxy config cannot be built (operator and proxy versions differ?): {e}"
+        ))
+    })?;
+    config
+        .validate()
+        .map_err(|e| InvalidSpec(format!("invalid proxy config: {e}")))?;
+    Ok(config)
+}
+
+/// The config document as the ConfigMap holds it. Serialised through JSON
+/// values so secret sources read `{file: ...}`, the form the docs show.
+pub fn to_yaml(config: &ProxyConfig) -> String {
+    let value = serde_json::to_value(config).expect("a ProxyConfig serializes");
+    serde_yaml_ng::to_string(&value).expect("a JSON value serializes to YAML")
+}
+
+fn file(secret: &claude_relay_crds::resources::SecretKeyRef) -> Value {
+    json!({ "file": secret_path(secret) })
+}
+
+/// The region's own timeouts, else the relay's; unset ones keep the proxy's defaults.
+fn timeouts(region: Option<&Timeouts>, relay: Option<&Timeouts>) -> Value {
+    let pick = |f: fn(&Timeouts) -> Option<claude_relay_crds::HumanDuration>| {
+        region.and_then(f).or_else(|| relay.and_then(f))
+    };
+    let mut out = Map::new();
+    for (key, value) in [
+        ("connect", pick(|t| t.connect)),
+        ("response_headers", pick(|t| t.response_headers)),
+        ("idle", pick(|t| t.idle)),
+        ("total", pick(|t| t.total)),
+    ] {
+        if let Some(v) = value {
+            out.insert(
+                key.into(),
+                serde_json::to_value(v).expect("durations serialize"),
+            );
+        }
+    }
+    Value::Object(out)
+}
+
+fn redis_store(redis: &claude_relay_crds::resources::RedisConnection) -> Value {
+    // Sentinel and Cluster list several `host:port` in the URL's authority.
+    let hosts = || -> Vec<String> {
+        let url = redis.url.as_deref().unwrap_or_default();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or_default();
+        authority.split(',').map(str::to_owned).collect()
+    };
+    let tls = redis
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("rediss://"));
+    let mut store = match redis.mode {
+        RedisMode::Standalone => {
+            let mut s = json!({ "mode": "standalone" });
+            if let Some(url) = &redis.url {
+                s["url"] = url.clone().into();
+            }
+            if let Some(secret) = &redis.url_secret_ref {
+                s["url_from"] = file(secret);
+            }
+            s
+        }
+        RedisMode::Sentinel => json!({
+            "mode": "sentinel",
+            "sentinel": {
+                "service_name": redis.sentinel_master_name.clone().unwrap_or_default(),
+                "addresses": hosts(),
+            },
+        }),
+        RedisMode::Cluster => json!({ "mode": "cluster", "cluster": { "nodes": hosts() } }),
+    };
+    if tls && redis.mode != RedisMode::Standalone {
+        store["tls"] = json!({ "enabled": true });
+    }
+    if let Some(secret) = &redis.password_secret_ref {
+        store["password_from"] = file(secret);
+    }
+    store
+}

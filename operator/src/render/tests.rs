@@ -1,0 +1,404 @@
+use claude_relay_crds::config::{ProxyConfig, RelayKeySource, SecretSource};
+use claude_relay_crds::resources::{RedisMode, SecretKeyRef, Timeouts};
+use claude_relay_crds::{ClaudeRelay, HumanDuration, UpstreamRegion};
+use serde_json::{Value, json};
+
+use super::*;
+
+fn defaults() -> Defaults {
+    Defaults {
+        image: "ghcr.io/claude-relay/claude-relay-proxy:0.1.0".into(),
+    }
+}
+
+fn regions() -> Vec<UpstreamRegion> {
+    vec![
+        UpstreamRegion::test("us", "https://api.anthropic.com"),
+        UpstreamRegion::test("eu", "https://eu.gateway.example/anthropic").with_priority(10),
+    ]
+}
+
+fn json_of<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap()
+}
+
+fn meta(name: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": "team-a",
+        "labels": {
+            "app.kubernetes.io/component": "proxy",
+            "app.kubernetes.io/instance": "main",
+            "app.kubernetes.io/managed-by": "claude-relay-operator",
+            "app.kubernetes.io/name": "claude-relay",
+        },
+        "ownerReferences": [{
+            "apiVersion": "relay.claude-relay.dev/v1alpha1",
+            "kind": "ClaudeRelay",
+            "name": "main",
+            "uid": "00000000-0000-0000-0000-00000000c1a0",
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }],
+    })
+}
+
+fn selector() -> Value {
+    json!({
+        "app.kubernetes.io/component": "proxy",
+        "app.kubernetes.io/instance": "main",
+        "app.kubernetes.io/name": "claude-relay",
+    })
+}
+
+/// Parses the ConfigMap text the way the proxy reads a document.
+fn parse_config_map(rendered: &Rendered) -> ProxyConfig {
+    let text = &rendered.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let value: Value = serde_yaml_ng::from_str(text).unwrap();
+    let config: ProxyConfig = serde_json::from_value(value).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+#[test]
+fn config_refers_to_mounted_secrets_and_orders_regions() {
+    let rendered = render(&ClaudeRelay::test(), &regions(), &defaults()).unwrap();
+    let config = parse_config_map(&rendered);
+
+    assert_eq!(config.relay_name, "team-a/main");
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.server.admin_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(config.clients.len(), 1);
+    assert_eq!(config.clients[0].id, "app");
+    assert_eq!(
+        config.clients[0].relay_keys,
+        vec![RelayKeySource::File(
+            "/etc/claude-relay/secrets/app-key/key".into()
+        )]
+    );
+    let names: Vec<_> = config.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["us", "eu"], "lowest priority value first");
+    assert_eq!(config.regions[1].priority, 10);
+    assert_eq!(
+        config.regions[1].base_url,
+        "https://eu.gateway.example/anthropic"
+    );
+    assert_eq!(
+        config.regions[0].api_keys,
+        vec![SecretSource::File(
+            "/etc/claude-relay/secrets/us-keys/api-key".into()
+        )]
+    );
+    assert_eq!(config.server.tls, None);
+
+    // Secrets only referenced: the document names files, never values.
+    let text = &rendered.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(
+        text.contains("file: /etc/claude-relay/secrets/us-keys/api-key"),
+        "{text}"
+    );
+}
+
+#[test]
+fn region_timeouts_override_the_relays() {
+    let mut relay = ClaudeRelay::test();
+    relay.spec.timeouts = Some(Timeouts {
+        connect: Some(HumanDuration::from_secs(2)),
+        idle: Some(HumanDuration::from_secs(30)),
+        ..Timeouts::default()
+    });
+    let mut us = UpstreamRegion::test("us", "https://api.anthropic.com");
+    us.spec.timeouts = Some(Timeouts {
+        connect: Some(HumanDuration::from_millis(500)),
+        ..Timeouts::default()
+    });
+    let config = render_config(&relay, &[us]).unwrap();
+    let t = &config.regions[0].timeouts;
+    assert_eq!(t.connect, HumanDuration::from_millis(500));
+    assert_eq!(t.idle, HumanDuration::from_secs(30));
+    // Unset everywhere: the proxy's default.
+    assert_eq!(t.total, HumanDuration::from_secs(3600));
+}
+
+#[test]
+fn no_regions_is_an_invalid_config() {
+    let err = render(&ClaudeRelay::test(), &[], &defaults()).unwrap_err();
+    assert!(err.0.contains("regions"), "{err}");
+}
+
+#[test]
+fn tls_redis_and_ca_are_rendered_as_files() {
+    let mut relay = ClaudeRelay::test().with_tls("relay-cert");
+    relay.spec.redis = Some(claude_relay_crds::resources::RedisConnection {
+        url: Some("rediss://s1:26379,s2:26379".into()),
+        url_secret_ref: None,
+        mode: RedisMode::Sentinel,
+        sentinel_master_name: Some("mymaster".into()),
+        password_secret_ref: Some(SecretKeyRef::new("redis", "password")),
+    });
+    let mut us = UpstreamRegion::test("us", "https://api.anthropic.com");
+    us.spec.ca_secret_ref = Some(SecretKeyRef::new("corp-ca", "ca.crt"));
+
+    let rendered = render(&relay, &[us], &defaults()).unwrap();
+    let config = parse_config_map(&rendered);
+    let value = json_of(&config);
+    assert_eq!(
+        value["server"]["tls"],
+        json!({
+            "cert_file": "/etc/claude-relay/secrets/relay-cert/tls.crt",
+            "key_file": "/etc/claude-relay/secrets/relay-cert/tls.key",
+        })
+    );
+    assert_eq!(
+        value["regions"][0]["tls"]["ca_file"],
+        "/etc/claude-relay/secrets/corp-ca/ca.crt"
+    );
+    let redis = &value["store"]["redis"];
+    assert_eq!(redis["mode"], "sentinel");
+    assert_eq!(
+        redis["sentinel"],
+        json!({"service_name": "mymaster", "addresses": ["s1:26379", "s2:26379"]})
+    );
+    assert_eq!(
+        redis["password_from"],
+        json!({"file": "/etc/claude-relay/secrets/redis/password"})
+    );
+    assert_eq!(redis["tls"]["enabled"], true);
+
+    // Every referenced Secret is mounted, and the Service defaults to 443.
+    let pod = json_of(&rendered.deployment)["spec"]["template"]["spec"].clone();
+    let mounted: Vec<_> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(
+        mounted,
+        ["app-key", "corp-ca", "redis", "relay-cert", "us-keys"]
+    );
+    assert_eq!(json_of(&rendered.service)["spec"]["ports"][0]["port"], 443);
+}
+
+#[test]
+fn deployment_is_exactly_as_expected() {
+    let rendered = render(&ClaudeRelay::test(), &regions(), &defaults()).unwrap();
+    let secret_volume = |name: &str| json!({"name": format!("secret-{name}"), "secret": {"secretName": name, "defaultMode": 0o440}});
+    let secret_mount = |name: &str| json!({"name": format!("secret-{name}"), "mountPath": format!("/etc/claude-relay/secrets/{name}"), "readOnly": true});
+    let probe = |path: &str, period: i32| {
+        json!({
+            "httpGet": {"path": path, "port": "admin"},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        })
+    };
+    let spread = |key: &str| {
+        json!({
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector()},
+            "matchLabelKeys": ["pod-template-hash"],
+        })
+    };
+    let expected = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta("main"),
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": selector()},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": selector()},
+                "spec": {
+                    "serviceAccountName": "main-proxy",
+                    "automountServiceAccountToken": true,
+                    "terminationGracePeriodSeconds": 40,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "fsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "topologySpreadConstraints": [
+                        spread("kubernetes.io/hostname"),
+                        spread("topology.kubernetes.io/zone"),
+                    ],
+                    "containers": [{
+                        "name": "proxy",
+                        "image": "ghcr.io/claude-relay/claude-relay-proxy:0.1.0",
+                        "args": ["--config", "/etc/claude-relay/config/config.yaml"],
+                        "env": [
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        ],
+                        "ports": [
+                            {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                            {"name": "admin", "containerPort": 9090, "protocol": "TCP"},
+                        ],
+                        "livenessProbe": probe("/healthz", 10),
+                        "readinessProbe": probe("/readyz", 5),
+                        "resources": {
+                            "requests": {"cpu": "100m", "memory": "64Mi"},
+                            "limits": {"memory": "256Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [
+                            {"name": "config", "mountPath": "/etc/claude-relay/config", "readOnly": true},
+                            {"name": "tmp", "mountPath": "/tmp", "readOnly": false},
+                            secret_mount("app-key"),
+                            secret_mount("eu-keys"),
+                            secret_mount("us-keys"),
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": "main-config", "items": [{"key": "config.yaml", "path": "config.yaml"}]}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                        secret_volume("app-key"),
+                        secret_volume("eu-keys"),
+                        secret_volume("us-keys"),
+                    ],
+                },
+            },
+        },
+    });
+    assert_eq!(json_of(&rendered.deployment), expected);
+}
+
+#[test]
+fn access_objects_are_exactly_as_expected() {
+    let rendered = render(&ClaudeRelay::test(), &regions(), &defaults()).unwrap();
+    assert_eq!(
+        json_of(&rendered.service_account),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("main-proxy")})
+    );
+    assert_eq!(
+        json_of(&rendered.role),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta("main-proxy"),
+            "rules": [{
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": ["main-config"],
+                "verbs": ["get", "list", "watch"],
+            }],
+        })
+    );
+    assert_eq!(
+        json_of(&rendered.role_binding),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta("main-proxy"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "main-proxy"},
+            "subjects": [{"kind": "ServiceAccount", "name": "main-proxy", "namespace": "team-a"}],
+        })
+    );
+    let config_map = json_of(&rendered.config_map);
+    assert_eq!(config_map["metadata"], meta("main-config"));
+    assert_eq!(
+        config_map["data"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["config.yaml"]
+    );
+}
+
+#[test]
+fn service_and_pdb_are_exactly_as_expected() {
+    let rendered = render(&ClaudeRelay::test(), &regions(), &defaults()).unwrap();
+    assert_eq!(
+        json_of(&rendered.service),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta("main"),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector(),
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            },
+        })
+    );
+    assert_eq!(
+        json_of(&rendered.pdb),
+        json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": meta("main"),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector()}},
+        })
+    );
+    assert_eq!(rendered.hpa, None);
+}
+
+#[test]
+fn autoscaling_renders_an_hpa_and_leaves_replicas_to_it() {
+    let mut relay = ClaudeRelay::test().with_autoscaling(3, 10);
+    relay
+        .spec
+        .autoscaling
+        .as_mut()
+        .unwrap()
+        .target_in_flight_per_pod = Some(200);
+    let rendered = render(&relay, &regions(), &defaults()).unwrap();
+
+    let deployment = json_of(&rendered.deployment);
+    assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
+    assert_eq!(
+        json_of(rendered.hpa.as_ref().unwrap()),
+        json!({
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": meta("main"),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "main"},
+                "minReplicas": 3,
+                "maxReplicas": 10,
+                "metrics": [
+                    {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}},
+                    {"type": "Pods", "pods": {
+                        "metric": {"name": "claude_relay_requests_in_flight"},
+                        "target": {"type": "AverageValue", "averageValue": "200"},
+                    }},
+                ],
+            },
+        })
+    );
+}
+
+#[test]
+fn fixed_replicas_are_rendered() {
+    let rendered = render(
+        &ClaudeRelay::test().with_replicas(5),
+        &regions(),
+        &defaults(),
+    )
+    .unwrap();
+    assert_eq!(json_of(&rendered.deployment)["spec"]["replicas"], 5);
+}
+
+#[test]
+fn secret_volume_names_are_valid_labels() {
+    assert_eq!(deployment::secret_volume_name("app-key"), "secret-app-key");
+    let dotted = deployment::secret_volume_name("tls.example.com");
+    assert!(
+        dotted.starts_with("secret-") && dotted.len() == 23,
+        "{dotted}"
+    );
+    assert!(!dotted.contains('.'));
+    let long = deployment::secret_volume_name(&"k".repeat(100));
+    assert!(long.len() <= 63);
+}

@@ -1,0 +1,110 @@
+//! One record per request: the access-log line and the request metrics,
+//! written when the response body is finished or dropped (client gone),
+//! so a stream is logged with its whole duration and how it ended.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::metrics::{Metrics, Name, RequestLabels, RouteLabels};
+
+/// How the exchange ended, as the access log tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole response reached the client.
+    Complete,
+    /// The client went away before the response was complete.
+    ClientGone,
+    /// The upstream broke the response body off.
+    UpstreamBodyError,
+    /// The upstream was silent longer than the idle timeout, or the total cap passed.
+    Timeout,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::ClientGone => "client_gone",
+            Self::UpstreamBodyError => "upstream_body_error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+pub struct Exchange {
+    metrics: Arc<Metrics>,
+    pub request_id: Arc<str>,
+    pub route: &'static str,
+    pub method: http::Method,
+    pub client: Option<Name>,
+    pub upstream: Option<Name>,
+    pub status: u16,
+    started: Instant,
+    pub upstream_ttfb: Option<Duration>,
+    pub outcome: Outcome,
+    /// Holds the region's in-flight slot until the body is done.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+const NO_UPSTREAM: &str = "-";
+
+impl Exchange {
+    pub fn start(
+        metrics: Arc<Metrics>,
+        request_id: Arc<str>,
+        route: &'static str,
+        method: http::Method,
+    ) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            metrics,
+            request_id,
+            route,
+            method,
+            client: None,
+            upstream: None,
+            status: 0,
+            started: Instant::now(),
+            upstream_ttfb: None,
+            outcome: Outcome::ClientGone,
+            permit: None,
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let upstream = self
+            .upstream
+            .clone()
+            .unwrap_or_else(|| Name(Arc::from(NO_UPSTREAM)));
+        self.metrics.in_flight.dec();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route,
+                status: self.status,
+                upstream: upstream.clone(),
+            })
+            .inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route: self.route })
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            client = self.client.as_ref().map_or("-", |c| &c.0),
+            method = %self.method,
+            route = self.route,
+            status = self.status,
+            upstream = &*upstream.0,
+            upstream_ttfb_ms = self.upstream_ttfb.map(|d| d.as_secs_f64() * 1e3),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            outcome = self.outcome.as_str(),
+        );
+    }
+}

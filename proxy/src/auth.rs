@@ -1,0 +1,146 @@
+//! Client authentication by relay key.
+//!
+//! Keys are kept as SHA-256 digests and every presented key is compared with
+//! every digest in constant time, so neither a key's content nor its position
+//! in the table shows in the timing.
+
+use claude_relay_crds::config::{ClientConfig, RelayKeySource};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use crate::error::RelayError;
+use crate::metrics::Name;
+use crate::secrets;
+
+pub struct Clients {
+    /// (client index, key digest); a client may hold several keys (rotation).
+    keys: Vec<(u32, [u8; 32])>,
+    ids: Vec<Name>,
+}
+
+impl Clients {
+    pub fn build(configs: &[ClientConfig]) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        let mut ids = Vec::with_capacity(configs.len());
+        for (index, client) in configs.iter().enumerate() {
+            ids.push(Name::from(client.id.as_str()));
+            for (k, source) in client.relay_keys.iter().enumerate() {
+                let where_ = || format!("clients[{index}].relay_keys[{k}]");
+                let digest = match source {
+                    RelayKeySource::Sha256(hex) => {
+                        let mut digest = [0u8; 32];
+                        hex::decode_to_slice(hex, &mut digest)
+                            .map_err(|e| format!("{}: {e}", where_()))?;
+                        digest
+                    }
+                    RelayKeySource::File(path) => digest_of(
+                        secrets::read_file(path)
+                            .map_err(|e| format!("{}: {e}", where_()))?
+                            .expose(),
+                    ),
+                    RelayKeySource::Env(name) => digest_of(
+                        secrets::read_env(name)
+                            .map_err(|e| format!("{}: {e}", where_()))?
+                            .expose(),
+                    ),
+                };
+                keys.push((index as u32, digest));
+            }
+        }
+        Ok(Self { keys, ids })
+    }
+
+    /// The client that holds the key this request presents.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Name, RelayError> {
+        let presented = presented_key(headers).ok_or(RelayError::Unauthenticated(
+            "no relay key: send it as the x-api-key header or as Authorization: Bearer",
+        ))?;
+        let digest = digest_of(presented);
+        // 0 = no match, else client index + 1; no early exit.
+        let mut found = 0u32;
+        for (index, key) in &self.keys {
+            let hit = key.ct_eq(&digest);
+            found = u32::conditional_select(&found, &(index + 1), hit);
+        }
+        match found {
+            0 => Err(RelayError::Unauthenticated("invalid relay key")),
+            n => Ok(&self.ids[(n - 1) as usize]),
+        }
+    }
+}
+
+pub fn digest_of(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(key.trim()).filter(|k| !k.is_empty());
+    }
+    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn clients() -> Clients {
+        let configs: Vec<ClientConfig> = serde_json::from_value(serde_json::json!([
+            {"id": "a", "relay_keys": [{"sha256": hex::encode(digest_of("key-a"))}]},
+            {"id": "b", "relay_keys": [
+                {"sha256": hex::encode(digest_of("key-b-old"))},
+                {"sha256": hex::encode(digest_of("key-b-new"))}
+            ]}
+        ]))
+        .unwrap();
+        Clients::build(&configs).unwrap()
+    }
+
+    fn with(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn finds_the_client_by_either_header() {
+        let c = clients();
+        assert_eq!(
+            &*c.authenticate(&with("x-api-key", "key-a")).unwrap().0,
+            "a"
+        );
+        assert_eq!(
+            &*c.authenticate(&with("authorization", "Bearer key-b-new"))
+                .unwrap()
+                .0,
+            "b"
+        );
+        assert_eq!(
+            &*c.authenticate(&with("authorization", "bearer key-b-old"))
+                .unwrap()
+                .0,
+            "b"
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_and_missing_keys() {
+        let c = clients();
+        assert!(matches!(
+            c.authenticate(&with("x-api-key", "key-c")),
+            Err(RelayError::Unauthenticated("invalid relay key"))
+        ));
+        assert!(c.authenticate(&HeaderMap::new()).is_err());
+        assert!(
+            c.authenticate(&with("authorization", "Basic a2V5"))
+                .is_err()
+        );
+    }
+}

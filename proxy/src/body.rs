@@ -1,0 +1,185 @@
+//! The response body the relay sends: either bytes it made itself (errors,
+//! admin) or the upstream's body passed through frame by frame, never
+//! buffered, with an idle timeout between chunks and an overall deadline.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::access::{Exchange, Outcome};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct RelayBody {
+    inner: Inner,
+    exchange: Option<Exchange>,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Box<Streaming>),
+}
+
+struct Streaming {
+    body: Incoming,
+    timer: Pin<Box<Sleep>>,
+    idle: Duration,
+    deadline: Instant,
+    /// An SSE stream whose last chunk ended an event: a relay error event
+    /// can be appended without corrupting the stream.
+    sse_boundary: Option<bool>,
+    ended: bool,
+}
+
+/// The relay ended a stream: the upstream fell silent or ran past the cap.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamCut(&'static str);
+
+impl RelayBody {
+    pub fn full(bytes: Bytes) -> Self {
+        Self {
+            inner: Inner::Full(Some(bytes)),
+            exchange: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
+    pub fn upstream(body: Incoming, idle: Duration, deadline: Instant, sse: bool) -> Self {
+        let first = (Instant::now() + idle).min(deadline);
+        Self {
+            inner: Inner::Upstream(Box::new(Streaming {
+                body,
+                timer: Box::pin(tokio::time::sleep_until(first)),
+                idle,
+                deadline,
+                sse_boundary: sse.then_some(true),
+                ended: false,
+            })),
+            exchange: None,
+        }
+    }
+
+    /// Attaches the request's record, written when this body is done or dropped.
+    pub fn with_exchange(mut self, exchange: Exchange) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(mut exchange) = self.exchange.take() {
+            exchange.outcome = outcome;
+        }
+    }
+}
+
+fn sse_error_event(message: &str) -> Bytes {
+    let data = serde_json::json!({
+        "type": "error",
+        "error": {"type": "api_error", "message": message},
+    });
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let stream = match &mut this.inner {
+            Inner::Full(bytes) => {
+                // Handed to hyper is as complete as a body the relay made gets.
+                let taken = bytes.take();
+                this.finish(Outcome::Complete);
+                return Poll::Ready(taken.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
+            }
+            Inner::Upstream(stream) => stream,
+        };
+        if stream.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut stream.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(boundary), Some(data)) = (&mut stream.sse_boundary, frame.data_ref())
+                    && !data.is_empty()
+                {
+                    *boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                }
+                if stream.body.is_end_stream() {
+                    // NB: with a known length hyper stops polling after the last
+                    // byte, so the end must be noticed here.
+                    stream.ended = true;
+                    this.finish(Outcome::Complete);
+                } else {
+                    let next = (Instant::now() + stream.idle).min(stream.deadline);
+                    stream.timer.as_mut().reset(next);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                stream.ended = true;
+                this.finish(Outcome::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                let can_tell = stream.sse_boundary == Some(true);
+                stream.ended = true;
+                this.finish(Outcome::UpstreamBodyError);
+                if can_tell {
+                    // SDKs turn an error event into an exception with this message.
+                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(
+                        "the upstream connection broke off the stream",
+                    )))))
+                } else {
+                    Poll::Ready(Some(Err(error.into())))
+                }
+            }
+            Poll::Pending => {
+                ready!(stream.timer.as_mut().poll(cx));
+                let why = if Instant::now() >= stream.deadline {
+                    "the response ran past the relay's total timeout"
+                } else {
+                    "the upstream was silent longer than the relay's idle timeout"
+                };
+                let can_tell = stream.sse_boundary == Some(true);
+                stream.ended = true;
+                this.finish(Outcome::Timeout);
+                if can_tell {
+                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(why)))))
+                } else {
+                    Poll::Ready(Some(Err(Box::new(StreamCut(why)))))
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            // NB: claiming the end early would let hyper skip polling, and the
+            // exchange would be logged as abandoned.
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Upstream(stream) => stream.ended,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream(stream) => stream.body.size_hint(),
+        }
+    }
+}

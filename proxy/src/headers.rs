@@ -1,0 +1,131 @@
+//! Which headers cross the relay.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// The relay's own request id, beside the upstream's `request-id`.
+pub const RELAY_REQUEST_ID: &str = "x-relay-request-id";
+/// Pins a request to one region by name.
+pub const RELAY_REGION: &str = "x-relay-region";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus those that only make sense on one leg.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Headers named in `Connection: a, b` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Copies what goes upstream: everything but hop-by-hop headers, the
+/// client's credentials, `host` (the upstream URI carries it), the
+/// `content-length` (recomputed from the buffered body) and the relay's own
+/// control headers.
+pub fn upstream_request_headers(from: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(from);
+    let mut out = HeaderMap::with_capacity(from.len() + 1);
+    for (name, value) in from {
+        let drop = is_hop_by_hop(name)
+            || matches!(
+                name.as_str(),
+                "host" | "x-api-key" | "authorization" | "content-length"
+            )
+            || name.as_str().starts_with("x-relay-")
+            || listed.contains(name);
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Copies what comes back: everything but hop-by-hop headers.
+pub fn downstream_response_headers(from: &mut HeaderMap) {
+    let listed = connection_listed(from);
+    for name in listed {
+        from.remove(&name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        from.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn credentials_and_hop_by_hop_stay_behind() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("client-key"));
+        h.insert("authorization", HeaderValue::from_static("Bearer k"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-trace"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("host", HeaderValue::from_static("relay.local"));
+        h.insert("x-relay-region", HeaderValue::from_static("eu"));
+        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        h.insert("anthropic-beta", HeaderValue::from_static("a,b"));
+        h.append("x-custom", HeaderValue::from_static("1"));
+        h.append("x-custom", HeaderValue::from_static("2"));
+        let out = upstream_request_headers(&h);
+        assert_eq!(out["anthropic-version"], "2023-06-01");
+        assert_eq!(out["anthropic-beta"], "a,b");
+        assert_eq!(out.get_all("x-custom").iter().count(), 2);
+        for gone in [
+            "x-api-key",
+            "authorization",
+            "connection",
+            "x-trace",
+            "host",
+            "x-relay-region",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} leaked upstream");
+        }
+    }
+
+    #[test]
+    fn response_keeps_rate_limit_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("request-id", HeaderValue::from_static("req_1"));
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("9"),
+        );
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        downstream_response_headers(&mut h);
+        assert_eq!(h.len(), 3);
+        assert!(!h.contains_key("transfer-encoding"));
+    }
+}

@@ -1,0 +1,21 @@
+//! claude-relay proxy: the data plane. See `stack` for the request path.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod reload;
+pub mod runtime;
+pub mod secrets;
+pub mod server;
+pub mod sign_cli;
+pub mod signing;
+pub mod stack;
+pub mod store;
+pub mod tls;
+pub mod upstream;
+pub mod worker;

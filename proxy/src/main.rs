@@ -1,0 +1,129 @@
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use claude_relay_crds::config::{LogConfig, LogFormat};
+use claude_relay_proxy::reload::read_config;
+use claude_relay_proxy::runtime::{App, Snapshot};
+use claude_relay_proxy::server;
+
+/// A relay for the Anthropic Claude API.
+#[derive(Parser)]
+#[command(
+    name = "claude-relay-proxy",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// The configuration file (YAML or JSON); reloaded when it changes.
+    #[arg(long, short, env = "CLAUDE_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file (secrets and certificates included) and exit.
+    CheckConfig { file: PathBuf },
+    /// Print the SHA-256 of a relay key read from standard input, for `{sha256: ...}` in the config.
+    HashKey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::HashKey) => hash_key(),
+        None => match cli.config {
+            Some(path) => run(path),
+            None => {
+                eprintln!(
+                    "error: give a configuration file with --config FILE (or CLAUDE_RELAY_CONFIG); see examples/standalone.yaml"
+                );
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    install_crypto_provider();
+    match read_config(file).and_then(|config| Snapshot::build(config, None, 1)) {
+        Ok(snapshot) => {
+            println!(
+                "{}: ok ({} clients, {} regions)",
+                file.display(),
+                snapshot.config.clients.len(),
+                snapshot.regions.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if std::io::stdin().read_to_string(&mut key).is_err() || key.trim().is_empty() {
+        eprintln!("error: write the relay key on standard input");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}",
+        hex::encode(claude_relay_proxy::auth::digest_of(key.trim()))
+    );
+    ExitCode::SUCCESS
+}
+
+fn install_crypto_provider() {
+    // One provider for the whole process; ignore "already installed".
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    install_crypto_provider();
+    let config = match read_config(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log);
+    let workers = claude_relay_proxy::worker::count(config.server.workers);
+    let snapshot = match Snapshot::build(config, None, workers) {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            tracing::error!(%error, "configuration cannot be used");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = App::new(snapshot, workers);
+    match server::run(app, Some(path), server::shutdown_signal()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "proxy stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(log.level.as_deref().unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

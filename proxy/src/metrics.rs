@@ -1,0 +1,204 @@
+//! Prometheus metrics of the proxy. Labels are low-cardinality: route
+//! (a fixed set), status, region name, result. Never a key, never a client secret.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label value shared without copying (region and client names).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name(Arc::from(s))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+    pub upstream: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub upstream: Name,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: Name,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub upstream_ttfb: Family<UpstreamLabels, Histogram>,
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub in_flight: Gauge,
+    pub pool_open: Family<UpstreamLabels, Gauge>,
+    pub pool_idle: Family<UpstreamLabels, Gauge>,
+    pub pool_in_use: Family<UpstreamLabels, Gauge>,
+    pub pool_waiting: Family<UpstreamLabels, Gauge>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub auth_failures: Family<ResultLabels, Counter>,
+    pub client_requests: Family<ClientLabels, Counter>,
+    pub tls_cert_expiry_days: Gauge<f64, AtomicU64>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("claude_relay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, status and upstream region",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the last byte of the response",
+            request_duration.clone(),
+        );
+        let upstream_ttfb = Family::<UpstreamLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> _,
+        );
+        registry.register(
+            "upstream_time_to_first_byte_seconds",
+            "Time from sending upstream to its response headers",
+            upstream_ttfb.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream exchanges that failed, by kind (connect, timeout, body, idle_timeout)",
+            upstream_errors.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being served, streams included",
+            in_flight.clone(),
+        );
+        let pool_open = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_open_connections",
+            "Open connections to the upstream region",
+            pool_open.clone(),
+        );
+        let pool_idle = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_idle_connections",
+            "Open connections not carrying a request (HTTP/1 view)",
+            pool_idle.clone(),
+        );
+        let pool_in_use = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_in_flight",
+            "Requests in flight to the upstream region",
+            pool_in_use.clone(),
+        );
+        let pool_waiting = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_waiting",
+            "Requests waiting because the region's max_in_flight is reached",
+            pool_waiting.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (ok, failed)",
+            config_reloads.clone(),
+        );
+        let auth_failures = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused by authentication, by reason",
+            auth_failures.clone(),
+        );
+        let client_requests = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "client_requests",
+            "Authenticated requests by client id",
+            client_requests.clone(),
+        );
+        let tls_cert_expiry_days = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "tls_cert_expiry_days",
+            "Days until the downstream TLS certificate expires (negative: expired)",
+            tls_cert_expiry_days.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_ttfb,
+            upstream_errors,
+            in_flight,
+            pool_open,
+            pool_idle,
+            pool_in_use,
+            pool_waiting,
+            config_reloads,
+            auth_failures,
+            client_requests,
+            tls_cert_expiry_days,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}

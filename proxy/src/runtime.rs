@@ -1,0 +1,192 @@
+//! The configuration in force: a snapshot built from a validated config
+//! document, with secrets resolved and upstream transports ready. The
+//! snapshot is swapped atomically on reload; a request keeps the snapshot it
+//! started with.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use claude_relay_crds::ProxyConfig;
+use claude_relay_crds::config::UpstreamTimeouts;
+use http::HeaderValue;
+use rustls::sign::CertifiedKey;
+
+use crate::auth::Clients;
+use crate::metrics::{Metrics, Name};
+use crate::secrets;
+use crate::tls;
+use crate::upstream::{Transport, TransportKey};
+
+pub struct Region {
+    pub name: Name,
+    pub priority: i32,
+    pub transport: Arc<Transport>,
+    pub timeouts: UpstreamTimeouts,
+    keys: Vec<HeaderValue>,
+    next_key: AtomicUsize,
+}
+
+impl Region {
+    /// The next upstream key, in turn.
+    pub fn next_key(&self) -> &HeaderValue {
+        let i = self.next_key.fetch_add(1, Ordering::Relaxed);
+        &self.keys[i % self.keys.len()]
+    }
+}
+
+pub struct Snapshot {
+    pub config: ProxyConfig,
+    pub clients: Clients,
+    /// Sorted by priority (lowest first), ties in listed order.
+    pub regions: Vec<Region>,
+    pub downstream_cert: Option<Arc<CertifiedKey>>,
+    pub cert_expiry_days: Option<f64>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, reusing the transports (and so the warm
+    /// connection pools) of `previous` whose settings did not change.
+    /// `workers` is the number of worker threads (one upstream client each).
+    pub fn build(
+        config: ProxyConfig,
+        previous: Option<&Snapshot>,
+        workers: usize,
+    ) -> Result<Self, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        let clients = Clients::build(&config.clients)?;
+        let mut regions = Vec::with_capacity(config.regions.len());
+        for (i, rc) in config.regions.iter().enumerate() {
+            let ca_pem = match &rc.tls.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    format!(
+                        "regions[{i}].tls.ca_file: cannot read {}: {e}",
+                        path.display()
+                    )
+                })?),
+                None => None,
+            };
+            let key = TransportKey::new(rc, ca_pem);
+            let reused = previous.and_then(|p| {
+                p.regions
+                    .iter()
+                    .find(|r| r.transport.key == key)
+                    .map(|r| r.transport.clone())
+            });
+            let transport = match reused {
+                Some(t) => t,
+                None => Arc::new(
+                    Transport::new(key, workers).map_err(|e| format!("regions[{i}]: {e}"))?,
+                ),
+            };
+            let mut keys = Vec::with_capacity(rc.api_keys.len());
+            for (k, source) in rc.api_keys.iter().enumerate() {
+                let secret = secrets::resolve(source)
+                    .map_err(|e| format!("regions[{i}].api_keys[{k}]: {e}"))?;
+                let mut value = HeaderValue::from_str(secret.expose())
+                    .map_err(|_| format!("regions[{i}].api_keys[{k}]: not a valid header value"))?;
+                value.set_sensitive(true);
+                keys.push(value);
+            }
+            regions.push(Region {
+                name: Name::from(rc.name.as_str()),
+                priority: rc.priority,
+                transport,
+                timeouts: rc.timeouts.clone(),
+                keys,
+                next_key: AtomicUsize::new(0),
+            });
+        }
+        regions.sort_by_key(|r| r.priority);
+        let (downstream_cert, cert_expiry_days) = match &config.server.tls {
+            Some(t) => {
+                let loaded = tls::load_certified_key(&t.cert_file, &t.key_file)?;
+                (Some(loaded.key), Some(loaded.expiry_days))
+            }
+            None => (None, None),
+        };
+        if let Some(p) = previous
+            && p.downstream_cert.is_some() != downstream_cert.is_some()
+        {
+            return Err("server.tls cannot be turned on or off without a restart".into());
+        }
+        Ok(Self {
+            config,
+            clients,
+            regions,
+            downstream_cert,
+            cert_expiry_days,
+        })
+    }
+
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions.iter().find(|r| &*r.name.0 == name)
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, unique without
+/// a random draw per request.
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let prefix = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self {
+            prefix,
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next(&self) -> Arc<str> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        Arc::from(format!("relay_{:016x}{n:012x}", self.prefix))
+    }
+}
+
+/// What every request and the admin server see.
+pub struct App {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub ids: RequestIds,
+    /// False before start-up completes and while shutting down.
+    pub ready: AtomicBool,
+    /// Worker threads, fixed at start.
+    pub workers: usize,
+}
+
+impl App {
+    pub fn new(snapshot: Snapshot, workers: usize) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        if let Some(days) = snapshot.cert_expiry_days {
+            metrics.tls_cert_expiry_days.set(days);
+        }
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            ids: RequestIds::default(),
+            ready: AtomicBool::new(false),
+            workers,
+        })
+    }
+
+    /// Puts a new snapshot in force; requests in flight keep the old one.
+    pub fn swap(&self, snapshot: Snapshot) {
+        if let Some(days) = snapshot.cert_expiry_days {
+            self.metrics.tls_cert_expiry_days.set(days);
+        }
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        *self.snapshot.load().config.server.shutdown_grace
+    }
+}

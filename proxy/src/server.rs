@@ -1,0 +1,260 @@
+//! Listeners and the life of the process: start, serve, drain on SIGTERM.
+//!
+//! Threads: one worker per core (see [`crate::worker`]), each a
+//! single-threaded runtime with its own SO_REUSEPORT listener on the API
+//! address; and this control thread, which runs the admin listener, the
+//! config reloader and the signal handling.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::reload::Reloader;
+use crate::runtime::App;
+use crate::{admin, stack, worker};
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `count` listeners on one address with SO_REUSEPORT, so the kernel
+/// spreads connections over the workers. Port 0 picks one port for all.
+fn bind_api(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// Serves until `shutdown` resolves, then drains connections for at most
+/// the configured grace period. Blocks the calling thread.
+pub fn run(
+    app: Arc<App>,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (listen, admin_listen) = {
+        let snapshot = app.snapshot.load();
+        (
+            snapshot.config.server.listen,
+            snapshot.config.server.admin_listen,
+        )
+    };
+    let api = bind_api(listen, app.workers)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
+    let bound = api[0].local_addr()?;
+    let admin = std::net::TcpListener::bind(admin_listen).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {admin_listen} (server.admin_listen): {e}")
+    })?;
+    admin.set_nonblocking(true)?;
+    let tls = match app.snapshot.load().downstream_cert {
+        Some(_) => Some(TlsAcceptor::from(Arc::new(
+            crate::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
+        ))),
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = Vec::with_capacity(api.len());
+    for (index, listener) in api.into_iter().enumerate() {
+        let (app, tls, stop) = (app.clone(), tls.clone(), stop_rx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-worker-{index}"))
+            .spawn(move || {
+                worker::set_current(index);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("worker runtime");
+                runtime.block_on(serve_api(app, listener, tls, stop));
+            })?;
+        workers.push(thread);
+    }
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("relay-control")
+        .build()?;
+    control.block_on(async {
+        let admin = TcpListener::from_std(admin)?;
+        if let Some(path) = config_path {
+            tokio::spawn(Reloader::new(path, app.clone()).run());
+        }
+        let admin_task = tokio::spawn(serve_admin(app.clone(), admin));
+        app.ready.store(true, Ordering::Relaxed);
+        tracing::info!(listen = %bound, workers = app.workers, tls = tls.is_some(), "claude-relay proxy serving");
+
+        shutdown.await;
+        app.ready.store(false, Ordering::Relaxed);
+        tracing::info!(grace = ?app.shutdown_grace(), "shutting down: no new connections, draining those in flight");
+        let _ = stop_tx.send(true);
+        // Joining blocks: keep it off this runtime, which still serves /readyz.
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in workers {
+                let _ = thread.join();
+            }
+        })
+        .await;
+        admin_task.abort();
+        joined.map_err(anyhow::Error::from)
+    })
+}
+
+async fn serve_api(
+    app: Arc<App>,
+    listener: std::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, "worker cannot use its listener");
+            return;
+        }
+    };
+    let builder = Arc::new(connection_builder());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(ok) => ok,
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                spawn_connection(app.clone(), builder.clone(), &graceful, tls.clone(), stream, peer);
+            }
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(app.shutdown_grace(), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            worker = worker::current(),
+            "grace period over; closing the connections still open"
+        );
+    }
+}
+
+fn spawn_connection(
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+    tls: Option<TlsAcceptor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let service = service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(stack::handle(app, request).await) }
+        });
+        let result = match tls {
+            None => {
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(connection).await
+            }
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let stream = match handshake.await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(connection).await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    });
+}
+
+async fn serve_admin(app: Arc<App>, listener: TcpListener) {
+    let builder = Arc::new(connection_builder());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let app = app.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = admin::handle(&app, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,338 @@
+//! The request path of the API listener, in order:
+//!
+//! 1. **record** — a request id and an [`Exchange`] (in-flight gauge, access
+//!    log and request metrics, written when the response body ends).
+//! 2. **snapshot** — the config in force is loaded once; the request keeps it.
+//! 3. **authenticate** — relay key (`x-api-key` or `Authorization: Bearer`)
+//!    → client id on the exchange. Nothing is read or sent before this.
+//! 4. **route** — `x-relay-region` pins a region by name (unknown: 400);
+//!    otherwise the region with the lowest priority.
+//! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it); a
+//!    JSON body must parse (400), so garbage never spends an upstream call.
+//! 6. **forward** — the region's next upstream key replaces the client's
+//!    credentials; hop-by-hop headers dropped, everything else passes; a slot
+//!    under the region's `max_in_flight`; response headers awaited within
+//!    `timeouts.response_headers` (504), connect failures 502.
+//! 7. **respond** — status, headers (hop-by-hop dropped) and body passed
+//!    through frame by frame ([`RelayBody`]), with the relay's request id
+//!    added and `X-Accel-Buffering: no` on event streams.
+//!
+//! Every error becomes a response in the Claude API envelope here, at the
+//! edge ([`RelayError::into_response`]); the service never fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::access::Exchange;
+use crate::body::RelayBody;
+use crate::error::RelayError;
+use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID};
+use crate::metrics::{UpstreamErrorLabels, UpstreamLabels};
+use crate::runtime::{App, Region, Snapshot};
+use crate::upstream::{SendFailure, classify};
+
+/// The route label of a path: a fixed set, so metrics stay low-cardinality.
+pub fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/messages" => "messages",
+        "/v1/messages/count_tokens" => "count_tokens",
+        p if p.starts_with("/v1/messages/batches") => "batches",
+        p if p.starts_with("/v1/models") => "models",
+        p if p.starts_with("/v1/files") => "files",
+        _ => "other",
+    }
+}
+
+pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<RelayBody> {
+    let request_id = app.ids.next();
+    let route = route_of(request.uri().path());
+    let mut exchange = Exchange::start(
+        app.metrics.clone(),
+        request_id.clone(),
+        route,
+        request.method().clone(),
+    );
+    let snapshot = app.snapshot.load_full();
+    let response = match relay(&app, &snapshot, request, &mut exchange).await {
+        Ok(response) => response,
+        Err(error) => {
+            if let RelayError::Unauthenticated(reason) = &error {
+                app.metrics
+                    .auth_failures
+                    .get_or_create(&crate::metrics::ResultLabels {
+                        result: reason_label(reason),
+                    })
+                    .inc();
+            }
+            error.into_response(&request_id)
+        }
+    };
+    exchange.status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, body.with_exchange(exchange))
+}
+
+fn reason_label(reason: &str) -> &'static str {
+    if reason.starts_with("no relay key") {
+        "missing_key"
+    } else {
+        "invalid_key"
+    }
+}
+
+async fn relay(
+    app: &App,
+    snapshot: &Snapshot,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Response<RelayBody>, RelayError> {
+    let (parts, body) = request.into_parts();
+
+    let client = snapshot.clients.authenticate(&parts.headers)?;
+    app.metrics
+        .client_requests
+        .get_or_create(&crate::metrics::ClientLabels {
+            client: client.clone(),
+        })
+        .inc();
+    exchange.client = Some(client.clone());
+
+    let region = choose_region(snapshot, &parts.headers)?;
+
+    let body = read_body(body, &parts.headers, snapshot.config.server.max_body_bytes).await?;
+    if parts.method == Method::POST && !body.is_empty() && looks_like_json(&parts.headers) {
+        check_json(&body)?;
+    }
+
+    exchange.upstream = Some(region.name.clone());
+    forward(app, region, parts, body, exchange).await
+}
+
+fn choose_region<'s>(
+    snapshot: &'s Snapshot,
+    headers: &http::HeaderMap,
+) -> Result<&'s Region, RelayError> {
+    if let Some(pinned) = headers.get(RELAY_REGION) {
+        let name = pinned.to_str().unwrap_or_default();
+        return snapshot.region(name).ok_or_else(|| {
+            let known: Vec<&str> = snapshot.regions.iter().map(|r| &*r.name.0).collect();
+            RelayError::InvalidRequest(format!(
+                "unknown region {name:?} in {RELAY_REGION}; this relay has: {}",
+                known.join(", ")
+            ))
+        });
+    }
+    snapshot
+        .regions
+        .first()
+        .ok_or_else(|| RelayError::Unavailable("no upstream region is configured".into()))
+}
+
+/// How much of a too-large chunked body is read and thrown away before the
+/// 413 goes out, so that a client still sending sees the answer instead of
+/// a broken pipe (what nginx's lingering close does).
+const DRAIN_CAP: u64 = 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+async fn read_body(
+    mut body: Incoming,
+    headers: &http::HeaderMap,
+    limit: u64,
+) -> Result<Bytes, RelayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        // Refuse before reading a byte of it.
+        return Err(RelayError::BodyTooLarge { limit });
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            RelayError::InvalidRequest(format!("could not read the request body: {error}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > limit {
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while seen <= limit + DRAIN_CAP {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        }
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+            return Err(RelayError::BodyTooLarge { limit });
+        }
+        // One chunk (the usual case with Content-Length) needs no copy.
+        match first.take() {
+            None if buffer.is_empty() => first = Some(data),
+            Some(previous) => {
+                buffer.extend_from_slice(&previous);
+                buffer.extend_from_slice(&data);
+            }
+            None => buffer.extend_from_slice(&data),
+        }
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(buffer)))
+}
+
+fn looks_like_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.contains("json"))
+}
+
+fn check_json(body: &[u8]) -> Result<(), RelayError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| {
+            // serde_json's syntax errors give a position, never the input.
+            RelayError::InvalidRequest(format!("request body is not valid JSON: {e}"))
+        })
+}
+
+async fn forward(
+    app: &App,
+    region: &Region,
+    parts: http::request::Parts,
+    body: Bytes,
+    exchange: &mut Exchange,
+) -> Result<Response<RelayBody>, RelayError> {
+    let transport = &region.transport;
+    let uri = transport
+        .uri_for(parts.uri.path_and_query())
+        .map_err(|e| RelayError::InvalidRequest(format!("cannot build the upstream URI: {e}")))?;
+    let mut upstream_request = Request::new(Full::new(body));
+    *upstream_request.method_mut() = parts.method;
+    *upstream_request.uri_mut() = uri;
+    *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
+    upstream_request
+        .headers_mut()
+        .insert("x-api-key", region.next_key().clone());
+
+    let started = Instant::now();
+    let timeouts = &region.timeouts;
+    let deadline = started + *timeouts.total;
+    exchange.permit = Some(transport.acquire().await);
+    let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
+    let sent =
+        tokio::time::timeout_at(headers_by, transport.client().request(upstream_request)).await;
+    let upstream_labels = UpstreamLabels {
+        upstream: region.name.clone(),
+    };
+    let response = match sent {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            let (kind, failure) = match classify(&error) {
+                SendFailure::ConnectTimeout => (
+                    "connect_timeout",
+                    RelayError::UpstreamTimeout {
+                        region: region.name.0.to_string(),
+                        after: *timeouts.connect,
+                    },
+                ),
+                SendFailure::Connect(reason) => (
+                    "connect",
+                    RelayError::UpstreamConnect {
+                        region: region.name.0.to_string(),
+                        reason,
+                    },
+                ),
+                SendFailure::Other(reason) => (
+                    "exchange",
+                    RelayError::UpstreamConnect {
+                        region: region.name.0.to_string(),
+                        reason,
+                    },
+                ),
+            };
+            count_error(app, region, kind);
+            tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, error = %failure, "upstream request failed");
+            return Err(failure);
+        }
+        Err(_) => {
+            count_error(app, region, "timeout");
+            return Err(RelayError::UpstreamTimeout {
+                region: region.name.0.to_string(),
+                after: headers_by.duration_since(started),
+            });
+        }
+    };
+    let ttfb = started.elapsed();
+    exchange.upstream_ttfb = Some(ttfb);
+    app.metrics
+        .upstream_ttfb
+        .get_or_create(&upstream_labels)
+        .observe(ttfb.as_secs_f64());
+
+    let (mut parts, body) = response.into_parts();
+    headers::downstream_response_headers(&mut parts.headers);
+    if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
+        parts.headers.insert(RELAY_REQUEST_ID, id);
+    }
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    if sse {
+        parts
+            .headers
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    let body = RelayBody::upstream(body, *timeouts.idle, deadline, sse);
+    Ok(Response::from_parts(parts, body))
+}
+
+fn count_error(app: &App, region: &Region, kind: &'static str) {
+    app.metrics
+        .upstream_errors
+        .get_or_create(&UpstreamErrorLabels {
+            upstream: region.name.clone(),
+            kind,
+        })
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_a_fixed_set() {
+        assert_eq!(route_of("/v1/messages"), "messages");
+        assert_eq!(route_of("/v1/messages/count_tokens"), "count_tokens");
+        assert_eq!(
+            route_of("/v1/messages/batches/msgbatch_1/results"),
+            "batches"
+        );
+        assert_eq!(route_of("/v1/models/claude-x"), "models");
+        assert_eq!(route_of("/v2/whatever/123"), "other");
+    }
+
+    #[test]
+    fn json_check_reports_position_only() {
+        let err = check_json(b"{\"secret\": sk-ant-123}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
+        assert!(!err.contains("sk-ant"), "{err}");
+        assert!(check_json(b"{\"a\":[1,2,{}]}").is_ok());
+    }
+}

@@ -1,0 +1,474 @@
+//! The Redis store, through fred: standalone, Sentinel or Cluster, optional
+//! TLS, a pool of connections that reconnect with exponential backoff.
+//!
+//! Each operation is one round trip and one atomic step in Redis:
+//! - a nonce is `SET key 1 NX PX ttl`; never a read then a write, which two
+//!   replicas could interleave;
+//! - a rate-limit hit is one Lua script (INCR, and PEXPIRE on a new window).
+//!
+//! While Redis is unreachable, calls fail at once with transient errors
+//! (`fail_fast`), and every call is bounded by `command_timeout`, so a
+//! request never hangs on the store. Commands are never retried: a retried
+//! `SET NX` whose first reply was lost would call a fresh nonce a replay.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claude_relay_crds::config::{RedisMode, RedisStoreConfig};
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
+    LuaInterface, Options, Pool, ReconnectPolicy, Server, ServerConfig, SetOptions, Value,
+};
+use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping, UnresponsiveConfig};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::keys::Keys;
+use super::{RateDecision, Store, StoreError};
+use crate::secrets;
+
+/// Counts one hit in the client's window. KEYS[1]: the counter; ARGV[1]: the
+/// window in milliseconds. Returns {count, milliseconds left in the window}.
+/// A counter without expiry (new, or left over) gets the window's.
+pub(crate) const RATE_LIMIT_LUA: &str = "\
+local count = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {count, ttl}
+";
+
+/// SHA-1 of [`RATE_LIMIT_LUA`], as `SCRIPT LOAD` answers it (checked by a
+/// test against a real Redis), so EVALSHA needs no hashing here.
+pub(crate) const RATE_LIMIT_SHA1: &str = "1e41cfc412e6f2421d73aaf3e2078ab84078a3e2";
+
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    options: Options,
+    command_timeout: Duration,
+}
+
+impl RedisStore {
+    /// Builds the pool and starts connecting. Waits up to `connect_timeout`
+    /// for a first connection; if Redis is not there yet the store is still
+    /// returned and keeps trying in the background. Errors are for a config
+    /// that cannot work (bad URL, unreadable secret or CA file).
+    ///
+    /// Must be called inside a Tokio runtime.
+    pub async fn connect(config: &RedisStoreConfig, relay_name: &str) -> Result<Self, StoreError> {
+        let connect_timeout = *config.connect_timeout;
+        let command_timeout = *config.command_timeout;
+        let policy = ReconnectPolicy::new_exponential(
+            0, // never give up
+            millis_u32(*config.reconnect.min_delay),
+            millis_u32(*config.reconnect.max_delay),
+            2,
+        );
+        let pool = Builder::from_config(fred_config(config)?)
+            .set_policy(policy)
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = connect_timeout;
+                c.max_command_attempts = 1;
+                // A Redis that accepts but stops answering (paused, partitioned)
+                // is dropped and reconnected rather than left to time out forever.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some((command_timeout * 4).max(Duration::from_secs(1))),
+                    interval: Duration::from_millis(250),
+                };
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| p.default_command_timeout = command_timeout)
+            .build_pool(config.pool_size)
+            .map_err(|e| StoreError::permanent(format!("redis: cannot build the client: {e}")))?;
+        // The connection tasks run until `quit`; the handle is not needed.
+        drop(pool.connect());
+        match tokio::time::timeout(connect_timeout, pool.wait_for_connect()).await {
+            Ok(Ok(())) => tracing::info!(mode = ?config.mode, "connected to redis"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis not reachable yet; retrying in the background")
+            }
+            Err(_) => tracing::warn!(
+                timeout = ?connect_timeout,
+                "redis not reachable yet; retrying in the background"
+            ),
+        }
+        Ok(Self {
+            pool,
+            keys: Keys::new(relay_name),
+            options: Options {
+                timeout: Some(command_timeout),
+                fail_fast: true,
+                max_attempts: Some(1),
+                ..Options::default()
+            },
+            command_timeout,
+        })
+    }
+
+    /// Whether at least one pooled connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.pool.is_connected()
+    }
+
+    /// Runs one command with the store's options and a hard bound on time.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, FredError>>,
+    ) -> Result<T, StoreError> {
+        // fred applies the same timeout; this outer bound covers time spent
+        // before fred starts its clock (such as waiting for a pool slot).
+        match tokio::time::timeout(self.command_timeout + Duration::from_millis(50), call).await {
+            Ok(result) => result.map_err(store_error),
+            Err(_) => Err(StoreError::transient(format!(
+                "redis: no answer within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+
+    async fn run_rate_script(&self, key: &str, window_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let client = self.pool.with_options(&self.options);
+        let result = self
+            .bounded(client.evalsha::<Vec<i64>, _, _, _>(RATE_LIMIT_SHA1, key, window_ms))
+            .await;
+        match result {
+            // After a Redis restart the script cache is empty; EVAL runs the
+            // script and caches it again, still in one round trip.
+            Err(e) if e.to_string().contains("NOSCRIPT") => {
+                self.bounded(client.eval::<Vec<i64>, _, _, _>(RATE_LIMIT_LUA, key, window_ms))
+                    .await
+            }
+            other => other,
+        }
+    }
+}
+
+impl Store for RedisStore {
+    async fn claim_nonce(
+        &self,
+        client: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.nonce(client, nonce);
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let reply: Value = self
+            .bounded(self.pool.with_options(&self.options).set(
+                key,
+                1,
+                Some(Expiration::PX(ttl_ms)),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await?;
+        // NX answers OK when it set the key, nil when the key existed.
+        Ok(!reply.is_null())
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        client: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, StoreError> {
+        let key = self.keys.rate(client);
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1);
+        let reply = self.run_rate_script(&key, window_ms).await?;
+        let [count, left_ms] = reply[..] else {
+            return Err(StoreError::permanent(format!(
+                "redis: the rate-limit script answered {} values, not 2",
+                reply.len()
+            )));
+        };
+        let count = u32::try_from(count.max(0)).unwrap_or(u32::MAX);
+        let allowed = count <= limit;
+        Ok(RateDecision {
+            allowed,
+            remaining: limit.saturating_sub(count),
+            retry_after: (!allowed)
+                .then(|| Duration::from_millis(u64::try_from(left_ms.max(1)).unwrap_or(1))),
+        })
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // Stop the reconnect loops of a store replaced on reload.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = self.pool.clone();
+            runtime.spawn(async move {
+                let _ = pool.quit().await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("keys", &self.keys)
+            .field("pool_size", &self.pool.size())
+            .field("command_timeout", &self.command_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connectivity trouble may pass; a malformed command or config will not.
+fn store_error(e: FredError) -> StoreError {
+    let message = format!("redis: {e}");
+    match e.kind() {
+        ErrorKind::Config
+        | ErrorKind::Url
+        | ErrorKind::Auth
+        | ErrorKind::InvalidCommand
+        | ErrorKind::InvalidArgument
+        | ErrorKind::Parse => StoreError::permanent(message),
+        _ => StoreError::transient(message),
+    }
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The fred config for the configured mode, credentials and TLS. Errors
+/// never repeat the URL, which may hold a password.
+fn fred_config(config: &RedisStoreConfig) -> Result<Config, StoreError> {
+    let bad = |what: String| StoreError::permanent(format!("redis: {what}"));
+    let mut url_tls = false;
+    let mut fred = match config.mode {
+        RedisMode::Standalone => {
+            let url = match (&config.url, &config.url_from) {
+                (Some(url), _) => url.clone(),
+                (None, Some(source)) => secrets::resolve(source).map_err(bad)?.expose().to_owned(),
+                (None, None) => return Err(bad("standalone mode needs url or url_from".into())),
+            };
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(bad(
+                    "the Redis URL must start with redis:// or rediss://".into()
+                ));
+            }
+            url_tls = url.starts_with("rediss://");
+            Config::from_url_centralized(&url).map_err(|_| {
+                bad("store.redis.url is not a valid redis:// or rediss:// URL".into())
+            })?
+        }
+        RedisMode::Sentinel => {
+            let sentinel = config
+                .sentinel
+                .as_ref()
+                .ok_or_else(|| bad("sentinel mode needs a sentinel section".into()))?;
+            Config {
+                server: ServerConfig::Sentinel {
+                    hosts: servers(&sentinel.addresses).map_err(bad)?,
+                    service_name: sentinel.service_name.clone(),
+                },
+                ..Config::default()
+            }
+        }
+        RedisMode::Cluster => {
+            let cluster = config
+                .cluster
+                .as_ref()
+                .ok_or_else(|| bad("cluster mode needs a cluster section".into()))?;
+            let hosts = servers(&cluster.nodes).map_err(bad)?;
+            Config {
+                server: ServerConfig::new_clustered(
+                    hosts
+                        .into_iter()
+                        .map(|s| (s.host.to_string(), s.port))
+                        .collect(),
+                ),
+                ..Config::default()
+            }
+        }
+    };
+    // Reconnect from the first attempt on: Redis may come up after the proxy.
+    fred.fail_fast = false;
+    if let Some(username) = &config.username {
+        fred.username = Some(username.clone());
+    }
+    if let Some(source) = &config.password_from {
+        fred.password = Some(secrets::resolve(source).map_err(bad)?.expose().to_owned());
+    }
+    fred.tls = if config.tls.enabled || url_tls {
+        Some(tls_config(
+            config.tls.ca_file.as_deref(),
+            config.mode == RedisMode::Cluster,
+        )?)
+    } else {
+        None
+    };
+    Ok(fred)
+}
+
+/// `host:port` strings (IPv6 in brackets) as fred servers.
+fn servers(addresses: &[String]) -> Result<Vec<Server>, String> {
+    addresses
+        .iter()
+        .map(|address| {
+            let (host, port) = address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| format!("{address:?} is not host:port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Ok(Server::new(host, port))
+        })
+        .collect()
+}
+
+/// rustls with the webpki roots plus an optional CA file, like the upstream client.
+fn tls_config(ca_file: Option<&Path>, cluster: bool) -> Result<TlsConfig, StoreError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                StoreError::permanent(format!("redis: CA file {}: {e}", path.display()))
+            })?;
+        if certs.is_empty() {
+            return Err(StoreError::permanent(format!(
+                "redis: CA file {} holds no certificate",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                StoreError::permanent(format!("redis: CA file {}: {e}", path.display()))
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::permanent(format!("redis: TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConfig {
+        connector: TlsConnector::Rustls(tokio_rustls::TlsConnector::from(Arc::new(client))),
+        // Cluster nodes announce IPs; check their certificates against the
+        // configured host name instead.
+        hostnames: if cluster {
+            TlsHostMapping::DefaultHost
+        } else {
+            TlsHostMapping::None
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use claude_relay_crds::config::{RedisClusterConfig, RedisSentinelConfig};
+
+    fn base() -> RedisStoreConfig {
+        serde_json::from_str(r#"{"url": "redis://127.0.0.1:6379/2"}"#).unwrap()
+    }
+
+    #[test]
+    fn standalone_url_sets_server_and_database() {
+        let config = fred_config(&base()).unwrap();
+        assert_eq!(
+            config.server,
+            ServerConfig::new_centralized("127.0.0.1", 6379)
+        );
+        assert_eq!(config.database, Some(2));
+        assert!(config.tls.is_none());
+        assert!(!config.fail_fast);
+    }
+
+    #[test]
+    fn rediss_url_and_tls_flag_turn_tls_on() {
+        let mut c = base();
+        c.url = Some("rediss://redis.example:6380".into());
+        assert!(fred_config(&c).unwrap().tls.is_some());
+        let mut c = base();
+        c.tls.enabled = true;
+        assert!(fred_config(&c).unwrap().tls.is_some());
+        c.tls.ca_file = Some("/nonexistent/ca.pem".into());
+        let err = fred_config(&c).unwrap_err();
+        assert!(!err.transient);
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn url_from_and_password_from_are_read_but_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, "redis://:s3cr3t-pw@10.0.0.1:6390\n").unwrap();
+        let mut c = base();
+        c.url = None;
+        c.url_from = Some(claude_relay_crds::config::SecretSource::File(
+            url_file.clone(),
+        ));
+        let config = fred_config(&c).unwrap();
+        assert_eq!(config.password.as_deref(), Some("s3cr3t-pw"));
+        assert_eq!(
+            config.server,
+            ServerConfig::new_centralized("10.0.0.1", 6390)
+        );
+
+        std::fs::write(&url_file, "http://:s3cr3t-pw@nowhere").unwrap();
+        let err = fred_config(&c).unwrap_err().to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn sentinel_and_cluster_take_their_addresses() {
+        let mut c = base();
+        c.url = None;
+        c.mode = RedisMode::Sentinel;
+        c.sentinel = Some(RedisSentinelConfig {
+            service_name: "mymaster".into(),
+            addresses: vec!["s1:26379".into(), "[::1]:26380".into()],
+        });
+        match fred_config(&c).unwrap().server {
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+            } => {
+                assert_eq!(service_name, "mymaster");
+                assert_eq!(
+                    hosts,
+                    vec![Server::new("s1", 26379), Server::new("::1", 26380)]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut c = base();
+        c.url = None;
+        c.mode = RedisMode::Cluster;
+        c.cluster = Some(RedisClusterConfig {
+            nodes: vec!["n1:7000".into(), "n2:7001".into()],
+        });
+        let server = fred_config(&c).unwrap().server;
+        assert!(server.is_clustered());
+        assert_eq!(server.hosts().len(), 2);
+
+        c.cluster = Some(RedisClusterConfig {
+            nodes: vec!["n1".into()],
+        });
+        assert!(fred_config(&c).is_err());
+    }
+
+    #[tokio::test]
+    async fn rate_limit_sha1_matches_what_redis_computes() {
+        let server = claude_relay_testkit::redis::RedisServer::start().unwrap();
+        let store = RedisStore::connect(
+            &serde_json::from_value(serde_json::json!({"url": server.url()})).unwrap(),
+            "t",
+        )
+        .await
+        .unwrap();
+        let sha: String = store.pool.script_load(RATE_LIMIT_LUA).await.unwrap();
+        assert_eq!(sha, RATE_LIMIT_SHA1);
+    }
+}

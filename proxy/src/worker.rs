@@ -1,0 +1,27 @@
+//! Worker threads: the proxy runs one single-threaded runtime per core, each
+//! with its own listener (SO_REUSEPORT) and its own upstream pools, so a
+//! request is served start to end on one thread, as nginx workers do.
+
+use std::cell::Cell;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Index of the calling worker thread (0 off the workers).
+pub fn current() -> usize {
+    WORKER.with(Cell::get)
+}
+
+pub fn set_current(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// `server.workers`, with 0 meaning one per available core.
+pub fn count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}

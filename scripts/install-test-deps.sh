@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the tests and the benchmark need, when it is missing:
+# redis-server (tests start their own on free ports), nginx and wrk (benchmark).
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the services it installs; the tests start their own.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl stop redis-server nginx >/dev/null 2>&1 || true
+fi
+# The official Python SDK, for the test that drives the relay with it.
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/sdk-venv"
+if ! "$venv/bin/python" -c 'import anthropic' >/dev/null 2>&1; then
+  echo "installing the anthropic Python SDK into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check anthropic
+fi

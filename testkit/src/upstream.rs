@@ -1,0 +1,459 @@
+//! A double of the Claude Messages API, served over real HTTP on a free
+//! loopback port. It records every request it receives and answers by the
+//! `x-mock` request header (which the relay passes through like any header):
+//!
+//! | `x-mock` | answer |
+//! |---|---|
+//! | (none), `json` | 200, a ~1 KB Messages response, `request-id` and `anthropic-ratelimit-*` headers |
+//! | `stream` | 200 SSE: message_start, ping, content blocks, message_delta, message_stop; `x-mock-delay-ms` between events |
+//! | `stream-gated` | like `stream`, but waits after message_start until [`MockUpstream::open_gate`] |
+//! | `stream-error` | 200 SSE, then an `error` event (overloaded_error) after message_start |
+//! | `stream-endless` | an event every `x-mock-delay-ms` (default 50) until the client goes away |
+//! | `stream-stall` | 200 SSE, message_start, then silence |
+//! | `stream-unknown-event` | a stream with an event type the relay cannot know |
+//! | `status-429` | 429 rate_limit_error, `retry-after: 7` |
+//! | `status-529` | 529 overloaded_error |
+//! | `status-500` | 500 api_error |
+//! | `stall` | never answers |
+//!
+//! Paths: `/v1/messages`, `/v1/messages/count_tokens`, `/v1/models`; any
+//! other path answers 404 not_found_error, as the API does.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+/// One request as the upstream saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    streams_cancelled: AtomicUsize,
+    streams_finished: AtomicUsize,
+    gate: Notify,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockUpstream {
+    /// Starts on a free loopback port.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind mock upstream");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let task = tokio::spawn(serve(listener, state.clone()));
+        Self { addr, state, task }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Streams whose client went away before the stream ended.
+    pub fn streams_cancelled(&self) -> usize {
+        self.state.streams_cancelled.load(Ordering::SeqCst)
+    }
+
+    pub fn streams_finished(&self) -> usize {
+        self.state.streams_finished.load(Ordering::SeqCst)
+    }
+
+    /// Lets one `stream-gated` response go on.
+    pub fn open_gate(&self) {
+        self.state.gate.notify_one();
+    }
+}
+
+/// Serves until the task is aborted; usable from a binary as well.
+pub async fn serve_forever(listener: TcpListener) {
+    serve(listener, Arc::new(State::default())).await;
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
+        TokioExecutor::new(),
+    ));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(state, request).await) }
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type MockResponse = Response<MockBody>;
+
+async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_string(), |pq| pq.to_string());
+    state.requests.lock().unwrap().push(Recorded {
+        method: parts.method.clone(),
+        path_and_query: path_and_query.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let mode = parts
+        .headers
+        .get("x-mock")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("json")
+        .to_string();
+    let delay = Duration::from_millis(
+        parts
+            .headers
+            .get("x-mock-delay-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    let path = parts.uri.path();
+    let model = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(String::from))
+        .unwrap_or_else(|| "claude-test".to_string());
+
+    match path {
+        "/v1/models" => return json(StatusCode::OK, models_list()),
+        "/v1/messages/count_tokens" => {
+            return json(StatusCode::OK, r#"{"input_tokens":42}"#.to_string());
+        }
+        "/v1/messages" => {}
+        p if p.starts_with("/v1/messages/batches") => {
+            return json(
+                StatusCode::OK,
+                format!(r#"{{"id":"msgbatch_test","type":"message_batch","path":"{p}"}}"#),
+            );
+        }
+        _ => {
+            return json(
+                StatusCode::NOT_FOUND,
+                error_body("not_found_error", "Not found"),
+            );
+        }
+    }
+
+    match mode.as_str() {
+        "status-429" => {
+            let mut r = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                error_body(
+                    "rate_limit_error",
+                    "Number of request tokens has exceeded your per-minute rate limit",
+                ),
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("7"));
+            r
+        }
+        "status-529" => json(
+            StatusCode::from_u16(529).unwrap(),
+            error_body("overloaded_error", "Overloaded"),
+        ),
+        "status-500" => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error_body("api_error", "Internal server error"),
+        ),
+        "stall" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            json(StatusCode::OK, message_json(&model))
+        }
+        m if m.starts_with("stream") => stream(state, m.to_string(), model, delay),
+        _ => json(StatusCode::OK, message_json(&model)),
+    }
+}
+
+fn with_api_headers(response: &mut MockResponse) {
+    let h = response.headers_mut();
+    h.insert(
+        "request-id",
+        HeaderValue::from_static("req_mock_0123456789"),
+    );
+    h.insert(
+        "anthropic-ratelimit-requests-limit",
+        HeaderValue::from_static("4000"),
+    );
+    h.insert(
+        "anthropic-ratelimit-requests-remaining",
+        HeaderValue::from_static("3999"),
+    );
+    h.insert(
+        "anthropic-ratelimit-requests-reset",
+        HeaderValue::from_static("2026-11-26T00:00:01Z"),
+    );
+}
+
+fn json(status: StatusCode, body: String) -> MockResponse {
+    let mut response = Response::new(MockBody::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    with_api_headers(&mut response);
+    response
+}
+
+pub fn error_body(kind: &str, message: &str) -> String {
+    serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string()
+}
+
+/// A Messages API response of about 1 KB.
+pub fn message_json(model: &str) -> String {
+    let text = "The relay passes every byte through unchanged. ".repeat(16);
+    serde_json::json!({
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text.trim_end()}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": 25,
+            "output_tokens": 180,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0
+        }
+    })
+    .to_string()
+}
+
+fn models_list() -> String {
+    serde_json::json!({
+        "data": [{"type": "model", "id": "claude-test", "display_name": "Claude Test", "created_at": "2026-01-01T00:00:00Z"}],
+        "has_more": false, "first_id": "claude-test", "last_id": "claude-test"
+    })
+    .to_string()
+}
+
+fn event(name: &str, data: serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+/// The events of a short streamed message.
+pub fn stream_events(model: &str) -> Vec<Bytes> {
+    use serde_json::json;
+    let mut events = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_stream_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    for word in ["Hello", ", ", "relayed", " world", "!"] {
+        events.push(event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}),
+        ));
+    }
+    events.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 15}}),
+    ));
+    events.push(event("message_stop", json!({"type": "message_stop"})));
+    events
+}
+
+fn stream(state: Arc<State>, mode: String, model: String, delay: Duration) -> MockResponse {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let mut response = Response::new(MockBody::channel(rx));
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
+        .headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    with_api_headers(&mut response);
+
+    tokio::spawn(async move {
+        let events = stream_events(&model);
+        let completed = match mode.as_str() {
+            "stream-error" => {
+                send_all(&tx, [
+                    events[0].clone(),
+                    event("error", serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
+                ], delay)
+                .await
+            }
+            "stream-endless" => {
+                let delay = if delay.is_zero() { Duration::from_millis(50) } else { delay };
+                let mut ok = send(&tx, events[0].clone(), Duration::ZERO).await;
+                while ok {
+                    ok = send(&tx, event("ping", serde_json::json!({"type": "ping"})), delay).await;
+                }
+                false
+            }
+            "stream-stall" => {
+                if send(&tx, events[0].clone(), Duration::ZERO).await {
+                    tx.closed().await;
+                }
+                false
+            }
+            "stream-gated" => {
+                send(&tx, events[0].clone(), Duration::ZERO).await && {
+                    tokio::select! {
+                        () = state.gate.notified() => send_all(&tx, events[1..].iter().cloned(), delay).await,
+                        () = tx.closed() => false,
+                    }
+                }
+            }
+            "stream-unknown-event" => {
+                let mut with_unknown = events.clone();
+                with_unknown.insert(
+                    2,
+                    event("future_event_type", serde_json::json!({"type": "future_event_type", "x": [1, 2]})),
+                );
+                send_all(&tx, with_unknown, delay).await
+            }
+            _ => send_all(&tx, events, delay).await,
+        };
+        if completed {
+            state.streams_finished.fetch_add(1, Ordering::SeqCst);
+        } else {
+            state.streams_cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    response
+}
+
+/// Sends after `delay`; false when the client has gone away.
+async fn send(tx: &mpsc::Sender<Bytes>, bytes: Bytes, delay: Duration) -> bool {
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = tx.closed() => return false,
+        }
+    }
+    tx.send(bytes).await.is_ok()
+}
+
+async fn send_all(
+    tx: &mpsc::Sender<Bytes>,
+    events: impl IntoIterator<Item = Bytes>,
+    delay: Duration,
+) -> bool {
+    for (i, e) in events.into_iter().enumerate() {
+        let wait = if i == 0 { Duration::ZERO } else { delay };
+        if !send(tx, e, wait).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// A whole body, or chunks as a task sends them.
+pub struct MockBody {
+    full: Option<Bytes>,
+    rx: Option<mpsc::Receiver<Bytes>>,
+}
+
+impl MockBody {
+    fn full(bytes: Bytes) -> Self {
+        Self {
+            full: Some(bytes),
+            rx: None,
+        }
+    }
+    fn channel(rx: mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            full: None,
+            rx: Some(rx),
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(bytes) = self.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        match &mut self.rx {
+            Some(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match (&self.full, &self.rx) {
+            (Some(b), _) => http_body::SizeHint::with_exact(b.len() as u64),
+            (None, None) => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
