@@ -29,19 +29,22 @@ trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh" >&2; exit 1; }; }
 need wrk
+need redis-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
 echo "building release binaries..."
-(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin mock-upstream)
+(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin relay-load --bin mock-upstream)
 RELAY="$root/target/release/claude-relay-proxy"
+LOAD="$root/target/release/relay-load"
 MOCK="$root/target/release/mock-upstream"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port)
+UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port)
+redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
 # The upstream: a 1 KB Messages API response, as fast as a server can give it.
 body=$(python3 - <<'PY'
@@ -97,15 +100,20 @@ NGINX
 
 echo "bench-relay-key" > "$work/relay.key"
 echo "sk-ant-bench" > "$work/upstream.key"
+echo "bench-signing-secret-0123456789abcdefghij" > "$work/signing.secret"
 cat > "$work/relay.yaml" <<YAML
 server:
   listen: 127.0.0.1:$RL
   admin_listen: 127.0.0.1:$RA
 log:
   level: warn   # no access lines, as nginx runs with access_log off
+store:
+  redis: {url: "redis://127.0.0.1:$RD"}
 clients:
   - id: bench
     relay_keys: [{file: $work/relay.key}]
+  - id: bench-signer
+    signing_secrets: [{file: $work/signing.secret}]
 regions:
   - name: local
     base_url: http://127.0.0.1:$UP
@@ -116,7 +124,7 @@ regions:
     api_keys: [{file: $work/upstream.key}]
 YAML
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
-wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"
+wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"
 sleep 0.5
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -157,6 +165,15 @@ lat=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 1 1 "$DURATION"
          run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 1 1 "$DURATION"
          run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 1 1 "$DURATION"; } )
 
+echo "signed vs relay-key: relay-load -c$CONNECTIONS -d${DURATION}s (fresh nonce per signed request, checked in Redis)"
+load() { # mode
+  "$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+    --mode "$1" --relay-key bench-relay-key --key-id bench-signer --secret-file "$work/signing.secret"
+}
+load relay-key > /dev/null  # warm-up of the generator's own connections
+sig=$( { echo "relay-key $(load relay-key)"; echo "signed $(load signed)"; } )
+echo "$sig" > "$out/relay-load.txt"
+
 # 1,000 concurrent open streams: each answered by an endless, slow SSE stream.
 cat > "$work/stream.lua" <<'LUA'
 wrk.method = "POST"
@@ -195,6 +212,11 @@ report=$(
   ld=$(echo "$lat" | awk '$1=="direct"{print $3}'); ln=$(echo "$lat" | awk '$1=="nginx"{print $3}'); lr=$(echo "$lat" | awk '$1=="relay"{print $3}')
   awk -v d="$d" -v n="$n" -v r="$r" 'BEGIN {printf "ratios: relay/nginx throughput %.2f (target >= 1.00); relay/direct %.2f; nginx/direct %.2f\n", r/n, r/d, n/d}'
   awk -v ld="$ld" -v ln="$ln" -v lr="$lr" 'BEGIN {printf "added p50 latency over direct: relay %.0f us (target < 100 us); nginx %.0f us\n", lr-ld, ln-ld}'
+  echo
+  echo "relay-key vs signed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay, Redis on loopback)"
+  echo "$sig" | sed 's/=/ /g' | awk '{printf "%-10s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
+  echo "$sig" | sed 's/=/ /g' | awk '$1=="relay-key"{k=$7} $1=="signed"{s=$7} END {printf "ratio: signed/relay-key throughput %.2f (target >= 0.80)\n", s/k}'
+  echo
   awk -v i="$idle_rss" 'BEGIN {printf "relay RSS idle: %.1f MB (target < 30 MB)\n", i/1024}'
   awk -v p="$peak_rss" -v h="$hwm" -v s="$peak_streams" 'BEGIN {printf "relay RSS with %d concurrent open streams: %.1f MB, peak %.1f MB (target < 100 MB)\n", s, p/1024, h/1024}'
 )

@@ -43,6 +43,15 @@ pub struct ProxyConfig {
     /// only correct for a single replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreConfig>,
+    /// Which regions serve a request, by the client's country or continent.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// The circuit breaker of every region.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// How the upstream API keys of a region are used.
+    #[serde(default)]
+    pub key_pool: KeyPoolConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -479,6 +488,173 @@ impl Default for RedisReconnectConfig {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// A MaxMind DB (GeoIP2/GeoLite2 Country or City) file; re-read when it
+    /// changes. Absent, or unreadable: every request takes `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geoip_db: Option<PathBuf>,
+    /// Peers (CIDRs such as `10.0.0.0/8`) whose `X-Forwarded-For` or
+    /// `Forwarded` header names the client; from any other peer it is ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+    /// The first rule matching the client's country or continent gives the
+    /// regions to try, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RouteRule>,
+    /// Regions to try when no rule matches. Empty: every region by priority.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default: Vec<String>,
+    /// Regions tried for one request at most (the first and the failovers).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            geoip_db: None,
+            trusted_proxies: Vec::new(),
+            rules: Vec::new(),
+            default: Vec::new(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// ISO 3166-1 alpha-2 codes (`DE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// MaxMind continent codes (`EU`, `NA`, `AS`, `SA`, `AF`, `OC`, `AN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub continents: Vec<String>,
+    /// Region names, tried in this order.
+    pub regions: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// The sliding window over which the failure rate is measured.
+    #[serde(default = "default_breaker_window")]
+    pub window: HumanDuration,
+    /// Requests the window must hold before the breaker may open.
+    #[serde(default = "default_breaker_min_requests")]
+    pub min_requests: u32,
+    /// The breaker opens when failures / requests exceeds this (0 to 1).
+    #[serde(default = "default_breaker_failure_rate")]
+    pub failure_rate: f64,
+    /// How long an open breaker refuses requests before probing (longer when
+    /// the upstream's `retry-after` asks for it).
+    #[serde(default = "default_breaker_open_for")]
+    pub open_for: HumanDuration,
+    /// Probe requests let through at once when half open, across all replicas.
+    #[serde(default = "default_breaker_half_open_probes")]
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            window: default_breaker_window(),
+            min_requests: default_breaker_min_requests(),
+            failure_rate: default_breaker_failure_rate(),
+            open_for: default_breaker_open_for(),
+            half_open_probes: default_breaker_half_open_probes(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPoolConfig {
+    #[serde(default)]
+    pub strategy: KeyStrategy,
+    /// Requests in flight at once on one upstream key; absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_key: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStrategy {
+    /// Each key in turn.
+    #[default]
+    RoundRobin,
+    /// The key with the fewest requests in flight on this replica.
+    LeastInFlight,
+}
+
+/// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a
+/// block of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network: std::net::IpAddr = addr.parse().ok()?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+            Some(_) => return None,
+            None => max,
+        };
+        (prefix <= max).then_some(Self { network, prefix })
+    }
+
+    /// Whether `addr` is inside; an IPv4-mapped IPv6 address counts as IPv4.
+    pub fn contains(&self, addr: std::net::IpAddr) -> bool {
+        let bits = |a: std::net::IpAddr| -> (u128, u8) {
+            match a.to_canonical() {
+                std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+                std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let (net, net_width) = bits(self.network);
+        let (addr, addr_width) = bits(addr);
+        if net_width != addr_width {
+            return false;
+        }
+        // Both sit in the top bits; a /0 would shift by 128, which checked_shl turns into 0.
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        net & mask == addr & mask
+    }
+}
+
+const CONTINENTS: [&str; 7] = ["AF", "AN", "AS", "EU", "NA", "OC", "SA"];
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_breaker_window() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_breaker_min_requests() -> u32 {
+    10
+}
+fn default_breaker_failure_rate() -> f64 {
+    0.5
+}
+fn default_breaker_open_for() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_breaker_half_open_probes() -> u32 {
+    1
+}
+
 fn default_replay_window() -> HumanDuration {
     HumanDuration::from_secs(300)
 }
@@ -674,6 +850,7 @@ impl ProxyConfig {
         }
 
         self.validate_signing_and_store(&mut problems);
+        self.validate_routing(&mut problems);
 
         if problems.is_empty() {
             Ok(())
@@ -733,6 +910,97 @@ impl ProxyConfig {
         }
     }
 
+    /// The checks of routing rules, breaker and key pool settings.
+    fn validate_routing(&self, problems: &mut Vec<String>) {
+        let mut bad = |path: String, message: &str| problems.push(format!("{path}: {message}"));
+        let known: HashSet<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
+        let check_names =
+            |path: String, names: &[String], bad: &mut dyn FnMut(String, &str)| {
+                let mut seen = HashSet::new();
+                for (n, name) in names.iter().enumerate() {
+                    if !known.contains(name.as_str()) {
+                        bad(format!("{path}[{n}]"), "no region has this name");
+                    } else if !seen.insert(name.as_str()) {
+                        bad(format!("{path}[{n}]"), "region listed twice");
+                    }
+                }
+            };
+        let routing = &self.routing;
+        for (i, cidr) in routing.trusted_proxies.iter().enumerate() {
+            if Cidr::parse(cidr).is_none() {
+                bad(
+                    format!("routing.trusted_proxies[{i}]"),
+                    "must be an address or a CIDR such as 10.0.0.0/8",
+                );
+            }
+        }
+        for (i, rule) in routing.rules.iter().enumerate() {
+            if rule.countries.is_empty() && rule.continents.is_empty() {
+                bad(
+                    format!("routing.rules[{i}]"),
+                    "give countries or continents to match",
+                );
+            }
+            for (c, code) in rule.countries.iter().enumerate() {
+                if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+                    bad(
+                        format!("routing.rules[{i}].countries[{c}]"),
+                        "must be an ISO 3166-1 alpha-2 code in capitals, such as DE",
+                    );
+                }
+            }
+            for (c, code) in rule.continents.iter().enumerate() {
+                if !CONTINENTS.contains(&code.as_str()) {
+                    bad(
+                        format!("routing.rules[{i}].continents[{c}]"),
+                        "must be one of AF, AN, AS, EU, NA, OC, SA",
+                    );
+                }
+            }
+            if rule.regions.is_empty() {
+                bad(
+                    format!("routing.rules[{i}].regions"),
+                    "at least one region is required",
+                );
+            }
+            check_names(
+                format!("routing.rules[{i}].regions"),
+                &rule.regions,
+                &mut bad,
+            );
+        }
+        check_names("routing.default".into(), &routing.default, &mut bad);
+        if !(1..=10).contains(&routing.max_attempts) {
+            bad("routing.max_attempts".into(), "must be between 1 and 10");
+        }
+
+        let breaker = &self.breaker;
+        if breaker.window.is_zero() {
+            bad("breaker.window".into(), "must be greater than 0");
+        }
+        if breaker.open_for.is_zero() {
+            bad("breaker.open_for".into(), "must be greater than 0");
+        }
+        if breaker.min_requests == 0 {
+            bad("breaker.min_requests".into(), "must be greater than 0");
+        }
+        if !(breaker.failure_rate > 0.0 && breaker.failure_rate < 1.0) {
+            bad(
+                "breaker.failure_rate".into(),
+                "must be between 0 and 1, both excluded",
+            );
+        }
+        if breaker.half_open_probes == 0 {
+            bad("breaker.half_open_probes".into(), "must be greater than 0");
+        }
+        if self.key_pool.max_in_flight_per_key == Some(0) {
+            bad(
+                "key_pool.max_in_flight_per_key".into(),
+                "must be greater than 0 (leave it out for no cap)",
+            );
+        }
+    }
+
     /// Every file the config refers to, so a watcher can notice a change in any of them.
     pub fn referenced_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
@@ -774,6 +1042,9 @@ impl ProxyConfig {
             if let Some(ca) = &region.tls.ca_file {
                 files.push(ca.clone());
             }
+        }
+        if let Some(db) = &self.routing.geoip_db {
+            files.push(db.clone());
         }
         files
     }
@@ -1248,5 +1519,127 @@ store: {redis: {mode: sentinel, sentinel: {service_name: m, addresses: ['s:26379
         .unwrap();
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(ProxyConfig::from_yaml(&json).unwrap(), c);
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+clients: [{id: a, relay_keys: [{env: K}]}]
+regions:
+  - {name: us, base_url: 'https://us.example', api_keys: [{env: A}]}
+  - {name: eu, base_url: 'https://eu.example', api_keys: [{env: B}], priority: 1}
+"#;
+
+    fn config(extra: &str) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::from_yaml(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn defaults_apply_without_sections() {
+        let c = config("").unwrap();
+        assert_eq!(c.routing.max_attempts, 3);
+        assert!(c.routing.default.is_empty());
+        assert_eq!(c.breaker.window.as_secs(), 60);
+        assert_eq!(c.breaker.min_requests, 10);
+        assert_eq!(c.breaker.failure_rate, 0.5);
+        assert_eq!(c.breaker.open_for.as_secs(), 60);
+        assert_eq!(c.breaker.half_open_probes, 1);
+        assert_eq!(c.key_pool.strategy, KeyStrategy::RoundRobin);
+        assert_eq!(c.key_pool.max_in_flight_per_key, None);
+    }
+
+    #[test]
+    fn routing_breaker_and_pool_parse_and_round_trip() {
+        let c = config(
+            r#"
+routing:
+  geoip_db: /geo/country.mmdb
+  trusted_proxies: ['10.0.0.0/8', 'fd00::/8', '192.0.2.7']
+  rules:
+    - {countries: [DE, FR], regions: [eu, us]}
+    - {continents: [NA], regions: [us]}
+  default: [us]
+  max_attempts: 2
+breaker: {window: 30s, min_requests: 5, failure_rate: 0.25, open_for: 10s, half_open_probes: 2}
+key_pool: {strategy: least_in_flight, max_in_flight_per_key: 8}
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.routing.rules[0].regions, ["eu", "us"]);
+        assert_eq!(c.breaker.half_open_probes, 2);
+        assert_eq!(c.key_pool.strategy, KeyStrategy::LeastInFlight);
+        assert!(
+            c.referenced_files()
+                .contains(&PathBuf::from("/geo/country.mmdb"))
+        );
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_yaml(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_routing_is_named_by_path() {
+        let err = config(
+            r#"
+routing:
+  trusted_proxies: ['10.0.0.0/33', 'nonsense', '10.0.0.0/']
+  rules:
+    - {countries: [de], continents: [XX], regions: [asia, us, us]}
+    - {regions: [us]}
+    - {countries: [DE], regions: []}
+  default: [mars]
+  max_attempts: 0
+breaker: {window: 0s, min_requests: 0, failure_rate: 1.5, open_for: 0s, half_open_probes: 0}
+key_pool: {max_in_flight_per_key: 0}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "routing.trusted_proxies[0]",
+            "routing.trusted_proxies[1]",
+            "routing.trusted_proxies[2]",
+            "routing.rules[0].countries[0]",
+            "routing.rules[0].continents[0]",
+            "routing.rules[0].regions[0]: no region has this name",
+            "routing.rules[0].regions[2]: region listed twice",
+            "routing.rules[1]: give countries or continents",
+            "routing.rules[2].regions: at least one",
+            "routing.default[0]: no region has this name",
+            "routing.max_attempts",
+            "breaker.window",
+            "breaker.min_requests",
+            "breaker.failure_rate",
+            "breaker.open_for",
+            "breaker.half_open_probes",
+            "key_pool.max_in_flight_per_key",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        let err = config("key_pool: {strategy: random}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key_pool.strategy"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_match_their_addresses() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains(ip("10.1.200.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        // A peer seen through a dual-stack socket.
+        assert!(net.contains(ip("::ffff:10.1.0.9")));
+        assert!(!net.contains(ip("fd00::1")));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("203.0.113.1")) && !all.contains(ip("2001:db8::1")));
+        assert!(Cidr::parse("::/129").is_none());
+        assert!(Cidr::parse("10.0.0.0/-1").is_none());
     }
 }

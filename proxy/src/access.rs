@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::{Metrics, Name, RequestLabels, RouteLabels};
+use crate::metrics::{Metrics, Name, RequestLabels};
 
 /// How the exchange ended, as the access log tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,8 +91,7 @@ impl Drop for Exchange {
             })
             .inc();
         self.metrics
-            .request_duration
-            .get_or_create(&RouteLabels { route: self.route })
+            .route_duration(self.route)
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "access",

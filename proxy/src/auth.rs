@@ -1,10 +1,14 @@
-//! Client authentication by relay key.
+//! Clients and how they authenticate: by relay key, or by a signed request
+//! (see [`crate::signing`] and docs/signing.md).
 //!
-//! Keys are kept as SHA-256 digests and every presented key is compared with
-//! every digest in constant time, so neither a key's content nor its position
-//! in the table shows in the timing.
+//! Relay keys are kept as SHA-256 digests and every presented key is
+//! compared with every digest in constant time, so neither a key's content
+//! nor its position in the table shows in the timing.
 
-use claude_relay_crds::config::{ClientConfig, RelayKeySource};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use claude_relay_crds::config::{AuthMethod, ClientConfig, RelayKeySource};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -12,19 +16,50 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use crate::error::RelayError;
 use crate::metrics::Name;
 use crate::secrets;
+use crate::signing::{SignatureError, SigningSecret};
 
 pub struct Clients {
     /// (client index, key digest); a client may hold several keys (rotation).
     keys: Vec<(u32, [u8; 32])>,
-    ids: Vec<Name>,
+    clients: Vec<Client>,
+    by_id: HashMap<String, usize>,
+}
+
+/// A client of the relay.
+pub struct Client {
+    pub id: Name,
+    /// This client's request counter, looked up once.
+    pub requests: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
+    pub relay_key_allowed: bool,
+    pub signature_allowed: bool,
+    /// Every secret valid now (several during a rotation).
+    pub signing_secrets: Vec<SigningSecret>,
+    /// Requests per window, shared by all replicas through the store.
+    pub rate_limit: Option<(u32, Duration)>,
 }
 
 impl Clients {
     pub fn build(configs: &[ClientConfig]) -> Result<Self, String> {
         let mut keys = Vec::new();
-        let mut ids = Vec::with_capacity(configs.len());
+        let mut clients = Vec::with_capacity(configs.len());
         for (index, client) in configs.iter().enumerate() {
-            ids.push(Name::from(client.id.as_str()));
+            let mut signing_secrets = Vec::with_capacity(client.signing_secrets.len());
+            for (k, source) in client.signing_secrets.iter().enumerate() {
+                let where_ = format!("clients[{index}].signing_secrets[{k}]");
+                let secret = secrets::resolve(source).map_err(|e| format!("{where_}: {e}"))?;
+                signing_secrets.push(
+                    SigningSecret::new(secret.expose().as_bytes())
+                        .map_err(|e| format!("{where_}: {e}"))?,
+                );
+            }
+            clients.push(Client {
+                id: Name::from(client.id.as_str()),
+                requests: std::sync::OnceLock::new(),
+                relay_key_allowed: client.allows(AuthMethod::RelayKey),
+                signature_allowed: client.allows(AuthMethod::Signature),
+                signing_secrets,
+                rate_limit: client.rate_limit.map(|r| (r.requests, r.per.duration())),
+            });
             for (k, source) in client.relay_keys.iter().enumerate() {
                 let where_ = || format!("clients[{index}].relay_keys[{k}]");
                 let digest = match source {
@@ -48,11 +83,34 @@ impl Clients {
                 keys.push((index as u32, digest));
             }
         }
-        Ok(Self { keys, ids })
+        let by_id = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        Ok(Self {
+            keys,
+            clients,
+            by_id,
+        })
+    }
+
+    /// The client a signed request names, if it may sign.
+    pub fn for_signature(&self, key_id: &str) -> Result<&Client, SignatureError> {
+        let client = self
+            .by_id
+            .get(key_id)
+            .map(|&i| &self.clients[i])
+            .ok_or(SignatureError::UnknownKeyId)?;
+        if client.signature_allowed {
+            Ok(client)
+        } else {
+            Err(SignatureError::NotAllowed)
+        }
     }
 
     /// The client that holds the key this request presents.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Name, RelayError> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Client, RelayError> {
         let presented = presented_key(headers).ok_or(RelayError::Unauthenticated(
             "no relay key: send it as the x-api-key header or as Authorization: Bearer",
         ))?;
@@ -65,7 +123,16 @@ impl Clients {
         }
         match found {
             0 => Err(RelayError::Unauthenticated("invalid relay key")),
-            n => Ok(&self.ids[(n - 1) as usize]),
+            n => {
+                let client = &self.clients[(n - 1) as usize];
+                if client.relay_key_allowed {
+                    Ok(client)
+                } else {
+                    Err(RelayError::Unauthenticated(
+                        "this client must sign its requests; relay keys are not enabled for it",
+                    ))
+                }
+            }
         }
     }
 }
@@ -75,7 +142,7 @@ pub fn digest_of(key: &str) -> [u8; 32] {
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+    if let Some(key) = headers.get(crate::headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
     let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
@@ -113,18 +180,20 @@ mod tests {
     fn finds_the_client_by_either_header() {
         let c = clients();
         assert_eq!(
-            &*c.authenticate(&with("x-api-key", "key-a")).unwrap().0,
+            &*c.authenticate(&with("x-api-key", "key-a")).unwrap().id.0,
             "a"
         );
         assert_eq!(
             &*c.authenticate(&with("authorization", "Bearer key-b-new"))
                 .unwrap()
+                .id
                 .0,
             "b"
         );
         assert_eq!(
             &*c.authenticate(&with("authorization", "bearer key-b-old"))
                 .unwrap()
+                .id
                 .0,
             "b"
         );

@@ -18,6 +18,8 @@ pub enum RelayError {
     InvalidRequest(String),
     #[error("{0}")]
     Unauthenticated(&'static str),
+    #[error("signed request refused: {0}")]
+    Signature(#[from] crate::signing::SignatureError),
     #[error("{0}")]
     NotFound(String),
     #[error("request body is larger than the relay's limit of {limit} bytes")]
@@ -44,7 +46,7 @@ impl RelayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthenticated(_) | Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -58,7 +60,7 @@ impl RelayError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::InvalidRequest(_) => "invalid_request_error",
-            Self::Unauthenticated(_) => "authentication_error",
+            Self::Unauthenticated(_) | Self::Signature(_) => "authentication_error",
             Self::NotFound(_) => "not_found_error",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::RateLimited { .. } => "rate_limit_error",

@@ -3,9 +3,12 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// The relay's own request id, beside the upstream's `request-id`.
-pub const RELAY_REQUEST_ID: &str = "x-relay-request-id";
+pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
 /// Pins a request to one region by name.
-pub const RELAY_REGION: &str = "x-relay-region";
+pub const RELAY_REGION: HeaderName = HeaderName::from_static("x-relay-region");
+/// The Claude API's key header.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those that only make sense on one leg.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -56,23 +59,18 @@ pub fn upstream_request_headers(from: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Copies what comes back: everything but hop-by-hop headers.
+/// Copies what comes back: everything but hop-by-hop headers. Most
+/// responses have none, and then nothing is touched.
 pub fn downstream_response_headers(from: &mut HeaderMap) {
-    let listed = connection_listed(from);
-    for name in listed {
+    if !from.keys().any(is_hop_by_hop) {
+        return;
+    }
+    for name in connection_listed(from) {
         from.remove(&name);
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        from.remove(name);
+    let hop: Vec<HeaderName> = from.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for name in hop {
+        from.remove(&name);
     }
 }
 

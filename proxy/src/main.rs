@@ -1,5 +1,6 @@
 use std::io::Read as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -7,6 +8,13 @@ use claude_relay_crds::config::{LogConfig, LogFormat};
 use claude_relay_proxy::reload::read_config;
 use claude_relay_proxy::runtime::{App, Snapshot};
 use claude_relay_proxy::server;
+use claude_relay_proxy::sign_cli::{self, SignArgs};
+use claude_relay_proxy::store::{AnyStore, MemoryStore};
+
+// Small, short-lived allocations on every request: mimalloc handles them
+// with less time in malloc/free than glibc's allocator (see bench/run.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A relay for the Anthropic Claude API.
 #[derive(Parser)]
@@ -29,6 +37,8 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the SHA-256 of a relay key read from standard input, for `{sha256: ...}` in the config.
     HashKey,
+    /// Sign a request as a client must (docs/signing.md): prints the headers or a curl command.
+    Sign(SignArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +46,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::HashKey) => hash_key(),
+        Some(Command::Sign(args)) => match sign_cli::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         None => match cli.config {
             Some(path) => run(path),
             None => {
@@ -50,7 +67,9 @@ fn main() -> ExitCode {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     install_crypto_provider();
-    match read_config(file).and_then(|config| Snapshot::build(config, None, 1)) {
+    // Secrets and certificates are read; the store is not connected to.
+    let placeholder = Arc::new(AnyStore::Memory(MemoryStore::new(1)));
+    match read_config(file).and_then(|config| Snapshot::build(config, None, 1, placeholder)) {
         Ok(snapshot) => {
             println!(
                 "{}: ok ({} clients, {} regions)",
@@ -96,7 +115,25 @@ fn run(path: PathBuf) -> ExitCode {
     };
     init_logging(&config.log);
     let workers = claude_relay_proxy::worker::count(config.server.workers);
-    let snapshot = match Snapshot::build(config, None, workers) {
+    let control = match server::control_runtime() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The store connects on the control runtime, which drives its connections.
+    let store = match control.block_on(AnyStore::from_config(config.store.as_ref(), &config.relay_name)) {
+        Ok(store) => {
+            tracing::info!(kind = store.kind(), "shared store ready");
+            Arc::new(store)
+        }
+        Err(error) => {
+            tracing::error!(%error, "the store cannot be used");
+            return ExitCode::FAILURE;
+        }
+    };
+    let snapshot = match Snapshot::build(config, None, workers, store) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             tracing::error!(%error, "configuration cannot be used");
@@ -104,7 +141,7 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     let app = App::new(snapshot, workers);
-    match server::run(app, Some(path), server::shutdown_signal()) {
+    match server::run(control, app, Some(path), server::shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "proxy stopped");

@@ -61,8 +61,20 @@ pub struct ClientLabels {
     pub client: Name,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub upstream: Name,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// Every value of the `route` label.
+pub const ROUTES: [&str; 6] = ["messages", "count_tokens", "batches", "models", "files", "other"];
+
 pub struct Metrics {
     registry: Registry,
+    /// The duration histogram of each route, looked up once.
+    route_durations: Vec<Histogram>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RouteLabels, Histogram>,
     pub upstream_ttfb: Family<UpstreamLabels, Histogram>,
@@ -76,6 +88,14 @@ pub struct Metrics {
     pub auth_failures: Family<ResultLabels, Counter>,
     pub client_requests: Family<ClientLabels, Counter>,
     pub tls_cert_expiry_days: Gauge<f64, AtomicU64>,
+    pub breaker_state: Family<UpstreamLabels, Gauge>,
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
+    pub failovers: Family<UpstreamLabels, Counter>,
+    pub key_cooldowns: Family<UpstreamLabels, Counter>,
+    pub keys_disabled: Family<UpstreamLabels, Counter>,
+    pub store_errors: Family<ResultLabels, Counter>,
+    pub replay_unprotected: Counter,
+    pub rate_limited: Family<ClientLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -175,8 +195,61 @@ impl Metrics {
             "Days until the downstream TLS certificate expires (negative: expired)",
             tls_cert_expiry_days.clone(),
         );
+        let store_errors = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Calls to the shared store that failed, by kind (unavailable, error)",
+            store_errors.clone(),
+        );
+        let replay_unprotected = Counter::default();
+        registry.register(
+            "replay_unprotected",
+            "Signed requests let through without the nonce check because the store was down and replay.fail_open is set",
+            replay_unprotected.clone(),
+        );
+        let rate_limited = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by the client's rate limit",
+            rate_limited.clone(),
+        );
+        let breaker_state = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker of the region as this replica sees it: 0 closed, 1 half open, 2 open",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "breaker_transitions",
+            "Circuit breaker state changes seen by this replica, by region, from and to",
+            breaker_transitions.clone(),
+        );
+        let failovers = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "Requests moved on to the next region, by the region left",
+            failovers.clone(),
+        );
+        let key_cooldowns = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_key_cooldowns",
+            "Upstream keys put to rest after a 429, by region",
+            key_cooldowns.clone(),
+        );
+        let keys_disabled = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_keys_disabled",
+            "Upstream keys disabled after a 401 or 403 until the config changes, by region",
+            keys_disabled.clone(),
+        );
+        let route_durations = ROUTES
+            .iter()
+            .map(|route| request_duration.get_or_create(&RouteLabels { route }).clone())
+            .collect();
         Self {
             registry,
+            route_durations,
             requests,
             request_duration,
             upstream_ttfb,
@@ -190,7 +263,20 @@ impl Metrics {
             auth_failures,
             client_requests,
             tls_cert_expiry_days,
+            breaker_state,
+            breaker_transitions,
+            failovers,
+            key_cooldowns,
+            keys_disabled,
+            store_errors,
+            replay_unprotected,
+            rate_limited,
         }
+    }
+
+    pub fn route_duration(&self, route: &'static str) -> &Histogram {
+        let i = ROUTES.iter().position(|r| *r == route).unwrap_or(ROUTES.len() - 1);
+        &self.route_durations[i]
     }
 
     /// Prometheus text exposition.

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::metrics::ResultLabels;
 use crate::runtime::{App, Snapshot};
+use crate::store::AnyStore;
 
 /// Reads and validates a config file, naming the file in the error.
 pub fn read_config(path: &Path) -> Result<ProxyConfig, String> {
@@ -65,8 +66,18 @@ impl Reloader {
         }
         self.last_digest = digest;
         let current = self.app.snapshot.load_full();
-        let built = read_config(&self.path)
-            .and_then(|config| Snapshot::build(config, Some(&current), self.app.workers));
+        let built = read_config(&self.path).and_then(|config| {
+            let store = match current.reusable_store(&config) {
+                Some(store) => store,
+                // A new store section: connect (Redis keeps trying in the
+                // background; only a config that cannot work fails here).
+                None => tokio::runtime::Handle::current()
+                    .block_on(AnyStore::from_config(config.store.as_ref(), &config.relay_name))
+                    .map(Arc::new)
+                    .map_err(|e| format!("store: {e}"))?,
+            };
+            Snapshot::build(config, Some(&current), self.app.workers, store)
+        });
         match built {
             Ok(snapshot) => {
                 if snapshot.config.server.listen != current.config.server.listen

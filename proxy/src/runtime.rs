@@ -16,11 +16,14 @@ use rustls::sign::CertifiedKey;
 use crate::auth::Clients;
 use crate::metrics::{Metrics, Name};
 use crate::secrets;
+use crate::store::AnyStore;
 use crate::tls;
 use crate::upstream::{Transport, TransportKey};
 
 pub struct Region {
     pub name: Name,
+    /// This region's time-to-first-byte histogram, looked up once.
+    pub ttfb: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     pub priority: i32,
     pub transport: Arc<Transport>,
     pub timeouts: UpstreamTimeouts,
@@ -43,16 +46,20 @@ pub struct Snapshot {
     pub regions: Vec<Region>,
     pub downstream_cert: Option<Arc<CertifiedKey>>,
     pub cert_expiry_days: Option<f64>,
+    /// Nonces and rate windows: in memory, or Redis shared by the replicas.
+    pub store: Arc<AnyStore>,
 }
 
 impl Snapshot {
     /// Builds a snapshot, reusing the transports (and so the warm
     /// connection pools) of `previous` whose settings did not change.
-    /// `workers` is the number of worker threads (one upstream client each).
+    /// `workers` is the number of worker threads (one upstream client each);
+    /// `store` the store for `config.store` (see [`Snapshot::reusable_store`]).
     pub fn build(
         config: ProxyConfig,
         previous: Option<&Snapshot>,
         workers: usize,
+        store: Arc<AnyStore>,
     ) -> Result<Self, String> {
         config.validate().map_err(|e| e.to_string())?;
         let clients = Clients::build(&config.clients)?;
@@ -91,6 +98,7 @@ impl Snapshot {
             }
             regions.push(Region {
                 name: Name::from(rc.name.as_str()),
+                ttfb: std::sync::OnceLock::new(),
                 priority: rc.priority,
                 transport,
                 timeouts: rc.timeouts.clone(),
@@ -117,7 +125,15 @@ impl Snapshot {
             regions,
             downstream_cert,
             cert_expiry_days,
+            store,
         })
+    }
+
+    /// This snapshot's store, when `config` asks for the same one (so
+    /// in-memory nonces and Redis connections survive a reload).
+    pub fn reusable_store(&self, config: &ProxyConfig) -> Option<Arc<AnyStore>> {
+        (self.config.store == config.store && self.config.relay_name == config.relay_name)
+            .then(|| self.store.clone())
     }
 
     pub fn region(&self, name: &str) -> Option<&Region> {

@@ -60,9 +60,20 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The runtime of the control thread: admin listener, reloader, signals,
+/// and the shared store's connections.
+pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("relay-control")
+        .build()
+}
+
 /// Serves until `shutdown` resolves, then drains connections for at most
-/// the configured grace period. Blocks the calling thread.
+/// the configured grace period. Blocks the calling thread, which drives
+/// `control` (see [`control_runtime`]).
 pub fn run(
+    control: tokio::runtime::Runtime,
     app: Arc<App>,
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
@@ -105,10 +116,6 @@ pub fn run(
         workers.push(thread);
     }
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("relay-control")
-        .build()?;
     control.block_on(async {
         let admin = TcpListener::from_std(admin)?;
         if let Some(path) = config_path {

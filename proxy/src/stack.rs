@@ -3,17 +3,26 @@
 //! 1. **record** — a request id and an [`Exchange`] (in-flight gauge, access
 //!    log and request metrics, written when the response body ends).
 //! 2. **snapshot** — the config in force is loaded once; the request keeps it.
-//! 3. **authenticate** — relay key (`x-api-key` or `Authorization: Bearer`)
-//!    → client id on the exchange. Nothing is read or sent before this.
+//! 3. **authenticate** — a signed request (`x-relay-*` headers) names its
+//!    client by key id; otherwise a relay key (`x-api-key` or
+//!    `Authorization: Bearer`) finds it → client id on the exchange. The
+//!    method must be allowed for the client.
 //! 4. **route** — `x-relay-region` pins a region by name (unknown: 400);
 //!    otherwise the region with the lowest priority.
-//! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it); a
-//!    JSON body must parse (400), so garbage never spends an upstream call.
-//! 6. **forward** — the region's next upstream key replaces the client's
+//! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it).
+//! 6. **verify** — a signed request's HMAC over method, path with query,
+//!    timestamp (within `replay.window`), nonce and body hash (401 naming
+//!    the failed check). Then a JSON body must parse (400), so garbage never
+//!    spends an upstream call.
+//! 7. **admit** — one store round trip, only when there is something to ask:
+//!    the nonce claimed once across replicas (401 on replay) and the client's
+//!    rate window (429 with retry-after). Store down: signed requests 503
+//!    (unless `replay.fail_open`), rate limits fail open.
+//! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
 //!    `timeouts.response_headers` (504), connect failures 502.
-//! 7. **respond** — status, headers (hop-by-hop dropped) and body passed
+//! 9. **respond** — status, headers (hop-by-hop dropped) and body passed
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams.
 //!
@@ -32,8 +41,10 @@ use tokio::time::Instant;
 use crate::access::Exchange;
 use crate::body::RelayBody;
 use crate::error::RelayError;
-use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID};
-use crate::metrics::{UpstreamErrorLabels, UpstreamLabels};
+use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING, X_API_KEY};
+use crate::auth::Client;
+use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
+use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::runtime::{App, Region, Snapshot};
 use crate::upstream::{SendFailure, classify};
 
@@ -62,12 +73,15 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Relay
     let response = match relay(&app, &snapshot, request, &mut exchange).await {
         Ok(response) => response,
         Err(error) => {
-            if let RelayError::Unauthenticated(reason) = &error {
+            let auth_failure = match &error {
+                RelayError::Unauthenticated(reason) => Some(reason_label(reason)),
+                RelayError::Signature(error) => Some(error.label()),
+                _ => None,
+            };
+            if let Some(result) = auth_failure {
                 app.metrics
                     .auth_failures
-                    .get_or_create(&crate::metrics::ResultLabels {
-                        result: reason_label(reason),
-                    })
+                    .get_or_create(&ResultLabels { result })
                     .inc();
             }
             error.into_response(&request_id)
@@ -81,6 +95,8 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Relay
 fn reason_label(reason: &str) -> &'static str {
     if reason.starts_with("no relay key") {
         "missing_key"
+    } else if reason.starts_with("this client must sign") {
+        "relay_key_not_allowed"
     } else {
         "invalid_key"
     }
@@ -94,31 +110,125 @@ async fn relay(
 ) -> Result<Response<RelayBody>, RelayError> {
     let (parts, body) = request.into_parts();
 
-    let client = snapshot.clients.authenticate(&parts.headers)?;
-    app.metrics
-        .client_requests
-        .get_or_create(&crate::metrics::ClientLabels {
-            client: client.clone(),
+    let signed = SignatureHeaders::from_headers(&parts.headers)?;
+    let client = match &signed {
+        Some(signature) => snapshot.clients.for_signature(signature.stamp.key_id)?,
+        None => snapshot.clients.authenticate(&parts.headers)?,
+    };
+    client
+        .requests
+        .get_or_init(|| {
+            app.metrics
+                .client_requests
+                .get_or_create(&ClientLabels {
+                    client: client.id.clone(),
+                })
+                .clone()
         })
         .inc();
-    exchange.client = Some(client.clone());
+    exchange.client = Some(client.id.clone());
 
     let region = choose_region(snapshot, &parts.headers)?;
 
     let body = read_body(body, &parts.headers, snapshot.config.server.max_body_bytes).await?;
+    let replay = &snapshot.config.replay;
+    if let Some(signature) = &signed {
+        // The body is hashed as received; nothing has gone upstream yet.
+        let request = signing::Request {
+            method: parts.method.as_str(),
+            path_and_query: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            body: &body,
+        };
+        signing::verify(
+            signature,
+            &request,
+            &client.signing_secrets,
+            signing::unix_now(),
+            *replay.window,
+        )?;
+    }
     if parts.method == Method::POST && !body.is_empty() && looks_like_json(&parts.headers) {
         check_json(&body)?;
+    }
+    let nonce = signed
+        .as_ref()
+        .map(|s| (s.stamp.nonce, signing::nonce_ttl(*replay.window)));
+    if nonce.is_some() || client.rate_limit.is_some() {
+        admit(app, snapshot, client, nonce, exchange).await?;
     }
 
     exchange.upstream = Some(region.name.clone());
     forward(app, region, parts, body, exchange).await
 }
 
+/// Asks the store, in one round trip, whether a signed request's nonce is
+/// fresh and whether the client is within its rate limit. A store that
+/// cannot answer fails a signed request closed (503) unless
+/// `replay.fail_open`; a rate limit fails open.
+async fn admit(
+    app: &App,
+    snapshot: &Snapshot,
+    client: &Client,
+    nonce: Option<(&str, Duration)>,
+    exchange: &Exchange,
+) -> Result<(), RelayError> {
+    match snapshot.store.admit(&client.id.0, nonce, client.rate_limit).await {
+        Ok(admission) => {
+            if admission.nonce_fresh == Some(false) {
+                return Err(SignatureError::ReplayedNonce.into());
+            }
+            match admission.rate {
+                Some(decision) if !decision.allowed => {
+                    app.metrics
+                        .rate_limited
+                        .get_or_create(&ClientLabels {
+                            client: client.id.clone(),
+                        })
+                        .inc();
+                    let (limit, window) = client.rate_limit.unwrap_or_default();
+                    Err(RelayError::RateLimited {
+                        message: format!(
+                            "rate limit of {limit} requests per {window:?} reached for this client"
+                        ),
+                        retry_after: decision.retry_after.unwrap_or(window),
+                    })
+                }
+                _ => Ok(()),
+            }
+        }
+        Err(error) => {
+            app.metrics
+                .store_errors
+                .get_or_create(&ResultLabels {
+                    result: error.label(),
+                })
+                .inc();
+            if nonce.is_none() {
+                tracing::warn!(request_id = %exchange.request_id, %error, "rate limit not checked: the store is unavailable");
+                return Ok(());
+            }
+            if snapshot.config.replay.fail_open {
+                app.metrics.replay_unprotected.inc();
+                tracing::error!(
+                    request_id = %exchange.request_id,
+                    client = &*client.id.0,
+                    %error,
+                    "REPLAY PROTECTION OFF: signed request let through without its nonce check (replay.fail_open)"
+                );
+                return Ok(());
+            }
+            Err(RelayError::Unavailable(
+                "replay protection is unavailable (the shared store cannot be reached); signed requests are refused until it is back, retry shortly".into(),
+            ))
+        }
+    }
+}
+
 fn choose_region<'s>(
     snapshot: &'s Snapshot,
     headers: &http::HeaderMap,
 ) -> Result<&'s Region, RelayError> {
-    if let Some(pinned) = headers.get(RELAY_REGION) {
+    if let Some(pinned) = headers.get(&RELAY_REGION) {
         let name = pinned.to_str().unwrap_or_default();
         return snapshot.region(name).ok_or_else(|| {
             let known: Vec<&str> = snapshot.regions.iter().map(|r| &*r.name.0).collect();
@@ -224,7 +334,7 @@ async fn forward(
     *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
     upstream_request
         .headers_mut()
-        .insert("x-api-key", region.next_key().clone());
+        .insert(X_API_KEY, region.next_key().clone());
 
     let started = Instant::now();
     let timeouts = &region.timeouts;
@@ -276,9 +386,9 @@ async fn forward(
     };
     let ttfb = started.elapsed();
     exchange.upstream_ttfb = Some(ttfb);
-    app.metrics
-        .upstream_ttfb
-        .get_or_create(&upstream_labels)
+    region
+        .ttfb
+        .get_or_init(|| app.metrics.upstream_ttfb.get_or_create(&upstream_labels).clone())
         .observe(ttfb.as_secs_f64());
 
     let (mut parts, body) = response.into_parts();
@@ -294,7 +404,7 @@ async fn forward(
     if sse {
         parts
             .headers
-            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+            .insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     }
     let body = RelayBody::upstream(body, *timeouts.idle, deadline, sse);
     Ok(Response::from_parts(parts, body))

@@ -36,6 +36,20 @@ impl Keys {
     pub fn breaker(&self, region: &str) -> String {
         format!("{}breaker:{region}", self.prefix)
     }
+
+    /// `claude-relay:{relay}:breaker:{region}:probes`: a sorted set of the
+    /// half-open probes in flight across replicas (member: a token, score:
+    /// unix milliseconds when the probe's slot lapses).
+    pub fn breaker_probes(&self, region: &str) -> String {
+        format!("{}breaker:{region}:probes", self.prefix)
+    }
+
+    /// `claude-relay:{relay}:key-cooldowns:{region}`: a hash from an upstream
+    /// key's id (a short hash prefix, never the key) to the unix milliseconds
+    /// until which the key rests after a 429.
+    pub fn key_cooldowns(&self, region: &str) -> String {
+        format!("{}key-cooldowns:{region}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +66,13 @@ mod tests {
         assert_eq!(keys.rate("app"), "claude-relay:team-a/relay:rate:app");
         assert_eq!(keys.breaker("us"), "claude-relay:team-a/relay:breaker:us");
         assert_ne!(Keys::new("b").rate("app"), keys.rate("app"));
+        assert_eq!(
+            keys.breaker_probes("us"),
+            "claude-relay:team-a/relay:breaker:us:probes"
+        );
+        assert_eq!(
+            keys.key_cooldowns("us"),
+            "claude-relay:team-a/relay:key-cooldowns:us"
+        );
     }
 }

@@ -88,6 +88,16 @@ pub trait Store: Send + Sync {
     ) -> impl Future<Output = Result<RateDecision, StoreError>> + Send;
 }
 
+/// What the store says of a request before it goes upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// For a signed request: whether its nonce was seen for the first time.
+    pub nonce_fresh: Option<bool>,
+    /// For a rate-limited client: the decision (absent for a replayed nonce,
+    /// which is refused anyway and not counted).
+    pub rate: Option<RateDecision>,
+}
+
 /// The store the config asks for.
 #[derive(Debug)]
 pub enum AnyStore {
@@ -121,6 +131,33 @@ impl AnyStore {
         match self {
             Self::Memory(_) => "memory",
             Self::Redis(_) => "redis",
+        }
+    }
+
+    /// Everything the hot path asks of the store for one request, in at most
+    /// one round trip: the nonce claim of a signed request and the client's
+    /// rate-limit hit. Nothing to ask: no call at all.
+    pub async fn admit(
+        &self,
+        client: &str,
+        nonce: Option<(&str, Duration)>,
+        rate: Option<(u32, Duration)>,
+    ) -> Result<Admission, StoreError> {
+        match (self, nonce) {
+            (Self::Redis(redis), Some(nonce)) => redis.admit(client, nonce, rate).await,
+            (_, nonce) => {
+                let nonce_fresh = match nonce {
+                    Some((nonce, ttl)) => Some(self.claim_nonce(client, nonce, ttl).await?),
+                    None => None,
+                };
+                let rate = match rate {
+                    Some((limit, window)) if nonce_fresh != Some(false) => {
+                        Some(self.hit_rate_limit(client, limit, window).await?)
+                    }
+                    _ => None,
+                };
+                Ok(Admission { nonce_fresh, rate })
+            }
         }
     }
 

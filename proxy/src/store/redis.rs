@@ -41,6 +41,26 @@ end
 return {count, ttl}
 ";
 
+/// A signed request's admission in one round trip: claims the nonce
+/// (KEYS[1], ARGV[1] ms) and, when KEYS[2] is given, counts one hit in the
+/// rate window (ARGV[2] ms). A replayed nonce is not counted. Returns
+/// {fresh (1/0), count, milliseconds left in the window} (count -1: no limit).
+pub(crate) const ADMIT_LUA: &str = "\
+if not redis.call('SET', KEYS[1], 1, 'NX', 'PX', ARGV[1]) then
+  return {0, -1, -1}
+end
+if #KEYS < 2 then
+  return {1, -1, -1}
+end
+local count = redis.call('INCR', KEYS[2])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+return {1, count, ttl}
+";
+
 /// SHA-1 of [`RATE_LIMIT_LUA`], as `SCRIPT LOAD` answers it (checked by a
 /// test against a real Redis), so EVALSHA needs no hashing here.
 pub(crate) const RATE_LIMIT_SHA1: &str = "1e41cfc412e6f2421d73aaf3e2078ab84078a3e2";
@@ -132,19 +152,60 @@ impl RedisStore {
     }
 
     async fn run_rate_script(&self, key: &str, window_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.run_script(RATE_LIMIT_LUA, RATE_LIMIT_SHA1, vec![key.to_string()], vec![window_ms])
+            .await
+    }
+
+    /// EVALSHA, or EVAL when the script cache is empty (after a Redis
+    /// restart), which runs the script and caches it again: one round trip.
+    async fn run_script(
+        &self,
+        script: &'static str,
+        sha1: &'static str,
+        keys: Vec<String>,
+        args: Vec<i64>,
+    ) -> Result<Vec<i64>, StoreError> {
         let client = self.pool.with_options(&self.options);
         let result = self
-            .bounded(client.evalsha::<Vec<i64>, _, _, _>(RATE_LIMIT_SHA1, key, window_ms))
+            .bounded(client.evalsha::<Vec<i64>, _, _, _>(sha1, keys.clone(), args.clone()))
             .await;
         match result {
-            // After a Redis restart the script cache is empty; EVAL runs the
-            // script and caches it again, still in one round trip.
             Err(e) if e.to_string().contains("NOSCRIPT") => {
-                self.bounded(client.eval::<Vec<i64>, _, _, _>(RATE_LIMIT_LUA, key, window_ms))
+                self.bounded(client.eval::<Vec<i64>, _, _, _>(script, keys, args))
                     .await
             }
             other => other,
         }
+    }
+
+    /// See [`super::AnyStore::admit`]: nonce and rate window in one script.
+    pub async fn admit(
+        &self,
+        client: &str,
+        nonce: (&str, Duration),
+        rate: Option<(u32, Duration)>,
+    ) -> Result<super::Admission, StoreError> {
+        let (nonce, ttl) = nonce;
+        let mut keys = vec![self.keys.nonce(client, nonce)];
+        let mut args = vec![millis_i64(ttl)];
+        if let Some((_, window)) = rate {
+            keys.push(self.keys.rate(client));
+            args.push(millis_i64(window));
+        }
+        let reply = self.run_script(ADMIT_LUA, ADMIT_SHA1, keys, args).await?;
+        let [fresh, count, left_ms] = reply[..] else {
+            return Err(StoreError::permanent(format!(
+                "redis: the admission script answered {} values, not 3",
+                reply.len()
+            )));
+        };
+        Ok(super::Admission {
+            nonce_fresh: Some(fresh == 1),
+            rate: match rate {
+                Some((limit, _)) if fresh == 1 => Some(decision(limit, count, left_ms)),
+                _ => None,
+            },
+        })
     }
 }
 
@@ -185,16 +246,28 @@ impl Store for RedisStore {
                 reply.len()
             )));
         };
-        let count = u32::try_from(count.max(0)).unwrap_or(u32::MAX);
-        let allowed = count <= limit;
-        Ok(RateDecision {
-            allowed,
-            remaining: limit.saturating_sub(count),
-            retry_after: (!allowed)
-                .then(|| Duration::from_millis(u64::try_from(left_ms.max(1)).unwrap_or(1))),
-        })
+        Ok(decision(limit, count, left_ms))
     }
 }
+
+/// A script's {count, ms left} as a decision against `limit`.
+fn decision(limit: u32, count: i64, left_ms: i64) -> RateDecision {
+    let count = u32::try_from(count.max(0)).unwrap_or(u32::MAX);
+    let allowed = count <= limit;
+    RateDecision {
+        allowed,
+        remaining: limit.saturating_sub(count),
+        retry_after: (!allowed)
+            .then(|| Duration::from_millis(u64::try_from(left_ms.max(1)).unwrap_or(1))),
+    }
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// SHA-1 of [`ADMIT_LUA`] (checked by a test against a real Redis).
+pub(crate) const ADMIT_SHA1: &str = "664fb4e603cea888a03fa0ac2ab6553ccadbf1e9";
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
@@ -470,5 +543,7 @@ mod tests {
         .unwrap();
         let sha: String = store.pool.script_load(RATE_LIMIT_LUA).await.unwrap();
         assert_eq!(sha, RATE_LIMIT_SHA1);
+        let sha: String = store.pool.script_load(ADMIT_LUA).await.unwrap();
+        assert_eq!(sha, ADMIT_SHA1);
     }
 }

@@ -1,0 +1,352 @@
+//! Signed requests and replay protection across replicas: real proxy
+//! processes sharing a real Redis, an upstream that speaks the Claude API.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use claude_relay_proxy::signing::{self, Request, SigningSecret, Stamp};
+use claude_relay_testkit::http::{self as th, Answer, request, send};
+use claude_relay_testkit::proxy::ProxyProcess;
+use claude_relay_testkit::redis::RedisServer;
+use claude_relay_testkit::upstream::MockUpstream;
+use http::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
+const RELAY_KEY: &str = "relay-key-for-tests";
+const SECRET_OLD: &str = "old-secret-0123456789abcdefghijklmnopqrstuv";
+const SECRET_NEW: &str = "new-secret-0123456789abcdefghijklmnopqrstuv";
+const BODY: &str = r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+
+struct Setup {
+    upstream: MockUpstream,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old"), SECRET_OLD).unwrap();
+        std::fs::write(dir.path().join("new"), SECRET_NEW).unwrap();
+        Self {
+            upstream: MockUpstream::start().await,
+            redis: RedisServer::start().unwrap(),
+            dir,
+        }
+    }
+
+    /// `secrets`: which signing secret files the signer client has.
+    fn config(&self, secrets: &[&str], extra_client: &str, replay: &str) -> String {
+        let secrets: Vec<String> = secrets
+            .iter()
+            .map(|s| format!("{{file: {}}}", self.dir.path().join(s).display()))
+            .collect();
+        format!(
+            r#"
+relay_name: signed-test
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", reload_interval: 50ms}}
+replay: {replay}
+store:
+  redis: {{url: "{redis}", command_timeout: 200ms}}
+clients:
+  - id: signer
+    signing_secrets: [{secrets}]
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+{extra_client}
+regions:
+  - name: local
+    base_url: {upstream}
+    api_keys: [{{env: TEST_UPSTREAM_KEY}}]
+"#,
+            redis = self.redis.url(),
+            secrets = secrets.join(", "),
+            upstream = self.upstream.base_url(),
+        )
+    }
+
+    fn proxy(&self, config: &str) -> ProxyProcess {
+        ProxyProcess::start(
+            BIN.as_ref(),
+            config,
+            &[("TEST_RELAY_KEY", RELAY_KEY), ("TEST_UPSTREAM_KEY", "sk-ant-up")],
+        )
+    }
+}
+
+fn default_replay() -> &'static str {
+    "{window: 300s}"
+}
+
+/// A signed request as a client builds it.
+fn signed(
+    proxy: &ProxyProcess,
+    key_id: &str,
+    secret: &str,
+    path: &str,
+    body: &str,
+    timestamp: u64,
+    nonce: &str,
+) -> http::Request<http_body_util::Full<Bytes>> {
+    let secret = SigningSecret::new(secret.as_bytes()).unwrap();
+    let stamp = Stamp {
+        key_id,
+        timestamp,
+        nonce,
+    };
+    let headers = signing::signature_headers(
+        &secret,
+        &stamp,
+        &Request {
+            method: "POST",
+            path_and_query: path,
+            body: body.as_bytes(),
+        },
+    );
+    let mut all: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.push(("content-type", "application/json"));
+    request(Method::POST, &proxy.url(path), &all, body.to_string())
+}
+
+fn fresh_nonce() -> String {
+    signing::generate_nonce().unwrap()
+}
+
+fn relay_key_request(proxy: &ProxyProcess) -> http::Request<http_body_util::Full<Bytes>> {
+    request(
+        Method::POST,
+        &proxy.url("/v1/messages"),
+        &[("x-api-key", RELAY_KEY), ("content-type", "application/json")],
+        BODY,
+    )
+}
+
+fn assert_refused(answer: &Answer, status: u16, kind: &str, says: &str) {
+    assert_eq!(answer.status.as_u16(), status, "{:?}", answer.body);
+    let json = answer.json();
+    assert_eq!(json["error"]["type"], kind);
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains(says), "{says:?} not in {message:?}");
+    assert!(!message.contains(SECRET_OLD) && !message.contains(SECRET_NEW));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_signed_request_on_two_replicas_succeeds_exactly_once() {
+    let setup = Setup::new().await;
+    let config = setup.config(&["old"], "", default_replay());
+    let a = setup.proxy(&config);
+    let b = setup.proxy(&config);
+    let client = th::client();
+    for round in 0..40 {
+        let nonce = fresh_nonce();
+        let now = signing::unix_now();
+        let to_a = signed(&a, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce);
+        let to_b = signed(&b, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce);
+        let (ra, rb) = tokio::join!(send(&client, to_a), send(&client, to_b));
+        let mut statuses = [ra.status.as_u16(), rb.status.as_u16()];
+        statuses.sort();
+        assert_eq!(statuses, [200, 401], "round {round}: {:?} {:?}", ra.body, rb.body);
+        let refused = if ra.status == 401 { &ra } else { &rb };
+        assert_refused(refused, 401, "authentication_error", "replayed nonce");
+    }
+    assert_eq!(setup.upstream.request_count(), 40);
+}
+
+#[tokio::test]
+async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream() {
+    let setup = Setup::new().await;
+    let proxy = setup.proxy(&setup.config(&["old"], "", default_replay()));
+    let client = th::client();
+    let now = signing::unix_now();
+
+    let nonce = fresh_nonce();
+    let first = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce)).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let again = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce)).await;
+    assert_refused(&again, 401, "authentication_error", "replayed nonce");
+
+    // The window holds on both sides: 300 s is in, 301 s is out.
+    for (timestamp, ok) in [(now - 295, true), (now + 295, true), (now - 310, false), (now + 310, false)] {
+        let answer = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, timestamp, &fresh_nonce())).await;
+        if ok {
+            assert_eq!(answer.status, 200, "{timestamp}: {:?}", answer.body);
+        } else {
+            assert_refused(&answer, 401, "authentication_error", "stale timestamp");
+        }
+    }
+
+    // Tampering: the body, the path or query, or the method changed after signing.
+    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    *tampered.body_mut() = http_body_util::Full::new(Bytes::from(BODY.replace("Hi", "Hi!")));
+    tampered.headers_mut().remove("content-length");
+    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages?beta=true", BODY, now, &fresh_nonce());
+    *tampered.uri_mut() = proxy.url("/v1/messages?beta=false").parse().unwrap();
+    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    *tampered.method_mut() = Method::PUT;
+    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    tampered.headers_mut().insert("x-relay-nonce", fresh_nonce().parse().unwrap());
+    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    tampered.headers_mut().insert("x-relay-timestamp", (now - 1).to_string().parse().unwrap());
+    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+
+    // Wrong secret, unknown key id, malformed header, a relay-key client signing.
+    assert_refused(
+        &send(&client, signed(&proxy, "signer", SECRET_NEW, "/v1/messages", BODY, now, &fresh_nonce())).await,
+        401, "authentication_error", "bad signature",
+    );
+    assert_refused(
+        &send(&client, signed(&proxy, "nobody", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce())).await,
+        401, "authentication_error", "unknown key id",
+    );
+    assert_refused(
+        &send(&client, signed(&proxy, "app", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce())).await,
+        401, "authentication_error", "not enabled",
+    );
+    assert_refused(
+        &send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, "short")).await,
+        401, "authentication_error", "malformed",
+    );
+    // A signing client cannot fall back to a relay key it does not have.
+    let no_sig = request(Method::POST, &proxy.url("/v1/messages"), &[("x-api-key", "signer")], BODY);
+    assert_refused(&send(&client, no_sig).await, 401, "authentication_error", "invalid relay key");
+
+    // Only the accepted requests reached the upstream.
+    assert_eq!(setup.upstream.request_count(), 3);
+    let metrics = send(&client, request(Method::GET, &proxy.admin_url("/metrics"), &[], "")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("claude_relay_auth_failures_total{result=\"replayed_nonce\"} 1"), "{text}");
+    assert!(text.contains("claude_relay_auth_failures_total{result=\"bad_signature\"} 6"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working() {
+    let mut setup = Setup::new().await;
+    let proxy = setup.proxy(&setup.config(&["old"], "", default_replay()));
+    let client = th::client();
+    let sign = |proxy: &ProxyProcess| {
+        signed(proxy, "signer", SECRET_OLD, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce())
+    };
+    assert_eq!(send(&client, sign(&proxy)).await.status, 200);
+
+    setup.redis.stop().unwrap();
+    let started = Instant::now();
+    let answer = send(&client, sign(&proxy)).await;
+    assert_refused(&answer, 503, "overloaded_error", "replay protection is unavailable");
+    assert!(started.elapsed() < Duration::from_secs(2), "the store call must fail fast");
+    assert_eq!(send(&client, relay_key_request(&proxy)).await.status, 200);
+
+    setup.redis.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = send(&client, sign(&proxy)).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.status, 503, "{:?}", answer.body);
+        assert!(Instant::now() < deadline, "signed requests did not recover after Redis returned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = send(&client, request(Method::GET, &proxy.admin_url("/metrics"), &[], "")).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("claude_relay_store_errors_total{result=\"unavailable\"}"));
+}
+
+#[tokio::test]
+async fn fail_open_lets_signed_requests_through_loudly() {
+    let mut setup = Setup::new().await;
+    let proxy = setup.proxy(&setup.config(&["old"], "", "{window: 300s, fail_open: true}"));
+    setup.redis.stop().unwrap();
+    let answer = send(
+        &th::client(),
+        signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce()),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert!(proxy.log().contains("REPLAY PROTECTION OFF"), "{}", proxy.log());
+    // A bad signature is still refused: only the nonce check is skipped.
+    let answer = send(
+        &th::client(),
+        signed(&proxy, "signer", SECRET_NEW, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce()),
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+}
+
+#[tokio::test]
+async fn secrets_rotate_with_overlap() {
+    let setup = Setup::new().await;
+    let proxy = setup.proxy(&setup.config(&["old", "new"], "", default_replay()));
+    let client = th::client();
+    let with = |secret: &str| {
+        signed(&proxy, "signer", secret, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce())
+    };
+    assert_eq!(send(&client, with(SECRET_OLD)).await.status, 200);
+    assert_eq!(send(&client, with(SECRET_NEW)).await.status, 200);
+
+    // The old secret is removed from the config: it stops working.
+    proxy.rewrite_config(&setup.config(&["new"], "", default_replay()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while send(&client, with(SECRET_OLD)).await.status == 200 {
+        assert!(Instant::now() < deadline, "the old secret still works");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_refused(&send(&client, with(SECRET_OLD)).await, 401, "authentication_error", "bad signature");
+    assert_eq!(send(&client, with(SECRET_NEW)).await.status, 200);
+
+    // A secret file rewritten in place (a rotated Secret) is re-read too.
+    std::fs::write(setup.dir.path().join("new"), SECRET_OLD).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while send(&client, with(SECRET_OLD)).await.status != 200 {
+        assert!(Instant::now() < deadline, "the rewritten secret file was not re-read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_rate_limit_holds_across_two_replicas() {
+    let setup = Setup::new().await;
+    let limited = "  - id: limited\n    relay_keys: [{env: TEST_LIMITED_KEY}]\n    rate_limit: {requests: 5, per: minute}\n";
+    let config = setup.config(&["old"], limited, default_replay());
+    let start = |config: &str| {
+        ProxyProcess::start(
+            BIN.as_ref(),
+            config,
+            &[
+                ("TEST_RELAY_KEY", RELAY_KEY),
+                ("TEST_UPSTREAM_KEY", "sk-ant-up"),
+                ("TEST_LIMITED_KEY", "limited-key"),
+            ],
+        )
+    };
+    let (a, b) = (start(&config), start(&config));
+    let client = th::client();
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for i in 0..12 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        let answer = send(
+            &client,
+            request(Method::POST, &proxy.url("/v1/messages"), &[("x-api-key", "limited-key")], BODY),
+        )
+        .await;
+        match answer.status.as_u16() {
+            200 => ok += 1,
+            429 => refused.push(answer),
+            other => panic!("unexpected {other}: {:?}", answer.body),
+        }
+    }
+    assert_eq!(ok, 5, "the limit is 5 per minute across both replicas");
+    assert_eq!(refused.len(), 7);
+    for answer in &refused {
+        assert_refused(answer, 429, "rate_limit_error", "rate limit");
+        let retry: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "retry-after {retry}");
+    }
+    // Other clients are not limited.
+    for _ in 0..8 {
+        assert_eq!(send(&client, relay_key_request(&a)).await.status, 200);
+    }
+}
