@@ -91,7 +91,7 @@ done
 for copy in "$CHART"/crds/*; do
   [[ -f "crds/yaml/$(basename "$copy")" ]] || { fail "$copy is not in crds/yaml/"; crds_ok=0; }
 done
-((crds_ok)) && echo "ok: $(ls crds/yaml/*.yaml | xargs -n1 basename | tr '\n' ' ')"
+if ((crds_ok)); then echo "ok: $(cd crds/yaml && echo *.yaml)"; fi
 
 # ---------------------------------------------------------------- Dockerfile
 step "hadolint Dockerfile"

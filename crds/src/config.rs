@@ -914,17 +914,16 @@ impl ProxyConfig {
     fn validate_routing(&self, problems: &mut Vec<String>) {
         let mut bad = |path: String, message: &str| problems.push(format!("{path}: {message}"));
         let known: HashSet<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
-        let check_names =
-            |path: String, names: &[String], bad: &mut dyn FnMut(String, &str)| {
-                let mut seen = HashSet::new();
-                for (n, name) in names.iter().enumerate() {
-                    if !known.contains(name.as_str()) {
-                        bad(format!("{path}[{n}]"), "no region has this name");
-                    } else if !seen.insert(name.as_str()) {
-                        bad(format!("{path}[{n}]"), "region listed twice");
-                    }
+        let check_names = |path: String, names: &[String], bad: &mut dyn FnMut(String, &str)| {
+            let mut seen = HashSet::new();
+            for (n, name) in names.iter().enumerate() {
+                if !known.contains(name.as_str()) {
+                    bad(format!("{path}[{n}]"), "no region has this name");
+                } else if !seen.insert(name.as_str()) {
+                    bad(format!("{path}[{n}]"), "region listed twice");
                 }
-            };
+            }
+        };
         let routing = &self.routing;
         for (i, cidr) in routing.trusted_proxies.iter().enumerate() {
             if Cidr::parse(cidr).is_none() {

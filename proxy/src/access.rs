@@ -46,6 +46,8 @@ pub struct Exchange {
     pub outcome: Outcome,
     /// Holds the region's in-flight slot until the body is done.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Holds the upstream key's in-flight count until the body is done.
+    pub key_lease: Option<crate::keypool::KeyLease>,
 }
 
 const NO_UPSTREAM: &str = "-";
@@ -70,6 +72,7 @@ impl Exchange {
             upstream_ttfb: None,
             outcome: Outcome::ClientGone,
             permit: None,
+            key_lease: None,
         }
     }
 }

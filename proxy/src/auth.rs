@@ -142,7 +142,10 @@ pub fn digest_of(key: &str) -> [u8; 32] {
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(key) = headers.get(crate::headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
+    if let Some(key) = headers
+        .get(crate::headers::X_API_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
     let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;

@@ -1,12 +1,12 @@
 use std::io::Read as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use claude_relay_crds::config::{LogConfig, LogFormat};
 use claude_relay_proxy::reload::read_config;
-use claude_relay_proxy::runtime::{App, Snapshot};
+use claude_relay_proxy::runtime::{App, Services, Snapshot};
 use claude_relay_proxy::server;
 use claude_relay_proxy::sign_cli::{self, SignArgs};
 use claude_relay_proxy::store::{AnyStore, MemoryStore};
@@ -69,7 +69,11 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     install_crypto_provider();
     // Secrets and certificates are read; the store is not connected to.
     let placeholder = Arc::new(AnyStore::Memory(MemoryStore::new(1)));
-    match read_config(file).and_then(|config| Snapshot::build(config, None, 1, placeholder)) {
+    let built = read_config(file).and_then(|config| {
+        let services = Services::new(&config, &placeholder);
+        Snapshot::build(config, None, 1, placeholder, &services)
+    });
+    match built {
         Ok(snapshot) => {
             println!(
                 "{}: ok ({} clients, {} regions)",
@@ -123,7 +127,10 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     // The store connects on the control runtime, which drives its connections.
-    let store = match control.block_on(AnyStore::from_config(config.store.as_ref(), &config.relay_name)) {
+    let store = match control.block_on(AnyStore::from_config(
+        config.store.as_ref(),
+        &config.relay_name,
+    )) {
         Ok(store) => {
             tracing::info!(kind = store.kind(), "shared store ready");
             Arc::new(store)
@@ -133,14 +140,20 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let snapshot = match Snapshot::build(config, None, workers, store) {
+    let services = Services::new(&config, &store);
+    let snapshot = match Snapshot::build(config, None, workers, store, &services) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             tracing::error!(%error, "configuration cannot be used");
             return ExitCode::FAILURE;
         }
     };
-    let app = App::new(snapshot, workers);
+    {
+        // The sync tasks run on the control runtime, beside the store's connections.
+        let _in_control = control.enter();
+        services.spawn_sync();
+    }
+    let app = App::new(snapshot, workers, services);
     match server::run(control, app, Some(path), server::shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

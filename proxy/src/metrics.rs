@@ -69,7 +69,14 @@ pub struct TransitionLabels {
 }
 
 /// Every value of the `route` label.
-pub const ROUTES: [&str; 6] = ["messages", "count_tokens", "batches", "models", "files", "other"];
+pub const ROUTES: [&str; 6] = [
+    "messages",
+    "count_tokens",
+    "batches",
+    "models",
+    "files",
+    "other",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -245,7 +252,11 @@ impl Metrics {
         );
         let route_durations = ROUTES
             .iter()
-            .map(|route| request_duration.get_or_create(&RouteLabels { route }).clone())
+            .map(|route| {
+                request_duration
+                    .get_or_create(&RouteLabels { route })
+                    .clone()
+            })
             .collect();
         Self {
             registry,
@@ -275,7 +286,10 @@ impl Metrics {
     }
 
     pub fn route_duration(&self, route: &'static str) -> &Histogram {
-        let i = ROUTES.iter().position(|r| *r == route).unwrap_or(ROUTES.len() - 1);
+        let i = ROUTES
+            .iter()
+            .position(|r| *r == route)
+            .unwrap_or(ROUTES.len() - 1);
         &self.route_durations[i]
     }
 

@@ -72,11 +72,20 @@ impl Reloader {
                 // A new store section: connect (Redis keeps trying in the
                 // background; only a config that cannot work fails here).
                 None => tokio::runtime::Handle::current()
-                    .block_on(AnyStore::from_config(config.store.as_ref(), &config.relay_name))
+                    .block_on(AnyStore::from_config(
+                        config.store.as_ref(),
+                        &config.relay_name,
+                    ))
                     .map(Arc::new)
                     .map_err(|e| format!("store: {e}"))?,
             };
-            Snapshot::build(config, Some(&current), self.app.workers, store)
+            Snapshot::build(
+                config,
+                Some(&current),
+                self.app.workers,
+                store,
+                &self.app.services,
+            )
         });
         match built {
             Ok(snapshot) => {

@@ -4,7 +4,7 @@
 //! started with.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,7 +14,11 @@ use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
 use crate::auth::Clients;
+use crate::breaker::{Breakers, RegionBreaker};
+use crate::keypool::{KeyPool, KeyPools};
 use crate::metrics::{Metrics, Name};
+use crate::routing::Router;
+use crate::routing::geoip::GeoIp;
 use crate::secrets;
 use crate::store::AnyStore;
 use crate::tls;
@@ -22,20 +26,44 @@ use crate::upstream::{Transport, TransportKey};
 
 pub struct Region {
     pub name: Name,
-    /// This region's time-to-first-byte histogram, looked up once.
-    pub ttfb: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     pub priority: i32,
     pub transport: Arc<Transport>,
     pub timeouts: UpstreamTimeouts,
-    keys: Vec<HeaderValue>,
-    next_key: AtomicUsize,
+    /// This region's time-to-first-byte histogram, looked up once.
+    pub ttfb: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Shared by the snapshots (and, through Redis, by the replicas).
+    pub breaker: Arc<RegionBreaker>,
+    pub keys: Arc<KeyPool>,
 }
 
-impl Region {
-    /// The next upstream key, in turn.
-    pub fn next_key(&self) -> &HeaderValue {
-        let i = self.next_key.fetch_add(1, Ordering::Relaxed);
-        &self.keys[i % self.keys.len()]
+/// What outlives a reload: metrics, breakers, key cooldowns.
+pub struct Services {
+    pub metrics: Arc<Metrics>,
+    pub breakers: Arc<Breakers>,
+    pub keypools: Arc<KeyPools>,
+}
+
+impl Services {
+    /// With a Redis store, breakers and key cooldowns are shared through it.
+    pub fn new(config: &ProxyConfig, store: &AnyStore) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let redis = store.redis_pool();
+        Self {
+            breakers: Breakers::new(
+                &config.breaker,
+                &config.relay_name,
+                redis.clone(),
+                metrics.clone(),
+            ),
+            keypools: KeyPools::new(&config.relay_name, redis, metrics.clone()),
+            metrics,
+        }
+    }
+
+    /// Starts the background sync with Redis; call inside the control runtime.
+    pub fn spawn_sync(&self) {
+        self.breakers.spawn_sync();
+        self.keypools.spawn_sync();
     }
 }
 
@@ -48,6 +76,10 @@ pub struct Snapshot {
     pub cert_expiry_days: Option<f64>,
     /// Nonces and rate windows: in memory, or Redis shared by the replicas.
     pub store: Arc<AnyStore>,
+    /// Which regions serve a request, in order.
+    pub router: Router,
+    /// 0..regions.len(), so one region can be a route of its own.
+    pub region_indices: Vec<usize>,
 }
 
 impl Snapshot {
@@ -60,6 +92,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         workers: usize,
         store: Arc<AnyStore>,
+        services: &Services,
     ) -> Result<Self, String> {
         config.validate().map_err(|e| e.to_string())?;
         let clients = Clients::build(&config.clients)?;
@@ -102,11 +135,25 @@ impl Snapshot {
                 priority: rc.priority,
                 transport,
                 timeouts: rc.timeouts.clone(),
-                keys,
-                next_key: AtomicUsize::new(0),
+                breaker: services.breakers.region(&rc.name),
+                keys: services.keypools.build(&rc.name, keys, &config.key_pool),
             });
         }
         regions.sort_by_key(|r| r.priority);
+        let names: Vec<&str> = regions.iter().map(|r| &*r.name.0).collect();
+        let geoip = config.routing.geoip_db.as_ref().and_then(|path| {
+            let before = previous.and_then(|p| p.router.geoip());
+            GeoIp::reopen(before, path)
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "GeoIP database unusable: every request takes the default route");
+                })
+                .ok()
+        });
+        let router = Router::new(&config, &names, geoip)?;
+        services
+            .breakers
+            .configure(&config.breaker, names.iter().copied());
+        services.keypools.retain(names.iter().copied());
         let (downstream_cert, cert_expiry_days) = match &config.server.tls {
             Some(t) => {
                 let loaded = tls::load_certified_key(&t.cert_file, &t.key_file)?;
@@ -119,6 +166,7 @@ impl Snapshot {
         {
             return Err("server.tls cannot be turned on or off without a restart".into());
         }
+        let region_indices = (0..regions.len()).collect();
         Ok(Self {
             config,
             clients,
@@ -126,6 +174,8 @@ impl Snapshot {
             downstream_cert,
             cert_expiry_days,
             store,
+            router,
+            region_indices,
         })
     }
 
@@ -177,11 +227,12 @@ pub struct App {
     pub ready: AtomicBool,
     /// Worker threads, fixed at start.
     pub workers: usize,
+    pub services: Services,
 }
 
 impl App {
-    pub fn new(snapshot: Snapshot, workers: usize) -> Arc<Self> {
-        let metrics = Arc::new(Metrics::new());
+    pub fn new(snapshot: Snapshot, workers: usize, services: Services) -> Arc<Self> {
+        let metrics = services.metrics.clone();
         if let Some(days) = snapshot.cert_expiry_days {
             metrics.tls_cert_expiry_days.set(days);
         }
@@ -191,6 +242,7 @@ impl App {
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),
             workers,
+            services,
         })
     }
 

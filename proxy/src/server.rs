@@ -198,7 +198,7 @@ fn spawn_connection(
     tokio::spawn(async move {
         let service = service_fn(move |request| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(stack::handle(app, request).await) }
+            async move { Ok::<_, Infallible>(stack::handle(app, request, peer).await) }
         });
         let result = match tls {
             None => {

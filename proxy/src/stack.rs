@@ -29,8 +29,11 @@
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
@@ -39,13 +42,16 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access::Exchange;
+use crate::auth::Client;
 use crate::body::RelayBody;
+use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::error::RelayError;
 use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING, X_API_KEY};
-use crate::auth::Client;
+use crate::keypool::KeyLease;
+use crate::metrics::Name;
 use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
-use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::runtime::{App, Region, Snapshot};
+use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::upstream::{SendFailure, classify};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
@@ -60,7 +66,11 @@ pub fn route_of(path: &str) -> &'static str {
     }
 }
 
-pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<RelayBody> {
+pub async fn handle(
+    app: Arc<App>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RelayBody> {
     let request_id = app.ids.next();
     let route = route_of(request.uri().path());
     let mut exchange = Exchange::start(
@@ -70,7 +80,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Relay
         request.method().clone(),
     );
     let snapshot = app.snapshot.load_full();
-    let response = match relay(&app, &snapshot, request, &mut exchange).await {
+    let response = match relay(&app, &snapshot, request, peer, &mut exchange).await {
         Ok(response) => response,
         Err(error) => {
             let auth_failure = match &error {
@@ -106,6 +116,7 @@ async fn relay(
     app: &App,
     snapshot: &Snapshot,
     request: Request<Incoming>,
+    peer: SocketAddr,
     exchange: &mut Exchange,
 ) -> Result<Response<RelayBody>, RelayError> {
     let (parts, body) = request.into_parts();
@@ -128,7 +139,7 @@ async fn relay(
         .inc();
     exchange.client = Some(client.id.clone());
 
-    let region = choose_region(snapshot, &parts.headers)?;
+    let route = choose_route(snapshot, &parts.headers, peer)?;
 
     let body = read_body(body, &parts.headers, snapshot.config.server.max_body_bytes).await?;
     let replay = &snapshot.config.replay;
@@ -157,8 +168,7 @@ async fn relay(
         admit(app, snapshot, client, nonce, exchange).await?;
     }
 
-    exchange.upstream = Some(region.name.clone());
-    forward(app, region, parts, body, exchange).await
+    forward(app, snapshot, route, parts, body, exchange).await
 }
 
 /// Asks the store, in one round trip, whether a signed request's nonce is
@@ -172,7 +182,11 @@ async fn admit(
     nonce: Option<(&str, Duration)>,
     exchange: &Exchange,
 ) -> Result<(), RelayError> {
-    match snapshot.store.admit(&client.id.0, nonce, client.rate_limit).await {
+    match snapshot
+        .store
+        .admit(&client.id.0, nonce, client.rate_limit)
+        .await
+    {
         Ok(admission) => {
             if admission.nonce_fresh == Some(false) {
                 return Err(SignatureError::ReplayedNonce.into());
@@ -224,24 +238,28 @@ async fn admit(
     }
 }
 
-fn choose_region<'s>(
+/// The regions to try, in order: the one `x-relay-region` pins (unknown:
+/// 400), or the route of the client's address (GeoIP rules, default).
+fn choose_route<'s>(
     snapshot: &'s Snapshot,
     headers: &http::HeaderMap,
-) -> Result<&'s Region, RelayError> {
+    peer: SocketAddr,
+) -> Result<&'s [usize], RelayError> {
     if let Some(pinned) = headers.get(&RELAY_REGION) {
         let name = pinned.to_str().unwrap_or_default();
-        return snapshot.region(name).ok_or_else(|| {
-            let known: Vec<&str> = snapshot.regions.iter().map(|r| &*r.name.0).collect();
-            RelayError::InvalidRequest(format!(
-                "unknown region {name:?} in {RELAY_REGION}; this relay has: {}",
-                known.join(", ")
-            ))
-        });
+        return match snapshot.regions.iter().position(|r| &*r.name.0 == name) {
+            Some(i) => Ok(&snapshot.region_indices[i..=i]),
+            None => {
+                let known: Vec<&str> = snapshot.regions.iter().map(|r| &*r.name.0).collect();
+                Err(RelayError::InvalidRequest(format!(
+                    "unknown region {name:?} in {RELAY_REGION}; this relay has: {}",
+                    known.join(", ")
+                )))
+            }
+        };
     }
-    snapshot
-        .regions
-        .first()
-        .ok_or_else(|| RelayError::Unavailable("no upstream region is configured".into()))
+    let ip = snapshot.router.client_ip(peer.ip(), headers);
+    Ok(snapshot.router.route(ip).regions)
 }
 
 /// How much of a too-large chunked body is read and thrown away before the
@@ -317,81 +335,216 @@ fn check_json(body: &[u8]) -> Result<(), RelayError> {
         })
 }
 
+/// Sends to the route's regions in turn. A region whose breaker is open or
+/// whose keys all rest is skipped; an attempt that fails before the
+/// response headers (connect error, timeout, 5xx, 529) moves on to the next
+/// region, up to `routing.max_attempts` attempts. Nothing has reached the
+/// client before a response is returned, so no generation is duplicated.
 async fn forward(
     app: &App,
-    region: &Region,
+    snapshot: &Snapshot,
+    route: &[usize],
     parts: http::request::Parts,
     body: Bytes,
     exchange: &mut Exchange,
 ) -> Result<Response<RelayBody>, RelayError> {
+    let max_attempts = snapshot.router.max_attempts();
+    let upstream_headers = headers::upstream_request_headers(&parts.headers);
+    let mut attempts = 0;
+    let mut last_error: Option<RelayError> = None;
+    // A failed upstream answer, passed through if no other region answers.
+    let mut fallback: Option<Attempt> = None;
+    let mut soonest: Option<Duration> = None;
+    let mut wait_at_least = |d: Duration| soonest = Some(soonest.map_or(d, |s| s.min(d)));
+
+    for &index in route {
+        if attempts >= max_attempts {
+            break;
+        }
+        let region = &snapshot.regions[index];
+        let ticket = match region.breaker.admit().await {
+            Ok(ticket) => ticket,
+            Err(denied) => {
+                wait_at_least(denied.retry_after);
+                continue;
+            }
+        };
+        let lease = match region.keys.pick() {
+            Ok(lease) => lease,
+            Err(no_key) => {
+                if let Some(after) = no_key.retry_after {
+                    wait_at_least(after);
+                }
+                continue;
+            }
+        };
+        attempts += 1;
+        if attempts > 1 {
+            app.metrics
+                .failovers
+                .get_or_create(&UpstreamLabels {
+                    upstream: region.name.clone(),
+                })
+                .inc();
+        }
+        let sent = attempt(
+            app,
+            region,
+            &parts,
+            &upstream_headers,
+            body.clone(),
+            lease.header(),
+            exchange,
+        )
+        .await;
+        match sent {
+            Ok(mut answer) => {
+                let status = answer.response.status();
+                lease.record(status, answer.response.headers());
+                let outcome = Outcome::of_status(status, retry_after(answer.response.headers()));
+                ticket.record(outcome);
+                answer.lease = Some(lease);
+                if outcome.is_failure() {
+                    tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %status, "upstream failed before the body; trying the next region");
+                    fallback = Some(answer);
+                    continue;
+                }
+                return Ok(respond(answer, exchange));
+            }
+            Err((error, kind)) => {
+                ticket.record(Outcome::Failure {
+                    kind,
+                    retry_after: None,
+                });
+                tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %error, "upstream attempt failed");
+                last_error = Some(error);
+            }
+        }
+    }
+    if let Some(answer) = fallback {
+        return Ok(respond(answer, exchange));
+    }
+    Err(last_error.unwrap_or_else(|| RelayError::Overloaded {
+        message: "no upstream region can take the request now (circuit breakers open or upstream keys cooling down)".into(),
+        retry_after: Some(soonest.unwrap_or(Duration::from_secs(1))),
+    }))
+}
+
+/// One region's answer, not yet passed to the client.
+struct Attempt {
+    response: Response<Incoming>,
+    region: Name,
+    permit: OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: Instant,
+    lease: Option<KeyLease>,
+}
+
+async fn attempt(
+    app: &App,
+    region: &Region,
+    parts: &http::request::Parts,
+    upstream_headers: &http::HeaderMap,
+    body: Bytes,
+    key: &HeaderValue,
+    exchange: &mut Exchange,
+) -> Result<Attempt, (RelayError, FailureKind)> {
     let transport = &region.transport;
-    let uri = transport
-        .uri_for(parts.uri.path_and_query())
-        .map_err(|e| RelayError::InvalidRequest(format!("cannot build the upstream URI: {e}")))?;
+    let uri = transport.uri_for(parts.uri.path_and_query()).map_err(|e| {
+        (
+            RelayError::InvalidRequest(format!("cannot build the upstream URI: {e}")),
+            FailureKind::Connect,
+        )
+    })?;
     let mut upstream_request = Request::new(Full::new(body));
-    *upstream_request.method_mut() = parts.method;
+    *upstream_request.method_mut() = parts.method.clone();
     *upstream_request.uri_mut() = uri;
-    *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
+    *upstream_request.headers_mut() = upstream_headers.clone();
     upstream_request
         .headers_mut()
-        .insert(X_API_KEY, region.next_key().clone());
+        .insert(X_API_KEY, key.clone());
 
     let started = Instant::now();
     let timeouts = &region.timeouts;
     let deadline = started + *timeouts.total;
-    exchange.permit = Some(transport.acquire().await);
+    let permit = transport.acquire().await;
     let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
+    exchange.upstream = Some(region.name.clone());
     let sent =
         tokio::time::timeout_at(headers_by, transport.client().request(upstream_request)).await;
-    let upstream_labels = UpstreamLabels {
-        upstream: region.name.clone(),
-    };
     let response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
-            let (kind, failure) = match classify(&error) {
+            let region_name = region.name.0.to_string();
+            let (label, kind, failure) = match classify(&error) {
                 SendFailure::ConnectTimeout => (
                     "connect_timeout",
+                    FailureKind::Timeout,
                     RelayError::UpstreamTimeout {
-                        region: region.name.0.to_string(),
+                        region: region_name,
                         after: *timeouts.connect,
                     },
                 ),
                 SendFailure::Connect(reason) => (
                     "connect",
+                    FailureKind::Connect,
                     RelayError::UpstreamConnect {
-                        region: region.name.0.to_string(),
+                        region: region_name,
                         reason,
                     },
                 ),
                 SendFailure::Other(reason) => (
                     "exchange",
+                    FailureKind::Connect,
                     RelayError::UpstreamConnect {
-                        region: region.name.0.to_string(),
+                        region: region_name,
                         reason,
                     },
                 ),
             };
-            count_error(app, region, kind);
-            tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, error = %failure, "upstream request failed");
-            return Err(failure);
+            count_error(app, region, label);
+            return Err((failure, kind));
         }
         Err(_) => {
             count_error(app, region, "timeout");
-            return Err(RelayError::UpstreamTimeout {
-                region: region.name.0.to_string(),
-                after: headers_by.duration_since(started),
-            });
+            return Err((
+                RelayError::UpstreamTimeout {
+                    region: region.name.0.to_string(),
+                    after: headers_by.duration_since(started),
+                },
+                FailureKind::Timeout,
+            ));
         }
     };
     let ttfb = started.elapsed();
     exchange.upstream_ttfb = Some(ttfb);
     region
         .ttfb
-        .get_or_init(|| app.metrics.upstream_ttfb.get_or_create(&upstream_labels).clone())
+        .get_or_init(|| {
+            app.metrics
+                .upstream_ttfb
+                .get_or_create(&UpstreamLabels {
+                    upstream: region.name.clone(),
+                })
+                .clone()
+        })
         .observe(ttfb.as_secs_f64());
+    Ok(Attempt {
+        response,
+        region: region.name.clone(),
+        permit,
+        idle: *timeouts.idle,
+        deadline,
+        lease: None,
+    })
+}
 
-    let (mut parts, body) = response.into_parts();
+/// Passes an upstream answer to the client, frame by frame.
+fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
+    exchange.upstream = Some(answer.region);
+    exchange.permit = Some(answer.permit);
+    exchange.key_lease = answer.lease;
+    let (mut parts, body) = answer.response.into_parts();
     headers::downstream_response_headers(&mut parts.headers);
     if let Ok(id) = HeaderValue::from_str(&exchange.request_id) {
         parts.headers.insert(RELAY_REQUEST_ID, id);
@@ -406,8 +559,8 @@ async fn forward(
             .headers
             .insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     }
-    let body = RelayBody::upstream(body, *timeouts.idle, deadline, sse);
-    Ok(Response::from_parts(parts, body))
+    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
+    Response::from_parts(parts, body)
 }
 
 fn count_error(app: &App, region: &Region, kind: &'static str) {

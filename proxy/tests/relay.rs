@@ -372,16 +372,6 @@ async fn upstream_errors_pass_through_unchanged() {
 
     let answer = send(
         &client,
-        post(&proxy, "/v1/messages", &[("x-mock", "status-429")], MESSAGE),
-    )
-    .await;
-    assert_eq!(answer.status, 429);
-    assert_eq!(answer.headers["retry-after"], "7");
-    assert_eq!(answer.headers["anthropic-ratelimit-requests-limit"], "4000");
-    assert_eq!(answer.json()["error"]["type"], "rate_limit_error");
-
-    let answer = send(
-        &client,
         post(&proxy, "/v1/messages", &[("x-mock", "status-529")], MESSAGE),
     )
     .await;
@@ -393,6 +383,17 @@ async fn upstream_errors_pass_through_unchanged() {
             "Overloaded"
         ))
     );
+
+    // Last: the 429 rests the only upstream key.
+    let answer = send(
+        &client,
+        post(&proxy, "/v1/messages", &[("x-mock", "status-429")], MESSAGE),
+    )
+    .await;
+    assert_eq!(answer.status, 429);
+    assert_eq!(answer.headers["retry-after"], "7");
+    assert_eq!(answer.headers["anthropic-ratelimit-requests-limit"], "4000");
+    assert_eq!(answer.json()["error"]["type"], "rate_limit_error");
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
 const RELAY_KEY: &str = "relay-key-for-tests";
 const SECRET_OLD: &str = "old-secret-0123456789abcdefghijklmnopqrstuv";
 const SECRET_NEW: &str = "new-secret-0123456789abcdefghijklmnopqrstuv";
-const BODY: &str = r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+const BODY: &str =
+    r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
 
 struct Setup {
     upstream: MockUpstream,
@@ -69,7 +70,10 @@ regions:
         ProxyProcess::start(
             BIN.as_ref(),
             config,
-            &[("TEST_RELAY_KEY", RELAY_KEY), ("TEST_UPSTREAM_KEY", "sk-ant-up")],
+            &[
+                ("TEST_RELAY_KEY", RELAY_KEY),
+                ("TEST_UPSTREAM_KEY", "sk-ant-up"),
+            ],
         )
     }
 }
@@ -116,7 +120,10 @@ fn relay_key_request(proxy: &ProxyProcess) -> http::Request<http_body_util::Full
     request(
         Method::POST,
         &proxy.url("/v1/messages"),
-        &[("x-api-key", RELAY_KEY), ("content-type", "application/json")],
+        &[
+            ("x-api-key", RELAY_KEY),
+            ("content-type", "application/json"),
+        ],
         BODY,
     )
 }
@@ -145,7 +152,13 @@ async fn the_same_signed_request_on_two_replicas_succeeds_exactly_once() {
         let (ra, rb) = tokio::join!(send(&client, to_a), send(&client, to_b));
         let mut statuses = [ra.status.as_u16(), rb.status.as_u16()];
         statuses.sort();
-        assert_eq!(statuses, [200, 401], "round {round}: {:?} {:?}", ra.body, rb.body);
+        assert_eq!(
+            statuses,
+            [200, 401],
+            "round {round}: {:?} {:?}",
+            ra.body,
+            rb.body
+        );
         let refused = if ra.status == 401 { &ra } else { &rb };
         assert_refused(refused, 401, "authentication_error", "replayed nonce");
     }
@@ -160,14 +173,55 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
     let now = signing::unix_now();
 
     let nonce = fresh_nonce();
-    let first = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce)).await;
+    let first = send(
+        &client,
+        signed(
+            &proxy,
+            "signer",
+            SECRET_OLD,
+            "/v1/messages",
+            BODY,
+            now,
+            &nonce,
+        ),
+    )
+    .await;
     assert_eq!(first.status, 200, "{:?}", first.body);
-    let again = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &nonce)).await;
+    let again = send(
+        &client,
+        signed(
+            &proxy,
+            "signer",
+            SECRET_OLD,
+            "/v1/messages",
+            BODY,
+            now,
+            &nonce,
+        ),
+    )
+    .await;
     assert_refused(&again, 401, "authentication_error", "replayed nonce");
 
     // The window holds on both sides: 300 s is in, 301 s is out.
-    for (timestamp, ok) in [(now - 295, true), (now + 295, true), (now - 310, false), (now + 310, false)] {
-        let answer = send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, timestamp, &fresh_nonce())).await;
+    for (timestamp, ok) in [
+        (now - 295, true),
+        (now + 295, true),
+        (now - 310, false),
+        (now + 310, false),
+    ] {
+        let answer = send(
+            &client,
+            signed(
+                &proxy,
+                "signer",
+                SECRET_OLD,
+                "/v1/messages",
+                BODY,
+                timestamp,
+                &fresh_nonce(),
+            ),
+        )
+        .await;
         if ok {
             assert_eq!(answer.status, 200, "{timestamp}: {:?}", answer.body);
         } else {
@@ -176,50 +230,195 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
     }
 
     // Tampering: the body, the path or query, or the method changed after signing.
-    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    let mut tampered = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        now,
+        &fresh_nonce(),
+    );
     *tampered.body_mut() = http_body_util::Full::new(Bytes::from(BODY.replace("Hi", "Hi!")));
     tampered.headers_mut().remove("content-length");
-    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
-    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages?beta=true", BODY, now, &fresh_nonce());
+    assert_refused(
+        &send(&client, tampered).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
+    let mut tampered = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages?beta=true",
+        BODY,
+        now,
+        &fresh_nonce(),
+    );
     *tampered.uri_mut() = proxy.url("/v1/messages?beta=false").parse().unwrap();
-    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
-    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
+    assert_refused(
+        &send(&client, tampered).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
+    let mut tampered = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        now,
+        &fresh_nonce(),
+    );
     *tampered.method_mut() = Method::PUT;
-    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
-    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
-    tampered.headers_mut().insert("x-relay-nonce", fresh_nonce().parse().unwrap());
-    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
-    let mut tampered = signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce());
-    tampered.headers_mut().insert("x-relay-timestamp", (now - 1).to_string().parse().unwrap());
-    assert_refused(&send(&client, tampered).await, 401, "authentication_error", "bad signature");
+    assert_refused(
+        &send(&client, tampered).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
+    let mut tampered = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        now,
+        &fresh_nonce(),
+    );
+    tampered
+        .headers_mut()
+        .insert("x-relay-nonce", fresh_nonce().parse().unwrap());
+    assert_refused(
+        &send(&client, tampered).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
+    let mut tampered = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        now,
+        &fresh_nonce(),
+    );
+    tampered
+        .headers_mut()
+        .insert("x-relay-timestamp", (now - 1).to_string().parse().unwrap());
+    assert_refused(
+        &send(&client, tampered).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
 
     // Wrong secret, unknown key id, malformed header, a relay-key client signing.
     assert_refused(
-        &send(&client, signed(&proxy, "signer", SECRET_NEW, "/v1/messages", BODY, now, &fresh_nonce())).await,
-        401, "authentication_error", "bad signature",
+        &send(
+            &client,
+            signed(
+                &proxy,
+                "signer",
+                SECRET_NEW,
+                "/v1/messages",
+                BODY,
+                now,
+                &fresh_nonce(),
+            ),
+        )
+        .await,
+        401,
+        "authentication_error",
+        "bad signature",
     );
     assert_refused(
-        &send(&client, signed(&proxy, "nobody", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce())).await,
-        401, "authentication_error", "unknown key id",
+        &send(
+            &client,
+            signed(
+                &proxy,
+                "nobody",
+                SECRET_OLD,
+                "/v1/messages",
+                BODY,
+                now,
+                &fresh_nonce(),
+            ),
+        )
+        .await,
+        401,
+        "authentication_error",
+        "unknown key id",
     );
     assert_refused(
-        &send(&client, signed(&proxy, "app", SECRET_OLD, "/v1/messages", BODY, now, &fresh_nonce())).await,
-        401, "authentication_error", "not enabled",
+        &send(
+            &client,
+            signed(
+                &proxy,
+                "app",
+                SECRET_OLD,
+                "/v1/messages",
+                BODY,
+                now,
+                &fresh_nonce(),
+            ),
+        )
+        .await,
+        401,
+        "authentication_error",
+        "not enabled",
     );
     assert_refused(
-        &send(&client, signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, now, "short")).await,
-        401, "authentication_error", "malformed",
+        &send(
+            &client,
+            signed(
+                &proxy,
+                "signer",
+                SECRET_OLD,
+                "/v1/messages",
+                BODY,
+                now,
+                "short",
+            ),
+        )
+        .await,
+        401,
+        "authentication_error",
+        "malformed",
     );
     // A signing client cannot fall back to a relay key it does not have.
-    let no_sig = request(Method::POST, &proxy.url("/v1/messages"), &[("x-api-key", "signer")], BODY);
-    assert_refused(&send(&client, no_sig).await, 401, "authentication_error", "invalid relay key");
+    let no_sig = request(
+        Method::POST,
+        &proxy.url("/v1/messages"),
+        &[("x-api-key", "signer")],
+        BODY,
+    );
+    assert_refused(
+        &send(&client, no_sig).await,
+        401,
+        "authentication_error",
+        "invalid relay key",
+    );
 
     // Only the accepted requests reached the upstream.
     assert_eq!(setup.upstream.request_count(), 3);
-    let metrics = send(&client, request(Method::GET, &proxy.admin_url("/metrics"), &[], "")).await;
+    let metrics = send(
+        &client,
+        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
+    )
+    .await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(text.contains("claude_relay_auth_failures_total{result=\"replayed_nonce\"} 1"), "{text}");
-    assert!(text.contains("claude_relay_auth_failures_total{result=\"bad_signature\"} 6"), "{text}");
+    assert!(
+        text.contains("claude_relay_auth_failures_total{result=\"replayed_nonce\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("claude_relay_auth_failures_total{result=\"bad_signature\"} 6"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,15 +427,31 @@ async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working()
     let proxy = setup.proxy(&setup.config(&["old"], "", default_replay()));
     let client = th::client();
     let sign = |proxy: &ProxyProcess| {
-        signed(proxy, "signer", SECRET_OLD, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce())
+        signed(
+            proxy,
+            "signer",
+            SECRET_OLD,
+            "/v1/messages",
+            BODY,
+            signing::unix_now(),
+            &fresh_nonce(),
+        )
     };
     assert_eq!(send(&client, sign(&proxy)).await.status, 200);
 
     setup.redis.stop().unwrap();
     let started = Instant::now();
     let answer = send(&client, sign(&proxy)).await;
-    assert_refused(&answer, 503, "overloaded_error", "replay protection is unavailable");
-    assert!(started.elapsed() < Duration::from_secs(2), "the store call must fail fast");
+    assert_refused(
+        &answer,
+        503,
+        "overloaded_error",
+        "replay protection is unavailable",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the store call must fail fast"
+    );
     assert_eq!(send(&client, relay_key_request(&proxy)).await.status, 200);
 
     setup.redis.restart().unwrap();
@@ -247,11 +462,21 @@ async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working()
             break;
         }
         assert_eq!(answer.status, 503, "{:?}", answer.body);
-        assert!(Instant::now() < deadline, "signed requests did not recover after Redis returned");
+        assert!(
+            Instant::now() < deadline,
+            "signed requests did not recover after Redis returned"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = send(&client, request(Method::GET, &proxy.admin_url("/metrics"), &[], "")).await;
-    assert!(String::from_utf8_lossy(&metrics.body).contains("claude_relay_store_errors_total{result=\"unavailable\"}"));
+    let metrics = send(
+        &client,
+        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&metrics.body)
+            .contains("claude_relay_store_errors_total{result=\"unavailable\"}")
+    );
 }
 
 #[tokio::test]
@@ -261,15 +486,35 @@ async fn fail_open_lets_signed_requests_through_loudly() {
     setup.redis.stop().unwrap();
     let answer = send(
         &th::client(),
-        signed(&proxy, "signer", SECRET_OLD, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce()),
+        signed(
+            &proxy,
+            "signer",
+            SECRET_OLD,
+            "/v1/messages",
+            BODY,
+            signing::unix_now(),
+            &fresh_nonce(),
+        ),
     )
     .await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
-    assert!(proxy.log().contains("REPLAY PROTECTION OFF"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("REPLAY PROTECTION OFF"),
+        "{}",
+        proxy.log()
+    );
     // A bad signature is still refused: only the nonce check is skipped.
     let answer = send(
         &th::client(),
-        signed(&proxy, "signer", SECRET_NEW, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce()),
+        signed(
+            &proxy,
+            "signer",
+            SECRET_NEW,
+            "/v1/messages",
+            BODY,
+            signing::unix_now(),
+            &fresh_nonce(),
+        ),
     )
     .await;
     assert_eq!(answer.status, 401);
@@ -281,7 +526,15 @@ async fn secrets_rotate_with_overlap() {
     let proxy = setup.proxy(&setup.config(&["old", "new"], "", default_replay()));
     let client = th::client();
     let with = |secret: &str| {
-        signed(&proxy, "signer", secret, "/v1/messages", BODY, signing::unix_now(), &fresh_nonce())
+        signed(
+            &proxy,
+            "signer",
+            secret,
+            "/v1/messages",
+            BODY,
+            signing::unix_now(),
+            &fresh_nonce(),
+        )
     };
     assert_eq!(send(&client, with(SECRET_OLD)).await.status, 200);
     assert_eq!(send(&client, with(SECRET_NEW)).await.status, 200);
@@ -293,14 +546,22 @@ async fn secrets_rotate_with_overlap() {
         assert!(Instant::now() < deadline, "the old secret still works");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_refused(&send(&client, with(SECRET_OLD)).await, 401, "authentication_error", "bad signature");
+    assert_refused(
+        &send(&client, with(SECRET_OLD)).await,
+        401,
+        "authentication_error",
+        "bad signature",
+    );
     assert_eq!(send(&client, with(SECRET_NEW)).await.status, 200);
 
     // A secret file rewritten in place (a rotated Secret) is re-read too.
     std::fs::write(setup.dir.path().join("new"), SECRET_OLD).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while send(&client, with(SECRET_OLD)).await.status != 200 {
-        assert!(Instant::now() < deadline, "the rewritten secret file was not re-read");
+        assert!(
+            Instant::now() < deadline,
+            "the rewritten secret file was not re-read"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -329,7 +590,12 @@ async fn the_client_rate_limit_holds_across_two_replicas() {
         let proxy = if i % 2 == 0 { &a } else { &b };
         let answer = send(
             &client,
-            request(Method::POST, &proxy.url("/v1/messages"), &[("x-api-key", "limited-key")], BODY),
+            request(
+                Method::POST,
+                &proxy.url("/v1/messages"),
+                &[("x-api-key", "limited-key")],
+                BODY,
+            ),
         )
         .await;
         match answer.status.as_u16() {
@@ -342,7 +608,11 @@ async fn the_client_rate_limit_holds_across_two_replicas() {
     assert_eq!(refused.len(), 7);
     for answer in &refused {
         assert_refused(answer, 429, "rate_limit_error", "rate limit");
-        let retry: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        let retry: u64 = answer.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((1..=60).contains(&retry), "retry-after {retry}");
     }
     // Other clients are not limited.

@@ -14,6 +14,7 @@
 //! | `status-429` | 429 rate_limit_error, `retry-after: 7` |
 //! | `status-529` | 529 overloaded_error |
 //! | `status-500` | 500 api_error |
+//! | `status-401` | 401 authentication_error (a bad upstream key) |
 //! | `stall` | never answers |
 //!
 //! Paths: `/v1/messages`, `/v1/messages/count_tokens`, `/v1/models`; any
@@ -48,6 +49,10 @@ pub struct Recorded {
 
 #[derive(Default)]
 struct State {
+    /// Answers every request in this mode, whatever its `x-mock` header.
+    forced: Mutex<Option<String>>,
+    /// Answers requests made with this upstream key in this mode.
+    forced_by_key: Mutex<std::collections::HashMap<String, String>>,
     requests: Mutex<Vec<Recorded>>,
     streams_cancelled: AtomicUsize,
     streams_finished: AtomicUsize,
@@ -99,6 +104,32 @@ impl MockUpstream {
 
     pub fn streams_finished(&self) -> usize {
         self.state.streams_finished.load(Ordering::SeqCst)
+    }
+
+    /// Answers every request in `mode` (an `x-mock` value), or by header again with `None`.
+    pub fn force(&self, mode: Option<&str>) {
+        *self.state.forced.lock().unwrap() = mode.map(String::from);
+    }
+
+    /// Answers requests that carry upstream key `key` in `mode`; e.g.
+    /// `status-429:1` is a 429 with `retry-after: 1`.
+    pub fn force_for_key(&self, key: &str, mode: Option<&str>) {
+        let mut map = self.state.forced_by_key.lock().unwrap();
+        match mode {
+            Some(mode) => map.insert(key.to_string(), mode.to_string()),
+            None => map.remove(key),
+        };
+    }
+
+    /// Requests seen with upstream key `key`.
+    pub fn requests_with_key(&self, key: &str) -> usize {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.headers.get("x-api-key").is_some_and(|v| v == key))
+            .count()
     }
 
     /// Lets one `stream-gated` response go on.
@@ -154,12 +185,25 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
         headers: parts.headers.clone(),
         body: body.clone(),
     });
-    let mode = parts
+    let by_key = parts
         .headers
-        .get("x-mock")
+        .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("json")
-        .to_string();
+        .and_then(|key| state.forced_by_key.lock().unwrap().get(key).cloned());
+    let forced = state.forced.lock().unwrap().clone();
+    let mode = by_key.or(forced).unwrap_or_else(|| {
+        parts
+            .headers
+            .get("x-mock")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("json")
+            .to_string()
+    });
+    // `status-429:N`: a 429 with `retry-after: N`.
+    let (mode, retry_after) = match mode.split_once(':') {
+        Some((mode, secs)) => (mode.to_string(), secs.to_string()),
+        None => (mode, "7".to_string()),
+    };
     let delay = Duration::from_millis(
         parts
             .headers
@@ -203,13 +247,19 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
                     "Number of request tokens has exceeded your per-minute rate limit",
                 ),
             );
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("7"));
+            r.headers_mut().insert(
+                "retry-after",
+                HeaderValue::from_str(&retry_after).unwrap_or(HeaderValue::from_static("7")),
+            );
             r
         }
         "status-529" => json(
             StatusCode::from_u16(529).unwrap(),
             error_body("overloaded_error", "Overloaded"),
+        ),
+        "status-401" => json(
+            StatusCode::UNAUTHORIZED,
+            error_body("authentication_error", "invalid x-api-key"),
         ),
         "status-500" => json(
             StatusCode::INTERNAL_SERVER_ERROR,

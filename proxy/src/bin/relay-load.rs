@@ -112,7 +112,10 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
     let (args, secret, uri, addr) = &*shared;
     let mut latencies = Vec::new();
     let mut errors = 0u64;
-    let path = uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+    let path = uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
     while Instant::now() < deadline {
         let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
             errors += 1;

@@ -1,9 +1,12 @@
 //! Every Redis key claude-relay uses, in one place; `docs/redis-keys.md`
 //! documents them for operators and the operator reads some of them.
 //!
-//! All keys start with `claude-relay:{relay_name}:`. The braces in that
-//! notation are placeholders, not Redis Cluster hash tags: each command
-//! touches one key, so keys are free to spread over the cluster's slots.
+//! All keys start with `claude-relay:{relay_name}:`; braces in that notation
+//! are placeholders. The keys of one client also carry the client id in
+//! literal braces, `{app}`: a Redis Cluster hash tag, so that its nonce and
+//! rate keys share a slot and the admission script (which touches both) runs
+//! in a cluster instead of failing with CROSSSLOT. Every other command
+//! touches one key, so keys are otherwise free to spread over the slots.
 
 /// The key formats of one relay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,17 +21,19 @@ impl Keys {
         }
     }
 
-    /// `claude-relay:{relay}:nonce:{client}:{nonce}`: a string, set once with
-    /// an expiry; its existence means the nonce was used. Client ids and
-    /// nonces contain no `:`, so the key splits back unambiguously.
+    /// `claude-relay:{relay}:{{client}}:nonce:{nonce}` (the client id in
+    /// literal braces): a string, set once with an expiry; its existence
+    /// means the nonce was used. Client ids and nonces contain no `:`, `{`
+    /// or `}`, so the key splits back unambiguously.
     pub fn nonce(&self, client: &str, nonce: &str) -> String {
-        format!("{}nonce:{client}:{nonce}", self.prefix)
+        format!("{}{}:nonce:{nonce}", self.prefix, client_tag(client))
     }
 
-    /// `claude-relay:{relay}:rate:{client}`: an integer counting the client's
-    /// requests in the current window; it expires when the window ends.
+    /// `claude-relay:{relay}:{{client}}:rate`: an integer counting the
+    /// client's requests in the current window; it expires when the window
+    /// ends. Same hash tag as the client's nonces.
     pub fn rate(&self, client: &str) -> String {
-        format!("{}rate:{client}", self.prefix)
+        format!("{}{}:rate", self.prefix, client_tag(client))
     }
 
     /// `claude-relay:{relay}:breaker:{region}`: a hash with the breaker state
@@ -52,6 +57,11 @@ impl Keys {
     }
 }
 
+/// The client id as a Redis Cluster hash tag.
+fn client_tag(client: &str) -> String {
+    format!("{{{client}}}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,9 +71,9 @@ mod tests {
         let keys = Keys::new("team-a/relay");
         assert_eq!(
             keys.nonce("app", "abc_DEF-0123456789"),
-            "claude-relay:team-a/relay:nonce:app:abc_DEF-0123456789"
+            "claude-relay:team-a/relay:{app}:nonce:abc_DEF-0123456789"
         );
-        assert_eq!(keys.rate("app"), "claude-relay:team-a/relay:rate:app");
+        assert_eq!(keys.rate("app"), "claude-relay:team-a/relay:{app}:rate");
         assert_eq!(keys.breaker("us"), "claude-relay:team-a/relay:breaker:us");
         assert_ne!(Keys::new("b").rate("app"), keys.rate("app"));
         assert_eq!(
@@ -74,5 +84,35 @@ mod tests {
             keys.key_cooldowns("us"),
             "claude-relay:team-a/relay:key-cooldowns:us"
         );
+    }
+
+    /// What Redis Cluster hashes of a key: the text between the first `{`
+    /// and the next `}` when that is not empty, else the whole key.
+    fn hashed_part(key: &str) -> &str {
+        key.find('{')
+            .and_then(|open| {
+                let rest = &key[open + 1..];
+                rest.find('}')
+                    .filter(|close| *close > 0)
+                    .map(|close| &rest[..close])
+            })
+            .unwrap_or(key)
+    }
+
+    #[test]
+    fn keys_of_a_client_share_a_cluster_slot() {
+        let keys = Keys::new("team-a/relay");
+        for client in ["app", "a.b-c_D", "x"] {
+            let tag = hashed_part(&keys.rate(client)).to_owned();
+            assert_eq!(tag, client);
+            assert_eq!(hashed_part(&keys.nonce(client, "n0123456789abcdef")), tag);
+        }
+        // Other clients, other tags: they spread over the slots.
+        assert_ne!(
+            hashed_part(&keys.rate("app")),
+            hashed_part(&keys.rate("app2"))
+        );
+        // The breaker keys are as the operator reads them, without a tag.
+        assert_eq!(hashed_part(&keys.breaker("us")), keys.breaker("us"));
     }
 }

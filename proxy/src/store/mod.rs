@@ -161,6 +161,14 @@ impl AnyStore {
         }
     }
 
+    /// The Redis pool, for state shared besides nonces (breakers, cooldowns).
+    pub fn redis_pool(&self) -> Option<fred::clients::Pool> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(redis) => Some(redis.pool().clone()),
+        }
+    }
+
     /// Whether the store can take calls now (for readiness and metrics).
     pub fn is_connected(&self) -> bool {
         match self {

@@ -130,6 +130,11 @@ impl RedisStore {
         })
     }
 
+    /// The connection pool, for the breakers and key cooldowns that share it.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Whether at least one pooled connection is up.
     pub fn is_connected(&self) -> bool {
         self.pool.is_connected()
@@ -152,8 +157,13 @@ impl RedisStore {
     }
 
     async fn run_rate_script(&self, key: &str, window_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.run_script(RATE_LIMIT_LUA, RATE_LIMIT_SHA1, vec![key.to_string()], vec![window_ms])
-            .await
+        self.run_script(
+            RATE_LIMIT_LUA,
+            RATE_LIMIT_SHA1,
+            vec![key.to_string()],
+            vec![window_ms],
+        )
+        .await
     }
 
     /// EVALSHA, or EVAL when the script cache is empty (after a Redis

@@ -1,0 +1,345 @@
+//! Failover, the shared breaker and the key pool, driven through real proxy
+//! processes against upstream doubles (and a real Redis where replicas share).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use claude_relay_testkit::http::{self as th, Answer, request, send};
+use claude_relay_testkit::proxy::{ProxyProcess, free_port};
+use claude_relay_testkit::redis::RedisServer;
+use claude_relay_testkit::upstream::MockUpstream;
+use http::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
+const RELAY_KEY: &str = "relay-key-for-tests";
+const BODY: &str =
+    r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+
+fn region(name: &str, url: &str, priority: i32, keys: &[&str]) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| format!("{{env: {k}}}")).collect();
+    format!(
+        "  - {{name: {name}, base_url: '{url}', priority: {priority}, api_keys: [{}], timeouts: {{connect: 300ms, response_headers: 2s}}}}\n",
+        keys.join(", ")
+    )
+}
+
+fn config(regions: &str, extra: &str) -> String {
+    format!(
+        r#"
+relay_name: failover-test
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+{regions}{extra}"#
+    )
+}
+
+fn start(config: &str) -> ProxyProcess {
+    ProxyProcess::start(
+        BIN.as_ref(),
+        config,
+        &[
+            ("TEST_RELAY_KEY", RELAY_KEY),
+            ("KEY_A", "sk-ant-a"),
+            ("KEY_B", "sk-ant-b"),
+            ("KEY_C", "sk-ant-c"),
+        ],
+    )
+}
+
+fn message(
+    proxy: &ProxyProcess,
+    extra: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<Bytes>> {
+    let mut headers = vec![
+        ("x-api-key", RELAY_KEY),
+        ("content-type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    request(Method::POST, &proxy.url("/v1/messages"), &headers, BODY)
+}
+
+async fn metrics(proxy: &ProxyProcess) -> String {
+    let answer: Answer = send(
+        &th::client(),
+        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
+    )
+    .await;
+    String::from_utf8(answer.body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn fails_over_on_connection_refused_and_on_529_before_the_body() {
+    let good = MockUpstream::start().await;
+    let overloaded = MockUpstream::start().await;
+    overloaded.force(Some("status-529"));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy = start(&config(
+        &(region("dead", &dead, 0, &["KEY_A"])
+            + &region("busy", &overloaded.base_url(), 1, &["KEY_B"])
+            + &region("good", &good.base_url(), 2, &["KEY_C"])),
+        "",
+    ));
+    let answer = send(&th::client(), message(&proxy, &[])).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        overloaded.request_count(),
+        1,
+        "the 529 region was tried once"
+    );
+    assert_eq!(good.request_count(), 1);
+    assert_eq!(good.requests()[0].headers["x-api-key"], "sk-ant-c");
+    assert_eq!(
+        good.requests()[0].body,
+        BODY.as_bytes(),
+        "the same body goes to the next region"
+    );
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains("claude_relay_failovers_total{upstream=\"busy\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("claude_relay_failovers_total{upstream=\"good\"} 1"),
+        "{text}"
+    );
+
+    // The attempt budget (routing.max_attempts = 2) stops before the good region:
+    // the last upstream answer passes through unchanged.
+    let proxy = start(&config(
+        &(region("dead", &dead, 0, &["KEY_A"])
+            + &region("busy", &overloaded.base_url(), 1, &["KEY_B"])
+            + &region("good", &good.base_url(), 2, &["KEY_C"])),
+        "routing: {max_attempts: 2}\n",
+    ));
+    let answer = send(&th::client(), message(&proxy, &[])).await;
+    assert_eq!(answer.status, 529);
+    assert_eq!(answer.json()["error"]["type"], "overloaded_error");
+    assert_eq!(
+        good.request_count(),
+        1,
+        "the good region is past the budget"
+    );
+}
+
+#[tokio::test]
+async fn never_retries_a_4xx_or_a_stream_that_began() {
+    let first = MockUpstream::start().await;
+    let second = MockUpstream::start().await;
+    let proxy = start(&config(
+        &(region("first", &first.base_url(), 0, &["KEY_A"])
+            + &region("second", &second.base_url(), 1, &["KEY_B"])),
+        "",
+    ));
+    // A 200 whose stream then carries an error event: bytes went to the
+    // client, so no other region is asked (no duplicated generation).
+    let answer = send(
+        &th::client(),
+        message(&proxy, &[("x-mock", "stream-error")]),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(String::from_utf8_lossy(&answer.body).contains("event: error"));
+    // The client's own errors are not retried either.
+    let answer = send(
+        &th::client(),
+        request(
+            Method::POST,
+            &proxy.url("/v1/unknown"),
+            &[("x-api-key", RELAY_KEY)],
+            BODY,
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(first.request_count(), 2);
+    assert_eq!(
+        second.request_count(),
+        0,
+        "the upstream saw exactly one request each time"
+    );
+}
+
+#[tokio::test]
+async fn a_key_answered_429_rests_and_comes_back() {
+    let upstream = MockUpstream::start().await;
+    upstream.force_for_key("sk-ant-a", Some("status-429:1"));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "",
+    ));
+    let client = th::client();
+    // Round robin starts with key A: its 429 passes through, then A rests.
+    let first = send(&client, message(&proxy, &[])).await;
+    assert_eq!(first.status, 429);
+    upstream.force_for_key("sk-ant-a", None);
+    for _ in 0..4 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(
+        upstream.requests_with_key("sk-ant-a"),
+        1,
+        "key A must rest during its cooldown"
+    );
+    assert_eq!(upstream.requests_with_key("sk-ant-b"), 4);
+    // After the 1 s cooldown key A is used again.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for _ in 0..4 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert!(
+        upstream.requests_with_key("sk-ant-a") >= 2,
+        "key A never came back"
+    );
+    let text = metrics(&proxy).await;
+    assert!(!text.contains("sk-ant-"), "a key reached the metrics");
+}
+
+#[tokio::test]
+async fn a_key_refused_with_401_is_disabled_until_the_config_changes() {
+    let upstream = MockUpstream::start().await;
+    upstream.force_for_key("sk-ant-a", Some("status-401"));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "",
+    ));
+    let client = th::client();
+    let _ = send(&client, message(&proxy, &[])).await;
+    for _ in 0..6 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(upstream.requests_with_key("sk-ant-a"), 1);
+    let log = proxy.log();
+    assert!(!log.contains("sk-ant-a"), "the key itself reached the log");
+}
+
+const BREAKER: &str = "breaker: {window: 10s, min_requests: 4, failure_rate: 0.5, open_for: 30s}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_replica_stops_the_other_within_a_second() {
+    let redis = RedisServer::start().unwrap();
+    let flaky = MockUpstream::start().await;
+    flaky.force(Some("status-500"));
+    let good = MockUpstream::start().await;
+    let store = format!("store: {{redis: {{url: \"{}\"}}}}\n", redis.url());
+    let config = config(
+        &(region("flaky", &flaky.base_url(), 0, &["KEY_A"])
+            + &region("good", &good.base_url(), 1, &["KEY_B"])),
+        &(store + BREAKER),
+    );
+    let a = start(&config);
+    let b = start(&config);
+    let client = th::client();
+    // Replica A sees the failures (each request still succeeds by failover).
+    for _ in 0..6 {
+        assert_eq!(send(&client, message(&a, &[])).await.status, 200);
+    }
+    let seen_by_flaky = flaky.request_count();
+    assert!((4..=6).contains(&seen_by_flaky), "{seen_by_flaky}");
+    assert!(
+        metrics(&a)
+            .await
+            .contains("claude_relay_breaker_state{upstream=\"flaky\"} 2")
+    );
+    // Within about a second replica B stops sending to the region too.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..5 {
+        assert_eq!(send(&client, message(&b, &[])).await.status, 200);
+    }
+    assert_eq!(
+        flaky.request_count(),
+        seen_by_flaky,
+        "replica B still sent to the open region"
+    );
+    // What the operator reads: the documented hash.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "HGET",
+            "claude-relay:failover-test:breaker:flaky",
+            "state",
+        ])
+        .output()
+        .expect("redis-cli (Debian's redis-tools) runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_local_breakers_keep_protecting() {
+    let mut redis = RedisServer::start().unwrap();
+    let flaky = MockUpstream::start().await;
+    flaky.force(Some("status-500"));
+    let good = MockUpstream::start().await;
+    let store = format!("store: {{redis: {{url: \"{}\"}}}}\n", redis.url());
+    let proxy = start(&config(
+        &(region("flaky", &flaky.base_url(), 0, &["KEY_A"])
+            + &region("good", &good.base_url(), 1, &["KEY_B"])),
+        &(store + BREAKER),
+    ));
+    redis.stop().unwrap();
+    let client = th::client();
+    let started = Instant::now();
+    for _ in 0..12 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        flaky.request_count() <= 6,
+        "the local breaker did not open: {}",
+        flaky.request_count()
+    );
+    assert_eq!(good.request_count(), 12);
+}
+
+#[tokio::test]
+async fn forwarded_for_counts_only_from_a_trusted_peer() {
+    let us = MockUpstream::start().await;
+    let eu = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("country.mmdb");
+    let mut writer = mmdb_writer::Writer::new("GeoLite2-Country");
+    let record = serde_json::json!({
+        "continent": {"code": "EU", "names": {"en": "Europe"}},
+        "country": {"iso_code": "DE", "names": {"en": "Germany"}},
+    });
+    writer
+        .insert("198.51.100.0/24".parse::<ipnet::IpNet>().unwrap(), &record)
+        .unwrap();
+    std::fs::write(&db, writer.to_bytes().unwrap()).unwrap();
+    let regions =
+        region("us", &us.base_url(), 0, &["KEY_A"]) + &region("eu", &eu.base_url(), 1, &["KEY_B"]);
+    let routing = |trusted: &str| {
+        format!(
+            "routing: {{geoip_db: {}, trusted_proxies: ['{trusted}'], rules: [{{countries: [DE], regions: [eu, us]}}], default: [us]}}\n",
+            db.display()
+        )
+    };
+    let trusted = start(&config(&regions, &routing("127.0.0.0/8")));
+    let untrusted = start(&config(&regions, &routing("10.0.0.0/8")));
+    let client = th::client();
+    let german = [("x-forwarded-for", "198.51.100.7")];
+    assert_eq!(send(&client, message(&trusted, &german)).await.status, 200);
+    assert_eq!(
+        (eu.request_count(), us.request_count()),
+        (1, 0),
+        "a trusted peer's header routes to eu"
+    );
+    assert_eq!(
+        send(&client, message(&untrusted, &german)).await.status,
+        200
+    );
+    assert_eq!(
+        (eu.request_count(), us.request_count()),
+        (1, 1),
+        "an untrusted peer's header is ignored"
+    );
+    let forwarded = [("forwarded", "for=198.51.100.9;proto=https")];
+    assert_eq!(
+        send(&client, message(&trusted, &forwarded)).await.status,
+        200
+    );
+    assert_eq!(eu.request_count(), 2);
+}
