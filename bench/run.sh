@@ -43,7 +43,7 @@ MOCK="$root/target/release/mock-upstream"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port)
+UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
 # The upstream: a 1 KB Messages API response, as fast as a server can give it.
@@ -123,8 +123,21 @@ regions:
     base_url: http://127.0.0.1:$MK
     api_keys: [{file: $work/upstream.key}]
 YAML
+# The same relay with three regions, three keys each (least in flight),
+# breakers shared through Redis: what routing and accounting cost.
+cat > "$work/relay3.yaml" <<YAML
+relay_name: bench-three
+server: {listen: 127.0.0.1:$R3, admin_listen: 127.0.0.1:$R3A}
+log: {level: warn}
+store: {redis: {url: "redis://127.0.0.1:$RD"}}
+key_pool: {strategy: least_in_flight}
+clients: [{id: bench, relay_keys: [{file: $work/relay.key}]}]
+regions:
+$(for r in us eu ap; do echo "  - {name: $r, base_url: 'http://127.0.0.1:$UP', api_keys: [{file: $work/upstream.key}, {file: $work/upstream.key}, {file: $work/upstream.key}]}"; done)
+YAML
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
-wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"
+"$RELAY" --config "$work/relay3.yaml" > "$work/relay3.log" 2>&1 & pids+=($!)
+wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"; wait_port "$R3"
 sleep 0.5
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -152,14 +165,15 @@ run_wrk() { # name url threads connections seconds
 }
 
 echo "warming up..."
-for u in "http://127.0.0.1:$UP/v1/messages" "http://127.0.0.1:$NG/v1/messages" "http://127.0.0.1:$RL/v1/messages"; do
+for u in "http://127.0.0.1:$UP/v1/messages" "http://127.0.0.1:$NG/v1/messages" "http://127.0.0.1:$RL/v1/messages" "http://127.0.0.1:$R3/v1/messages"; do
   wrk -t2 -c"$CONNECTIONS" -d2s -s "$work/post.lua" "$u" > /dev/null
 done
 
 echo "throughput: wrk -t2 -c$CONNECTIONS -d${DURATION}s, 1 KB responses"
 tp=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 2 "$CONNECTIONS" "$DURATION"
         run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 2 "$CONNECTIONS" "$DURATION"
-        run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 2 "$CONNECTIONS" "$DURATION"; } )
+        run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 2 "$CONNECTIONS" "$DURATION"
+        run_wrk relay3 "http://127.0.0.1:$R3/v1/messages" 2 "$CONNECTIONS" "$DURATION"; } )
 echo "latency: wrk -t1 -c1 -d${DURATION}s (one request at a time)"
 lat=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 1 1 "$DURATION"
          run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 1 1 "$DURATION"
@@ -211,6 +225,8 @@ report=$(
   d=$(echo "$tp" | awk '$1=="direct"{print $2}'); n=$(echo "$tp" | awk '$1=="nginx"{print $2}'); r=$(echo "$tp" | awk '$1=="relay"{print $2}')
   ld=$(echo "$lat" | awk '$1=="direct"{print $3}'); ln=$(echo "$lat" | awk '$1=="nginx"{print $3}'); lr=$(echo "$lat" | awk '$1=="relay"{print $3}')
   awk -v d="$d" -v n="$n" -v r="$r" 'BEGIN {printf "ratios: relay/nginx throughput %.2f (target >= 1.00); relay/direct %.2f; nginx/direct %.2f\n", r/n, r/d, n/d}'
+  r3=$(echo "$tp" | awk '$1=="relay3"{print $2}')
+  awk -v r="$r" -v r3="$r3" 'BEGIN {printf "three regions x three keys, shared breakers: %.2f of the core relay path (target >= 0.95)\n", r3/r}'
   awk -v ld="$ld" -v ln="$ln" -v lr="$lr" 'BEGIN {printf "added p50 latency over direct: relay %.0f us (target < 100 us); nginx %.0f us\n", lr-ld, ln-ld}'
   echo
   echo "relay-key vs signed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay, Redis on loopback)"

@@ -2,19 +2,24 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use claude_relay_crds::ProxyConfig;
 use claude_relay_crds::config::{LogConfig, LogFormat};
-use claude_relay_proxy::reload::read_config;
+use claude_relay_proxy::reload::{ConfigSource, config_from_text, read_config};
 use claude_relay_proxy::runtime::{App, Services, Snapshot};
 use claude_relay_proxy::server;
 use claude_relay_proxy::sign_cli::{self, SignArgs};
 use claude_relay_proxy::store::{AnyStore, MemoryStore};
 
-// Small, short-lived allocations on every request: mimalloc handles them
-// with less time in malloc/free than glibc's allocator (see bench/run.sh).
+mod configmap;
+
+// Small, short-lived allocations on every request: jemalloc spends less time
+// in malloc/free than glibc's allocator and, unlike mimalloc's defaults,
+// keeps the idle and many-streams footprint small (see bench/run.sh).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// A relay for the Anthropic Claude API.
 #[derive(Parser)]
@@ -25,8 +30,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Cli {
     /// The configuration file (YAML or JSON); reloaded when it changes.
-    #[arg(long, short, env = "CLAUDE_RELAY_CONFIG")]
+    #[arg(
+        long,
+        short,
+        env = "CLAUDE_RELAY_CONFIG",
+        conflicts_with = "config_map"
+    )]
     config: Option<PathBuf>,
+    /// Follow the configuration in a ConfigMap through the Kubernetes API
+    /// (in-cluster service account, or KUBECONFIG): NAMESPACE/NAME, or NAME
+    /// in POD_NAMESPACE. Needs get, list and watch on that ConfigMap.
+    #[arg(long, env = "CLAUDE_RELAY_CONFIG_MAP", value_name = "[NAMESPACE/]NAME")]
+    config_map: Option<String>,
+    /// The key of the ConfigMap that holds the document.
+    #[arg(long, env = "CLAUDE_RELAY_CONFIG_MAP_KEY", default_value = configmap::DEFAULT_KEY)]
+    config_map_key: String,
+    /// How long to wait at start for the ConfigMap to exist and answer.
+    #[arg(long, env = "CLAUDE_RELAY_CONFIG_MAP_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    config_map_wait: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -53,11 +74,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        None => match cli.config {
-            Some(path) => run(path),
-            None => {
+        None => match (cli.config, cli.config_map) {
+            (Some(path), _) => run(Origin::File(path)),
+            (None, Some(spec)) => run(Origin::ConfigMap {
+                spec,
+                key: cli.config_map_key,
+                wait: cli.config_map_wait,
+            }),
+            (None, None) => {
                 eprintln!(
-                    "error: give a configuration file with --config FILE (or CLAUDE_RELAY_CONFIG); see examples/standalone.yaml"
+                    "error: give a configuration file with --config FILE (or CLAUDE_RELAY_CONFIG), or a ConfigMap with --config-map [NAMESPACE/]NAME; see examples/standalone.yaml"
                 );
                 ExitCode::from(2)
             }
@@ -108,17 +134,37 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn run(path: PathBuf) -> ExitCode {
-    install_crypto_provider();
-    let config = match read_config(&path) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::FAILURE;
+/// Where the config comes from.
+enum Origin {
+    File(PathBuf),
+    ConfigMap {
+        spec: String,
+        key: String,
+        wait: Duration,
+    },
+}
+
+/// The first config, and the source the reloader follows from there.
+fn load(
+    origin: Origin,
+    control: &tokio::runtime::Runtime,
+) -> Result<(ProxyConfig, ConfigSource), String> {
+    match origin {
+        Origin::File(path) => Ok((read_config(&path)?, ConfigSource::File(path))),
+        // The watch lives on the control runtime, which the reloader runs on.
+        Origin::ConfigMap { spec, key, wait } => {
+            let (target, text, feed) = control
+                .block_on(configmap::connect(&spec, &key, wait))
+                .map_err(|e| e.to_string())?;
+            let origin = format!("{target} key {key}");
+            let config = config_from_text(&origin, &text)?;
+            Ok((config, ConfigSource::Feed { origin, text, feed }))
         }
-    };
-    init_logging(&config.log);
-    let workers = claude_relay_proxy::worker::count(config.server.workers);
+    }
+}
+
+fn run(origin: Origin) -> ExitCode {
+    install_crypto_provider();
     let control = match server::control_runtime() {
         Ok(rt) => rt,
         Err(error) => {
@@ -126,6 +172,15 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let (config, source) = match load(origin, &control) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log);
+    let workers = claude_relay_proxy::worker::count(config.server.workers);
     // The store connects on the control runtime, which drives its connections.
     let store = match control.block_on(AnyStore::from_config(
         config.store.as_ref(),
@@ -154,7 +209,7 @@ fn run(path: PathBuf) -> ExitCode {
         services.spawn_sync();
     }
     let app = App::new(snapshot, workers, services);
-    match server::run(control, app, Some(path), server::shutdown_signal()) {
+    match server::run(control, app, Some(source), server::shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "proxy stopped");

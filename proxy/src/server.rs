@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::reload::Reloader;
+use crate::reload::{ConfigSource, Reloader};
 use crate::runtime::App;
 use crate::{admin, stack, worker};
 
@@ -75,7 +74,7 @@ pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn run(
     control: tokio::runtime::Runtime,
     app: Arc<App>,
-    config_path: Option<PathBuf>,
+    config_source: Option<ConfigSource>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (listen, admin_listen) = {
@@ -118,8 +117,8 @@ pub fn run(
 
     control.block_on(async {
         let admin = TcpListener::from_std(admin)?;
-        if let Some(path) = config_path {
-            tokio::spawn(Reloader::new(path, app.clone()).run());
+        if let Some(source) = config_source {
+            tokio::spawn(Reloader::new(source, app.clone()).run());
         }
         let admin_task = tokio::spawn(serve_admin(app.clone(), admin));
         app.ready.store(true, Ordering::Relaxed);

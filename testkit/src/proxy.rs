@@ -14,6 +14,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Free loopback addresses for the API and admin listeners.
+pub fn free_addresses() -> (SocketAddr, SocketAddr) {
+    let addr = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (addr(), addr())
+}
+
 pub struct ProxyProcess {
     pub api: SocketAddr,
     pub admin: SocketAddr,
@@ -39,12 +45,42 @@ impl ProxyProcess {
                 .replace("{admin}", &admin.to_string()),
         )
         .unwrap();
+        let path = config_path.clone();
+        let args = ["--config".as_ref(), path.as_os_str()];
+        Self::spawn(binary, &args, env, api, admin, dir, config_path)
+    }
+
+    /// Starts the binary with `args` instead of `--config FILE`, for a config
+    /// from elsewhere (`--config-map`) that listens on `api` and `admin`
+    /// (see [`free_addresses`]), and waits until `/readyz` answers 200.
+    /// [`Self::rewrite_config`] does not apply.
+    pub fn start_with_args(
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        api: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("config.yaml");
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        Self::spawn(binary, &args, env, api, admin, dir, config_path)
+    }
+
+    fn spawn(
+        binary: &Path,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        api: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+    ) -> Self {
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(binary);
         command
-            .arg("--config")
-            .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

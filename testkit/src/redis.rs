@@ -178,12 +178,22 @@ impl RedisSentinel {
     /// Starts the three processes and returns once the replica is in sync
     /// and the Sentinel knows the replica (so it could fail over to it).
     pub fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir().context("creating a directory for sentinel.conf")?;
-        let primary = RedisServer::start()?;
+        let dir = tempfile::tempdir().context("creating a directory for the servers")?;
+        // Replication writes RDB files (a replica saves what it loads): they
+        // go to the temporary directory, not to the test's working directory.
+        let primary_dir = dir.path().join("primary");
+        let replica_dir = dir.path().join("replica");
+        for d in [&primary_dir, &replica_dir] {
+            std::fs::create_dir(d).context("creating a server directory")?;
+        }
+        let primary = RedisServer::start_with(
+            Box::new(move |port| Ok(with_dir(standalone_args(port), &primary_dir))),
+            None,
+        )?;
         let primary_port = primary.port();
         let replica = RedisServer::start_with(
             Box::new(move |port| {
-                let mut args = standalone_args(port);
+                let mut args = with_dir(standalone_args(port), &replica_dir);
                 args.extend([
                     "--replicaof".into(),
                     "127.0.0.1".into(),
@@ -526,6 +536,12 @@ fn standalone_args(port: u16) -> Vec<String> {
     .to_vec()
 }
 
+/// `args` with the server's working directory (for any file it writes) set to `dir`.
+fn with_dir(mut args: Vec<String>, dir: &Path) -> Vec<String> {
+    args.extend(["--dir".to_string(), dir.display().to_string()]);
+    args
+}
+
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
@@ -665,6 +681,20 @@ mod tests {
         let setup = RedisSentinel::start().unwrap();
         assert_eq!(setup.primary_port().unwrap(), setup.primary().port());
         assert!(setup.replica().cli(&["ROLE"]).unwrap().starts_with("slave"));
+        // What replication writes lands in a temporary directory.
+        let cwd = std::env::current_dir().unwrap();
+        for server in [setup.primary(), setup.replica()] {
+            let dir = server.cli(&["CONFIG", "GET", "dir"]).unwrap();
+            let dir = dir
+                .lines()
+                .nth(1)
+                .expect("CONFIG GET answers name and value");
+            assert_ne!(Path::new(dir.trim()), cwd);
+            assert!(
+                Path::new(dir.trim()).starts_with(std::env::temp_dir()),
+                "{dir}"
+            );
+        }
         let ports = [
             setup.primary().port(),
             setup.replica().port(),

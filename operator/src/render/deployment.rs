@@ -7,10 +7,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ADMIN_PORT, CONFIG_DIR, CONFIG_KEY, Defaults, GEOIP_DIR, HTTP_PORT, Names, PROXY_UID,
-    SECRETS_DIR, owned_meta, referenced_secret_keys, selector_labels,
+    ADMIN_PORT, CONFIG_KEY, Defaults, GEOIP_DIR, HTTP_PORT, Names, PROXY_UID, SECRETS_DIR,
+    owned_meta, referenced_secret_keys, selector_labels,
 };
 
 /// Replicas when the relay sets neither `replicas` nor `autoscaling`: two, so
@@ -38,20 +38,10 @@ pub fn deployment(
     let spec = &relay.spec;
     let pod_settings = spec.pod.clone().unwrap_or_default();
 
+    // No ConfigMap volume: the proxy watches its ConfigMap through the API
+    // (see `proxy_args`), so a change reaches it within seconds, not after
+    // kubelet's sync period, and without a restart.
     let mut volumes = vec![
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names.config_map.clone(),
-                items: Some(vec![KeyToPath {
-                    key: CONFIG_KEY.into(),
-                    path: CONFIG_KEY.into(),
-                    mode: None,
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
         // The root filesystem is read-only; anything that needs scratch space gets this.
         Volume {
             name: "tmp".into(),
@@ -62,10 +52,7 @@ pub fn deployment(
             ..Volume::default()
         },
     ];
-    let mut mounts = vec![
-        mount("config", CONFIG_DIR, true),
-        mount("tmp", "/tmp", false),
-    ];
+    let mut mounts = vec![mount("tmp", "/tmp", false)];
 
     // One volume per Secret, mounted whole, so a key added to the Secret later
     // (key rotation) shows up in the pod without a new Deployment.
@@ -167,9 +154,8 @@ pub fn deployment(
         name: "proxy".into(),
         image: Some(spec.image.clone().unwrap_or_else(|| defaults.image.clone())),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().into()),
-        args: Some(proxy_args()),
-        // POD_NAMESPACE lets the proxy watch its ConfigMap through the API
-        // (`--config-map $(POD_NAMESPACE)/<name>`) once it supports that.
+        args: Some(proxy_args(names)),
+        // POD_NAMESPACE names the namespace in `--config-map $(POD_NAMESPACE)/<name>`.
         env: Some(vec![
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_NAME", "metadata.name"),
@@ -268,9 +254,16 @@ pub fn deployment(
     }
 }
 
-/// The proxy's command line.
-pub fn proxy_args() -> Vec<String> {
-    vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]
+/// The proxy's command line: it follows its ConfigMap through the API,
+/// reading it with the rights of the Role rendered beside it. Kubernetes
+/// expands `$(POD_NAMESPACE)` from the container's environment.
+pub fn proxy_args(names: &Names) -> Vec<String> {
+    vec![
+        "--config-map".into(),
+        format!("$(POD_NAMESPACE)/{}", names.config_map),
+        "--config-map-key".into(),
+        CONFIG_KEY.into(),
+    ]
 }
 
 /// Volume name of a mounted Secret: `secret-<name>` when that is a valid

@@ -19,9 +19,7 @@ use kube::{Resource, ResourceExt};
 
 pub use config::render_config;
 
-/// Where the proxy finds its config (the ConfigMap is mounted here).
-pub const CONFIG_DIR: &str = "/etc/claude-relay/config";
-/// The key of the config document in the ConfigMap.
+/// The key of the config document in the ConfigMap (the proxy's `--config-map-key`).
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Each referenced Secret is mounted at `SECRETS_DIR/<secret-name>/`.
 pub const SECRETS_DIR: &str = "/etc/claude-relay/secrets";

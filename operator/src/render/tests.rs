@@ -230,7 +230,7 @@ fn deployment_is_exactly_as_expected() {
                     "containers": [{
                         "name": "proxy",
                         "image": "ghcr.io/claude-relay/claude-relay-proxy:0.1.0",
-                        "args": ["--config", "/etc/claude-relay/config/config.yaml"],
+                        "args": ["--config-map", "$(POD_NAMESPACE)/main-config", "--config-map-key", "config.yaml"],
                         "env": [
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -252,7 +252,6 @@ fn deployment_is_exactly_as_expected() {
                             "capabilities": {"drop": ["ALL"]},
                         },
                         "volumeMounts": [
-                            {"name": "config", "mountPath": "/etc/claude-relay/config", "readOnly": true},
                             {"name": "tmp", "mountPath": "/tmp", "readOnly": false},
                             secret_mount("app-key"),
                             secret_mount("eu-keys"),
@@ -260,7 +259,6 @@ fn deployment_is_exactly_as_expected() {
                         ],
                     }],
                     "volumes": [
-                        {"name": "config", "configMap": {"name": "main-config", "items": [{"key": "config.yaml", "path": "config.yaml"}]}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
                         secret_volume("app-key"),
                         secret_volume("eu-keys"),

@@ -144,7 +144,11 @@ impl AnyStore {
         rate: Option<(u32, Duration)>,
     ) -> Result<Admission, StoreError> {
         match (self, nonce) {
-            (Self::Redis(redis), Some(nonce)) => redis.admit(client, nonce, rate).await,
+            // Both at once: one script. A nonce alone is a plain SET NX below,
+            // which costs Redis less than a script.
+            (Self::Redis(redis), Some(nonce)) if rate.is_some() => {
+                redis.admit(client, nonce, rate).await
+            }
             (_, nonce) => {
                 let nonce_fresh = match nonce {
                     Some((nonce, ttl)) => Some(self.claim_nonce(client, nonce, ttl).await?),
