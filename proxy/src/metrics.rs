@@ -181,7 +181,7 @@ impl Metrics {
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
-            "Configuration reloads, by result (ok, failed)",
+            "Configuration reloads, by result (ok, failed, watch_error)",
             config_reloads.clone(),
         );
         let auth_failures = Family::<ResultLabels, Counter>::default();
