@@ -31,11 +31,6 @@ assert [m.id for m in client.models.list()] == ["claude-test"]
 
 # Upstream errors reach the SDK as its usual exceptions.
 try:
-    client.messages.create(**ask, extra_headers={"x-mock": "status-429"})
-    sys.exit("expected RateLimitError")
-except anthropic.RateLimitError as e:
-    assert e.response.headers["retry-after"] == "7"
-try:
     client.messages.create(**ask, extra_headers={"x-mock": "status-529"})
     sys.exit("expected an overloaded error")
 except anthropic.APIStatusError as e:
@@ -63,5 +58,12 @@ try:
     sys.exit("expected a timeout from the relay")
 except anthropic.APIStatusError as e:
     assert e.status_code == 504 and e.body["error"]["type"] == "api_error", e.body
+
+# Last, since it rests the only upstream key for the 7 s it asks.
+try:
+    client.messages.create(**ask, extra_headers={"x-mock": "status-429"})
+    sys.exit("expected RateLimitError")
+except anthropic.RateLimitError as e:
+    assert e.response.headers["retry-after"] == "7"
 
 print("python sdk: all checks passed")
