@@ -296,6 +296,9 @@ pub struct RegionBreaker {
     probes_key: String,
     common: Arc<Common>,
     inner: Mutex<Inner>,
+    /// `inner.state == Closed`, readable without the lock: the common case
+    /// of `admit` takes no lock shared with the other worker threads.
+    closed: AtomicBool,
     removed: AtomicBool,
 }
 
@@ -350,6 +353,12 @@ impl RegionBreaker {
     /// May an attempt go to this region now? No Redis round trip unless the
     /// breaker is half open (then one, to take a probe slot across replicas).
     pub async fn admit(self: &Arc<Self>) -> Result<Ticket, Denied> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(Ticket {
+                breaker: self.clone(),
+                probe: None,
+            });
+        }
         let probes = {
             let mut inner = self.lock();
             let now = Instant::now();
@@ -542,6 +551,7 @@ impl RegionBreaker {
             return;
         }
         inner.state = to;
+        self.closed.store(to == State::Closed, Ordering::Release);
         inner.window = Default::default();
         inner.local_probes = 0;
         if to == State::Closed {
@@ -682,6 +692,7 @@ impl Breakers {
             hash_key: common.keys.breaker(name),
             probes_key: common.keys.breaker_probes(name),
             common: common.clone(),
+            closed: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 settings,
                 state: State::Closed,

@@ -349,7 +349,6 @@ async fn forward(
     exchange: &mut Exchange,
 ) -> Result<Response<RelayBody>, RelayError> {
     let max_attempts = snapshot.router.max_attempts();
-    let upstream_headers = headers::upstream_request_headers(&parts.headers);
     let mut attempts = 0;
     let mut last_error: Option<RelayError> = None;
     // A failed upstream answer, passed through if no other region answers.
@@ -387,16 +386,7 @@ async fn forward(
                 })
                 .inc();
         }
-        let sent = attempt(
-            app,
-            region,
-            &parts,
-            &upstream_headers,
-            body.clone(),
-            lease.header(),
-            exchange,
-        )
-        .await;
+        let sent = attempt(app, region, &parts, body.clone(), lease.header(), exchange).await;
         match sent {
             Ok(mut answer) => {
                 let status = answer.response.status();
@@ -444,7 +434,6 @@ async fn attempt(
     app: &App,
     region: &Region,
     parts: &http::request::Parts,
-    upstream_headers: &http::HeaderMap,
     body: Bytes,
     key: &HeaderValue,
     exchange: &mut Exchange,
@@ -459,7 +448,8 @@ async fn attempt(
     let mut upstream_request = Request::new(Full::new(body));
     *upstream_request.method_mut() = parts.method.clone();
     *upstream_request.uri_mut() = uri;
-    *upstream_request.headers_mut() = upstream_headers.clone();
+    // Built per attempt rather than cloned: the first attempt is the common case.
+    *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
     upstream_request
         .headers_mut()
         .insert(X_API_KEY, key.clone());
