@@ -211,6 +211,23 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
 }
 
+/// Runs `round` every `period` until aborted, the first round at once; a
+/// slow round delays the next instead of bunching them up.
+pub(crate) fn spawn_periodic<F, Fut>(period: Duration, mut round: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            round().await;
+        }
+    })
+}
+
 /// The region refuses requests for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Denied {
@@ -379,15 +396,7 @@ impl RegionBreaker {
                 State::HalfOpen => {}
             }
             if !(self.common.redis.is_some() && self.common.shared_fresh()) {
-                return if inner.local_probes < inner.settings.probes {
-                    inner.local_probes += 1;
-                    Ok(Ticket {
-                        breaker: self.clone(),
-                        probe: Some(Probe::Local),
-                    })
-                } else {
-                    Err(self.half_open_denied())
-                };
+                return self.local_probe(&mut inner);
             }
             inner.settings.probes
         };
@@ -399,17 +408,21 @@ impl RegionBreaker {
             Ok(None) => Err(self.half_open_denied()),
             Err(error) => {
                 tracing::warn!(region = &*self.name.0, %error, "breaker: cannot take a shared probe slot; counting probes locally");
-                let mut inner = self.lock();
-                if inner.local_probes < inner.settings.probes {
-                    inner.local_probes += 1;
-                    Ok(Ticket {
-                        breaker: self.clone(),
-                        probe: Some(Probe::Local),
-                    })
-                } else {
-                    Err(self.half_open_denied())
-                }
+                self.local_probe(&mut self.lock())
             }
+        }
+    }
+
+    /// A half-open probe counted by this replica alone.
+    fn local_probe(self: &Arc<Self>, inner: &mut Inner) -> Result<Ticket, Denied> {
+        if inner.local_probes < inner.settings.probes {
+            inner.local_probes += 1;
+            Ok(Ticket {
+                breaker: self.clone(),
+                probe: Some(Probe::Local),
+            })
+        } else {
+            Err(self.half_open_denied())
         }
     }
 
@@ -743,13 +756,9 @@ impl Breakers {
     pub fn spawn_sync(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         self.common.redis.as_ref()?;
         let this = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SYNC_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                this.sync_once().await;
-            }
+        Some(spawn_periodic(SYNC_INTERVAL, move || {
+            let this = this.clone();
+            async move { this.sync_once().await }
         }))
     }
 

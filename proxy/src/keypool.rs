@@ -370,13 +370,9 @@ impl KeyPools {
     pub fn spawn_sync(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         self.common.redis.as_ref()?;
         let this = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SYNC_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                this.sync_once().await;
-            }
+        Some(crate::breaker::spawn_periodic(SYNC_INTERVAL, move || {
+            let this = this.clone();
+            async move { this.sync_once().await }
         }))
     }
 

@@ -365,21 +365,6 @@ async fn message(proxy: &ProxyProcess) -> th::Answer {
     .await
 }
 
-async fn metric(proxy: &ProxyProcess, line_start: &str) -> f64 {
-    let answer = send(
-        &th::client(),
-        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
-    )
-    .await;
-    String::from_utf8(answer.body.to_vec())
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits at most `within` for `check`; how long it took.
 async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -495,15 +480,17 @@ async fn a_new_configmap_version_takes_effect_within_seconds_without_failing_req
         "too little load to mean anything"
     );
     assert_eq!(
-        metric(&proxy, "claude_relay_config_reloads_total{result=\"ok\"}").await,
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"ok\"}")
+            .await
+            .unwrap_or(0.0),
         2.0
     );
     assert_eq!(
-        metric(
-            &proxy,
-            "claude_relay_config_reloads_total{result=\"failed\"}"
-        )
-        .await,
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+            .await
+            .unwrap_or(0.0),
         0.0
     );
 
@@ -544,7 +531,7 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
     // An invalid document is rejected; the old config serves on.
     kube.put_config(&good.replace("base_url", "base_uri"));
     wait_for("a rejected version", Duration::from_secs(5), async || {
-        metric(&proxy, failed).await == 1.0
+        proxy.metric(failed).await.unwrap_or(0.0) == 1.0
     })
     .await;
     assert_eq!(message(&proxy).await.status, 200);
@@ -555,7 +542,7 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
     wait_for(
         "a version without the key",
         Duration::from_secs(5),
-        async || metric(&proxy, failed).await == 2.0,
+        async || proxy.metric(failed).await.unwrap_or(0.0) == 2.0,
     )
     .await;
     assert!(
@@ -593,11 +580,10 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
         "counted watch errors",
         Duration::from_secs(10),
         async || {
-            metric(
-                &proxy,
-                "claude_relay_config_reloads_total{result=\"watch_error\"}",
-            )
-            .await
+            proxy
+                .metric("claude_relay_config_reloads_total{result=\"watch_error\"}")
+                .await
+                .unwrap_or(0.0)
                 >= 2.0
         },
     )
@@ -613,7 +599,7 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
         },
     )
     .await;
-    assert_eq!(metric(&proxy, failed).await, 2.0);
+    assert_eq!(proxy.metric(failed).await.unwrap_or(0.0), 2.0);
 }
 
 /// Runs the binary to its exit (within `within`): code, output, time taken.

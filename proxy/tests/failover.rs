@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claude_relay_testkit::http::{self as th, Answer, request, send};
+use claude_relay_testkit::http::{self as th, request, send};
 use claude_relay_testkit::proxy::{ProxyProcess, free_port};
 use claude_relay_testkit::redis::RedisServer;
 use claude_relay_testkit::upstream::MockUpstream;
@@ -61,15 +61,6 @@ fn message(
     request(Method::POST, &proxy.url("/v1/messages"), &headers, BODY)
 }
 
-async fn metrics(proxy: &ProxyProcess) -> String {
-    let answer: Answer = send(
-        &th::client(),
-        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
-    )
-    .await;
-    String::from_utf8(answer.body.to_vec()).unwrap()
-}
-
 #[tokio::test]
 async fn fails_over_on_connection_refused_and_on_529_before_the_body() {
     let good = MockUpstream::start().await;
@@ -96,7 +87,7 @@ async fn fails_over_on_connection_refused_and_on_529_before_the_body() {
         BODY.as_bytes(),
         "the same body goes to the next region"
     );
-    let text = metrics(&proxy).await;
+    let text = proxy.metrics().await;
     assert!(
         text.contains("claude_relay_failovers_total{upstream=\"busy\"} 1"),
         "{text}"
@@ -193,7 +184,7 @@ async fn a_key_answered_429_rests_and_comes_back() {
         upstream.requests_with_key("sk-ant-a") >= 2,
         "key A never came back"
     );
-    let text = metrics(&proxy).await;
+    let text = proxy.metrics().await;
     assert!(!text.contains("sk-ant-"), "a key reached the metrics");
 }
 
@@ -239,7 +230,7 @@ async fn a_breaker_opened_on_one_replica_stops_the_other_within_a_second() {
     let seen_by_flaky = flaky.request_count();
     assert!((4..=6).contains(&seen_by_flaky), "{seen_by_flaky}");
     assert!(
-        metrics(&a)
+        a.metrics()
             .await
             .contains("claude_relay_breaker_state{upstream=\"flaky\"} 2")
     );

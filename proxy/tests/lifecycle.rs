@@ -67,20 +67,6 @@ fn message(
     request(Method::POST, &proxy.url("/v1/messages"), &headers, MESSAGE)
 }
 
-async fn metric(proxy: &ProxyProcess, line_start: &str) -> Option<f64> {
-    let answer = send(
-        &th::client(),
-        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
-    )
-    .await;
-    String::from_utf8(answer.body.to_vec())
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check().await {
@@ -150,7 +136,8 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
         sent.load(Ordering::Relaxed) > 100,
         "too little load to mean anything"
     );
-    let reloads = metric(&proxy, "claude_relay_config_reloads_total{result=\"ok\"}")
+    let reloads = proxy
+        .metric("claude_relay_config_reloads_total{result=\"ok\"}")
         .await
         .unwrap();
     assert!(reloads >= 8.0, "only {reloads} reloads");
@@ -167,11 +154,9 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
     // A broken file is rejected and the last good config stays in force.
     proxy.rewrite_config("clients: [this is: not yaml");
     wait_for("a failed reload", async || {
-        metric(
-            &proxy,
-            "claude_relay_config_reloads_total{result=\"failed\"}",
-        )
-        .await
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+            .await
             == Some(1.0)
     })
     .await;
@@ -179,22 +164,18 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
         &config(&upstream.base_url(), &key_file, 65536).replace("base_url", "base_uri"),
     );
     wait_for("a second failed reload", async || {
-        metric(
-            &proxy,
-            "claude_relay_config_reloads_total{result=\"failed\"}",
-        )
-        .await
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+            .await
             == Some(2.0)
     })
     .await;
     // A secret that goes missing is rejected too.
     proxy.rewrite_config(&config(&upstream.base_url(), "/nonexistent/key", 65536));
     wait_for("a third failed reload", async || {
-        metric(
-            &proxy,
-            "claude_relay_config_reloads_total{result=\"failed\"}",
-        )
-        .await
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+            .await
             == Some(3.0)
     })
     .await;
@@ -386,9 +367,7 @@ async fn tls_in_and_out_with_a_private_ca_and_certificate_reload() {
     assert_eq!(answer.body, stream_events("claude-test").concat());
     assert_eq!(upstream.requests()[0].headers["x-api-key"], "sk-ant-x");
 
-    let days = metric(&a, "claude_relay_tls_cert_expiry_days")
-        .await
-        .unwrap();
+    let days = a.metric("claude_relay_tls_cert_expiry_days").await.unwrap();
     assert!((39.0..=40.01).contains(&days), "{days}");
 
     // A renewed certificate is picked up without a restart.
@@ -396,7 +375,7 @@ async fn tls_in_and_out_with_a_private_ca_and_certificate_reload() {
     files.write("tls.key", &key);
     files.write("tls.crt", &cert);
     wait_for("the renewed certificate", async || {
-        metric(&a, "claude_relay_tls_cert_expiry_days")
+        a.metric("claude_relay_tls_cert_expiry_days")
             .await
             .is_some_and(|d| d > 89.0)
     })

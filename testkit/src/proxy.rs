@@ -109,6 +109,26 @@ impl ProxyProcess {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The Prometheus text of the admin port.
+    pub async fn metrics(&self) -> String {
+        let answer = crate::http::send(
+            &crate::http::client(),
+            crate::http::request(http::Method::GET, &self.admin_url("/metrics"), &[], ""),
+        )
+        .await;
+        String::from_utf8_lossy(&answer.body).into_owned()
+    }
+
+    /// The value of the first metric line that starts with `line_start`.
+    pub async fn metric(&self, line_start: &str) -> Option<f64> {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
