@@ -918,7 +918,10 @@ impl ProxyConfig {
             let mut seen = HashSet::new();
             for (n, name) in names.iter().enumerate() {
                 if !known.contains(name.as_str()) {
-                    bad(format!("{path}[{n}]"), "no region has this name");
+                    bad(
+                        format!("{path}[{n}]"),
+                        &format!("no region is named {name:?}"),
+                    );
                 } else if !seen.insert(name.as_str()) {
                     bad(format!("{path}[{n}]"), "region listed twice");
                 }
@@ -1602,11 +1605,11 @@ key_pool: {max_in_flight_per_key: 0}
             "routing.trusted_proxies[2]",
             "routing.rules[0].countries[0]",
             "routing.rules[0].continents[0]",
-            "routing.rules[0].regions[0]: no region has this name",
+            "routing.rules[0].regions[0]: no region is named",
             "routing.rules[0].regions[2]: region listed twice",
             "routing.rules[1]: give countries or continents",
             "routing.rules[2].regions: at least one",
-            "routing.default[0]: no region has this name",
+            "routing.default[0]: no region is named",
             "routing.max_attempts",
             "breaker.window",
             "breaker.min_requests",

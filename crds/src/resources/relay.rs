@@ -91,6 +91,13 @@ pub struct ClaudeRelaySpec {
     /// Circuit breaker per region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<BreakerSettings>,
+    /// How a region's pool of API keys is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pool: Option<KeyPoolSettings>,
+    /// Signed requests: how far a timestamp may be from the relay's clock, and
+    /// what happens when Redis cannot check a nonce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySettings>,
     /// Default timeouts of the regions that do not set their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
@@ -189,6 +196,10 @@ pub struct Routing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Regions tried for one request at most: the first and its failovers (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: Option<i32>,
 }
 
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -282,6 +293,38 @@ fn default_open_for() -> HumanDuration {
 }
 fn default_half_open_probes() -> i32 {
     1
+}
+
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyPoolSettings {
+    #[serde(default)]
+    pub strategy: KeyStrategy,
+    /// Requests in flight at once on one API key, per pod; unset: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_in_flight_per_key: Option<i32>,
+}
+
+#[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyStrategy {
+    /// Each key in turn.
+    #[default]
+    RoundRobin,
+    /// The key with the fewest requests in flight on the pod.
+    LeastInFlight,
+}
+
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySettings {
+    /// Accepted distance between a signed request's timestamp and the relay's clock (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<HumanDuration>,
+    /// Accept signed requests whose nonce cannot be checked while Redis is
+    /// unreachable (default false: they get 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<bool>,
 }
 
 /// Where Redis is. Credentials belong in the URL held by a Secret, not in `url`.

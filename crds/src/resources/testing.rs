@@ -37,6 +37,8 @@ impl ClaudeRelay {
                 rate_limit: None,
             }],
             breaker: None,
+            key_pool: None,
+            replay: None,
             timeouts: None,
             redis: None,
             geoip: None,

@@ -5,12 +5,14 @@
 //! side fails the render tests instead of silently vanishing.
 
 use claude_relay_crds::config::ProxyConfig;
-use claude_relay_crds::resources::{RatePeriod, RedisMode, Timeouts};
+use std::collections::BTreeSet;
+
+use claude_relay_crds::resources::{Continent, KeyStrategy, RatePeriod, RedisMode, Timeouts};
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use kube::ResourceExt;
 use serde_json::{Map, Value, json};
 
-use super::{ADMIN_PORT, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
+use super::{ADMIN_PORT, GEOIP_DIR, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
 
 /// Renders and validates the proxy config of `relay` with `regions`.
 pub fn render_config(
@@ -63,7 +65,7 @@ pub fn render_config(
     let mut sorted: Vec<&UpstreamRegion> = regions.iter().collect();
     sorted.sort_by_key(|r| (r.spec.priority, r.name_any()));
     let regions: Vec<Value> = sorted
-        .into_iter()
+        .iter()
         .map(|region| {
             let mut r = json!({
                 "name": region.name_any(),
@@ -90,6 +92,36 @@ pub fn render_config(
     if let Some(redis) = &spec.redis {
         doc["store"] = json!({ "redis": redis_store(redis) });
     }
+    doc["routing"] = routing(relay, &sorted);
+    if let Some(breaker) = &spec.breaker {
+        doc["breaker"] = json!({
+            "window": breaker.window,
+            "min_requests": breaker.min_requests,
+            "failure_rate": f64::from(breaker.failure_rate_percent) / 100.0,
+            "open_for": breaker.open_for,
+            "half_open_probes": breaker.half_open_probes,
+        });
+    }
+    if let Some(pool) = &spec.key_pool {
+        let strategy = match pool.strategy {
+            KeyStrategy::RoundRobin => "round_robin",
+            KeyStrategy::LeastInFlight => "least_in_flight",
+        };
+        doc["key_pool"] = json!({ "strategy": strategy });
+        if let Some(cap) = pool.max_in_flight_per_key {
+            doc["key_pool"]["max_in_flight_per_key"] = cap.into();
+        }
+    }
+    if let Some(replay) = &spec.replay {
+        let mut r = Map::new();
+        if let Some(window) = replay.window {
+            r.insert("window".into(), json!(window));
+        }
+        if let Some(fail_open) = replay.fail_open {
+            r.insert("fail_open".into(), fail_open.into());
+        }
+        doc["replay"] = Value::Object(r);
+    }
 
     let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
         InvalidSpec(format!(
@@ -100,6 +132,87 @@ pub fn render_config(
         .validate()
         .map_err(|e| InvalidSpec(format!("invalid proxy config: {e}")))?;
     Ok(config)
+}
+
+/// The routing section: the relay's own rules first, then rules derived from
+/// the countries and continents each region says it serves.
+///
+/// A derived rule sends a client to the regions serving its country (or,
+/// failing that, its continent) first and then along the default route, so a
+/// region's `countries` states a preference, never a wall: failover still
+/// reaches the others. Country rules come before continent rules because the
+/// proxy takes the first rule that matches.
+fn routing(relay: &ClaudeRelay, sorted_regions: &[&UpstreamRegion]) -> Value {
+    let spec = relay.spec.routing.clone().unwrap_or_default();
+    let mut out = json!({});
+    if let Some(geoip) = &relay.spec.geoip {
+        out["geoip_db"] = format!("{GEOIP_DIR}/{}", geoip.file).into();
+    }
+    if let Some(cidrs) = &spec.trusted_proxies {
+        out["trusted_proxies"] = json!(cidrs);
+    }
+    if let Some(default) = &spec.default_regions {
+        out["default"] = json!(default);
+    }
+    if let Some(attempts) = spec.max_attempts {
+        out["max_attempts"] = attempts.into();
+    }
+
+    let mut rules: Vec<Value> = spec
+        .rules
+        .iter()
+        .flatten()
+        .map(|rule| {
+            json!({
+                "countries": rule.countries.clone().unwrap_or_default(),
+                "continents": rule.continents.clone().unwrap_or_default(),
+                "regions": rule.regions,
+            })
+        })
+        .collect();
+
+    let default_route: Vec<String> = match &spec.default_regions {
+        Some(names) => names.clone(),
+        None => sorted_regions.iter().map(|r| r.name_any()).collect(),
+    };
+    // Regions serving `place`, in priority order, then the default route.
+    let route_for = |serves: &dyn Fn(&UpstreamRegion) -> bool| -> Vec<String> {
+        let mut route: Vec<String> = sorted_regions
+            .iter()
+            .filter(|r| serves(r))
+            .map(|r| r.name_any())
+            .collect();
+        for name in &default_route {
+            if !route.contains(name) {
+                route.push(name.clone());
+            }
+        }
+        route
+    };
+    let countries: BTreeSet<&String> = sorted_regions
+        .iter()
+        .flat_map(|r| r.spec.countries.iter().flatten())
+        .collect();
+    for country in countries {
+        let regions = route_for(&|r: &UpstreamRegion| {
+            r.spec.countries.iter().flatten().any(|c| c == country)
+        });
+        rules.push(json!({ "countries": [country], "regions": regions }));
+    }
+    let continents: BTreeSet<Continent> = sorted_regions
+        .iter()
+        .flat_map(|r| r.spec.continents.iter().flatten().copied())
+        .collect();
+    for continent in continents {
+        let regions = route_for(&|r: &UpstreamRegion| {
+            r.spec.continents.iter().flatten().any(|c| *c == continent)
+        });
+        rules.push(json!({ "continents": [continent], "regions": regions }));
+    }
+    if !rules.is_empty() {
+        out["rules"] = rules.into();
+    }
+    out
 }
 
 /// The config document as the ConfigMap holds it. Serialised through JSON

@@ -1,5 +1,11 @@
-use claude_relay_crds::config::{ProxyConfig, RelayKeySource, SecretSource};
-use claude_relay_crds::resources::{RedisMode, SecretKeyRef, Timeouts};
+use claude_relay_crds::config::{
+    BreakerConfig, KeyPoolConfig, ProxyConfig, RelayKeySource, ReplayConfig, RouteRule,
+    RoutingConfig, SecretSource,
+};
+use claude_relay_crds::resources::{
+    BreakerSettings, Continent, KeyPoolSettings, KeyStrategy, RedisMode, ReplaySettings, Routing,
+    SecretKeyRef, Timeouts,
+};
 use claude_relay_crds::{ClaudeRelay, HumanDuration, UpstreamRegion};
 use serde_json::{Value, json};
 
@@ -118,6 +124,177 @@ fn region_timeouts_override_the_relays() {
     assert_eq!(t.idle, HumanDuration::from_secs(30));
     // Unset everywhere: the proxy's default.
     assert_eq!(t.total, HumanDuration::from_secs(3600));
+}
+
+/// Three regions: `us` (priority 0, serves US and CA, continent NA), `eu`
+/// (priority 10, serves DE and the continent EU), `ap` (priority 20, serves
+/// DE too and the continent AS).
+fn geo_regions() -> Vec<UpstreamRegion> {
+    let mut us = UpstreamRegion::test("us", "https://api.anthropic.com");
+    us.spec.countries = Some(vec!["US".into(), "CA".into()]);
+    us.spec.continents = Some(vec![Continent::NA]);
+    let mut eu = UpstreamRegion::test("eu", "https://eu.example").with_priority(10);
+    eu.spec.countries = Some(vec!["DE".into()]);
+    eu.spec.continents = Some(vec![Continent::EU]);
+    let mut ap = UpstreamRegion::test("ap", "https://ap.example").with_priority(20);
+    ap.spec.countries = Some(vec!["DE".into()]);
+    ap.spec.continents = Some(vec![Continent::AS]);
+    vec![ap, eu, us]
+}
+
+fn rule(countries: &[&str], continents: &[&str], regions: &[&str]) -> RouteRule {
+    let strings = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    RouteRule {
+        countries: strings(countries),
+        continents: strings(continents),
+        regions: strings(regions),
+    }
+}
+
+#[test]
+fn routing_rules_come_first_then_the_regions_countries_then_continents() {
+    let mut relay = ClaudeRelay::test();
+    relay.spec.routing = Some(Routing {
+        rules: Some(vec![claude_relay_crds::resources::RouteRule {
+            countries: Some(vec!["JP".into()]),
+            continents: None,
+            regions: vec!["ap".into(), "us".into()],
+        }]),
+        default_regions: None,
+        trusted_proxies: Some(vec!["10.0.0.0/8".into()]),
+        max_attempts: Some(2),
+    });
+    let config = render_config(&relay, &geo_regions()).unwrap();
+    let routing = &config.routing;
+    assert_eq!(
+        routing.rules,
+        vec![
+            rule(&["JP"], &[], &["ap", "us"]),
+            // Serving regions first, by priority, then every other region.
+            rule(&["CA"], &[], &["us", "eu", "ap"]),
+            rule(&["DE"], &[], &["eu", "ap", "us"]),
+            rule(&["US"], &[], &["us", "eu", "ap"]),
+            rule(&[], &["AS"], &["ap", "us", "eu"]),
+            rule(&[], &["EU"], &["eu", "us", "ap"]),
+            rule(&[], &["NA"], &["us", "eu", "ap"]),
+        ]
+    );
+    assert_eq!(routing.trusted_proxies, ["10.0.0.0/8"]);
+    assert_eq!(routing.max_attempts, 2);
+    assert!(routing.default.is_empty(), "every region by priority");
+    assert_eq!(routing.geoip_db, None);
+}
+
+#[test]
+fn derived_routes_fall_back_along_the_default_route() {
+    let mut relay = ClaudeRelay::test();
+    relay.spec.routing = Some(Routing {
+        default_regions: Some(vec!["us".into()]),
+        ..Routing::default()
+    });
+    let config = render_config(&relay, &geo_regions()).unwrap();
+    assert_eq!(config.routing.default, ["us"]);
+    let de = config
+        .routing
+        .rules
+        .iter()
+        .find(|r| r.countries == ["DE"])
+        .unwrap();
+    assert_eq!(de.regions, ["eu", "ap", "us"]);
+    let asia = config
+        .routing
+        .rules
+        .iter()
+        .find(|r| r.continents == ["AS"])
+        .unwrap();
+    assert_eq!(
+        asia.regions,
+        ["ap", "us"],
+        "not every region: the default route"
+    );
+}
+
+#[test]
+fn a_rule_naming_a_region_not_selected_is_an_invalid_spec() {
+    let mut relay = ClaudeRelay::test();
+    relay.spec.routing = Some(Routing {
+        rules: Some(vec![claude_relay_crds::resources::RouteRule {
+            countries: Some(vec!["FR".into()]),
+            continents: None,
+            regions: vec!["mars".into()],
+        }]),
+        ..Routing::default()
+    });
+    let err = render_config(&relay, &regions()).unwrap_err();
+    assert!(err.0.contains("mars"), "{err}");
+
+    relay.spec.routing = Some(Routing {
+        default_regions: Some(vec!["venus".into()]),
+        ..Routing::default()
+    });
+    let err = render_config(&relay, &regions()).unwrap_err();
+    assert!(err.0.contains("venus"), "{err}");
+}
+
+#[test]
+fn geoip_breaker_key_pool_and_replay_settings_reach_the_proxy() {
+    let mut relay = ClaudeRelay::test();
+    relay.spec.geoip = Some(
+        serde_json::from_value(json!({
+            "source": {"persistentVolumeClaim": {"claimName": "geoip"}},
+            "file": "db/GeoLite2-City.mmdb",
+        }))
+        .unwrap(),
+    );
+    relay.spec.breaker = Some(BreakerSettings {
+        window: HumanDuration::from_secs(30),
+        min_requests: 4,
+        failure_rate_percent: 25,
+        open_for: HumanDuration::from_secs(90),
+        half_open_probes: 2,
+    });
+    relay.spec.key_pool = Some(KeyPoolSettings {
+        strategy: KeyStrategy::LeastInFlight,
+        max_in_flight_per_key: Some(16),
+    });
+    relay.spec.replay = Some(ReplaySettings {
+        window: Some(HumanDuration::from_secs(120)),
+        fail_open: Some(true),
+    });
+    let rendered = render(&relay, &regions(), &defaults()).unwrap();
+    let config = parse_config_map(&rendered);
+    assert_eq!(
+        config.routing.geoip_db.as_deref(),
+        Some(std::path::Path::new(
+            "/etc/claude-relay/geoip/db/GeoLite2-City.mmdb"
+        ))
+    );
+    assert_eq!(
+        config.breaker,
+        BreakerConfig {
+            window: HumanDuration::from_secs(30),
+            min_requests: 4,
+            failure_rate: 0.25,
+            open_for: HumanDuration::from_secs(90),
+            half_open_probes: 2,
+        }
+    );
+    assert_eq!(
+        config.key_pool,
+        KeyPoolConfig {
+            strategy: claude_relay_crds::config::KeyStrategy::LeastInFlight,
+            max_in_flight_per_key: Some(16),
+        }
+    );
+    assert_eq!(config.replay.window, HumanDuration::from_secs(120));
+    assert!(config.replay.fail_open);
+
+    // Unset: the proxy's defaults, not the operator's guesses.
+    let plain = render_config(&ClaudeRelay::test(), &regions()).unwrap();
+    assert_eq!(plain.breaker, BreakerConfig::default());
+    assert_eq!(plain.key_pool, KeyPoolConfig::default());
+    assert_eq!(plain.replay, ReplayConfig::default());
+    assert_eq!(plain.routing, RoutingConfig::default());
 }
 
 #[test]
