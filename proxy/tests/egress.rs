@@ -292,6 +292,43 @@ async fn an_unreachable_egress_proxy_is_a_connect_failure_that_opens_the_breaker
     assert!(log.contains("cannot reach the egress proxy"), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_timeout_covers_a_proxy_that_never_answers_connect() {
+    let tunnelled = MockUpstream::start().await;
+    let direct = MockUpstream::start().await;
+    // Never accepted: the kernel completes the handshake, nobody answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let proxy = start(&config(
+        &(region(
+            "via-proxy",
+            &tunnelled.base_url(),
+            0,
+            Some(&format!("{{url: '{silent_url}'}}")),
+            "",
+        )
+        .replace("connect: 1s", "connect: 300ms")
+            + &region("direct", &direct.base_url(), 1, None, "")),
+        "",
+    ));
+    let client = th::client();
+    let started = std::time::Instant::now();
+    let answer = send(&client, message(&proxy, &[("x-relay-region", "via-proxy")])).await;
+    assert_eq!(answer.status, 504, "{:?}", answer.body);
+    assert_eq!(answer.json()["error"]["type"], "api_error");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let answer = send(&client, message(&proxy, &[])).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(direct.request_count(), 1);
+    let timeouts =
+        "claude_relay_upstream_errors_total{upstream=\"via-proxy\",kind=\"connect_timeout\"}";
+    assert_eq!(proxy.metric(timeouts).await, Some(2.0));
+}
+
 /// A relay serving HTTPS (a certificate for `localhost`) stands in for an
 /// HTTPS upstream: TLS runs end to end inside the tunnel, SNI and
 /// certificate checked against the upstream's name, not the proxy's.
