@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the benchmark need, when it is missing:
-# redis-server (tests start their own on free ports), nginx and wrk (benchmark).
+# redis-server (tests start their own on free ports), tinyproxy (the egress
+# proxy of the egress tests, started by them), nginx and wrk (benchmark).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -8,6 +9,7 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo_=""
@@ -17,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian starts the services it installs; the tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
-  systemctl stop redis-server nginx >/dev/null 2>&1 || true
+  systemctl stop redis-server nginx tinyproxy >/dev/null 2>&1 || true
 fi
 # The official Python SDK, for the test that drives the relay with it.
 venv="$(cd "$(dirname "$0")/.." && pwd)/target/sdk-venv"

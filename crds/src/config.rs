@@ -280,6 +280,22 @@ pub struct RegionConfig {
     pub timeouts: UpstreamTimeouts,
     #[serde(default)]
     pub pool: PoolConfig,
+    /// Leave through this HTTP proxy (a CONNECT tunnel per upstream
+    /// connection), so that regions can leave from different addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<EgressProxyConfig>,
+}
+
+/// An HTTP proxy that opens tunnels with `CONNECT host:port`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressProxyConfig {
+    /// `http://host:port` (port 80 when left out). TLS to the upstream runs
+    /// inside the tunnel; the hop to the proxy itself is plain TCP.
+    pub url: String,
+    /// `user:password`, sent as `Proxy-Authorization: Basic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_from: Option<SecretSource>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -847,6 +863,11 @@ impl ProxyConfig {
                     "must be greater than 0",
                 );
             }
+            if let Some(proxy) = &region.egress_proxy
+                && let Err(why) = check_egress_proxy_url(&proxy.url)
+            {
+                bad(format!("regions[{i}].egress_proxy.url"), why);
+            }
         }
 
         self.validate_signing_and_store(&mut problems);
@@ -1044,6 +1065,13 @@ impl ProxyConfig {
             if let Some(ca) = &region.tls.ca_file {
                 files.push(ca.clone());
             }
+            if let Some(SecretSource::File(path)) = region
+                .egress_proxy
+                .as_ref()
+                .and_then(|p| p.credentials_from.as_ref())
+            {
+                files.push(path.clone());
+            }
         }
         if let Some(db) = &self.routing.geoip_db {
             files.push(db.clone());
@@ -1194,6 +1222,46 @@ pub fn check_base_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// An egress proxy's URL: `http://host[:port][/]`. The messages never
+/// quote the URL, which may be where someone wrote a password.
+pub fn check_egress_proxy_url(url: &str) -> Result<(), &'static str> {
+    if url.starts_with("https://") {
+        return Err(
+            "TLS to the proxy itself is not supported: give an http:// URL (the upstream's TLS still runs end to end inside the tunnel)",
+        );
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("must start with http://")?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('@') {
+        return Err(
+            "must not carry credentials: put user:password in a file named by credentials_from",
+        );
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Err("must be http://host:port, without a path, query or fragment");
+    }
+    if authority
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("must not contain white space");
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // An IPv6 literal without a port: `[::1]`.
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() || host == "[]" {
+        return Err("has no host");
+    }
+    if port.is_some_and(|p| p.parse::<u16>().ok().is_none_or(|p| p == 0)) {
+        return Err("port must be a number from 1 to 65535");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1279,6 +1347,68 @@ regions:
         assert!(check_base_url("https://user:pw@host").is_err());
         assert!(check_base_url("https://host/?q").is_err());
         assert!(check_base_url("api.anthropic.com").is_err());
+    }
+
+    #[test]
+    fn egress_proxy_urls() {
+        for good in [
+            "http://proxy.internal:3128",
+            "http://10.0.0.7:8080/",
+            "http://[fd00::7]:3128",
+            "http://[fd00::7]",
+            "http://squid",
+        ] {
+            assert_eq!(check_egress_proxy_url(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("https://proxy:3128", "not supported"),
+            ("socks5://proxy:1080", "http://"),
+            ("http://user:hunter2@proxy:3128", "credentials_from"),
+            ("http://proxy:3128/path", "without a path"),
+            ("http://proxy:3128?x", "without a path"),
+            ("http://", "no host"),
+            ("http://:3128", "no host"),
+            ("http://proxy:0", "port"),
+            ("http://proxy:99999", "port"),
+            ("http://proxy:http", "port"),
+        ] {
+            let err = check_egress_proxy_url(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn egress_proxy_is_validated_and_its_credentials_watched() {
+        let text = format!(
+            "{MINIMAL}    egress_proxy: {{url: 'http://proxy:3128', credentials_from: {{file: /secrets/proxy/creds}}}}\n"
+        );
+        let config = ProxyConfig::from_yaml(&text).unwrap();
+        let proxy = config.regions[0].egress_proxy.as_ref().unwrap();
+        assert_eq!(proxy.url, "http://proxy:3128");
+        assert!(
+            config
+                .referenced_files()
+                .contains(&PathBuf::from("/secrets/proxy/creds"))
+        );
+
+        // The URL is never quoted back: it may hold a password.
+        let text = format!("{MINIMAL}    egress_proxy: {{url: 'http://u:hunter2@proxy:3128'}}\n");
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0].egress_proxy.url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let text = format!("{MINIMAL}    egress_proxy: {{url: 'https://proxy:3128'}}\n");
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0].egress_proxy.url: TLS"), "{err}");
+        // Inline credentials are not a secret reference.
+        let text = format!(
+            "{MINIMAL}    egress_proxy: {{url: 'http://proxy:3128', credentials_from: 'u:hunter2'}}\n"
+        );
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("regions[0].egress_proxy.credentials_from"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

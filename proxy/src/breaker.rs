@@ -204,11 +204,29 @@ impl Outcome {
     }
 }
 
-/// `retry-after` in seconds, as the Claude API sends it.
-pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let text = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs: f64 = text.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+/// The longest wait a `retry-after` can ask for, in either form; callers cap it further.
+const RETRY_AFTER_CEILING: Duration = Duration::from_secs(86_400);
+
+/// `retry-after` as seconds (what the Claude API sends) or as an HTTP-date
+/// (RFC 9110, what gateways in front of it may send), relative to `now`.
+/// A date in the past means no wait.
+pub fn retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(RETRY_AFTER_CEILING.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => {
+            let at = httpdate::parse_http_date(text).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(RETRY_AFTER_CEILING))
 }
 
 /// Runs `round` every `period` until aborted, the first round at once; a
@@ -995,11 +1013,51 @@ mod tests {
 
     #[test]
     fn retry_after_reads_seconds() {
+        let now = SystemTime::now();
         let mut headers = http::HeaderMap::new();
-        assert_eq!(retry_after(&headers), None);
+        assert_eq!(retry_after(&headers, now), None);
         headers.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));
         headers.insert(http::header::RETRY_AFTER, "soon".parse().unwrap());
-        assert_eq!(retry_after(&headers), None);
+        assert_eq!(retry_after(&headers, now), None);
+        headers.insert(http::header::RETRY_AFTER, "-3".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), None);
+        headers.insert(http::header::RETRY_AFTER, "999999999".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(RETRY_AFTER_CEILING));
+    }
+
+    #[test]
+    fn retry_after_reads_http_dates() {
+        // Wed, 21 Oct 2026 07:28:00 GMT
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_792_567_680);
+        let at = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers, now)
+        };
+        assert_eq!(
+            at("Wed, 21 Oct 2026 07:28:45 GMT"),
+            Some(Duration::from_secs(45))
+        );
+        // The two obsolete forms RFC 9110 still asks recipients to read.
+        assert_eq!(
+            at("Wednesday, 21-Oct-26 07:29:00 GMT"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            at("Wed Oct 21 07:28:10 2026"),
+            Some(Duration::from_secs(10))
+        );
+        // Already past (or exactly now): no wait.
+        assert_eq!(at("Wed, 21 Oct 2026 07:27:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(at("Wed, 21 Oct 2026 07:28:00 GMT"), Some(Duration::ZERO));
+        // Years away: capped like the seconds form.
+        assert_eq!(
+            at("Fri, 21 Oct 2050 07:28:00 GMT"),
+            Some(RETRY_AFTER_CEILING)
+        );
+        // Not a date.
+        assert_eq!(at("Wed, 32 Oct 2026 07:28:00 GMT"), None);
+        assert_eq!(at("tomorrow"), None);
     }
 }

@@ -446,12 +446,12 @@ pub fn key_id(key: &[u8]) -> String {
     hex::encode(&digest[..6])
 }
 
-/// How long a key answered with 429 rests: `retry-after` (seconds); else
-/// the `anthropic-ratelimit-*-reset` times (RFC 3339): the latest among the
-/// limits whose `-remaining` is 0, or the earliest future one; else
-/// [`DEFAULT_COOLDOWN`]. Capped at an hour.
+/// How long a key answered with 429 rests: `retry-after` (seconds or an
+/// HTTP-date; a past date: not at all); else the `anthropic-ratelimit-*-reset`
+/// times (RFC 3339): the latest among the limits whose `-remaining` is 0, or
+/// the earliest future one; else [`DEFAULT_COOLDOWN`]. Capped at an hour.
 pub fn cooldown(headers: &HeaderMap, now: SystemTime) -> Duration {
-    if let Some(wait) = crate::breaker::retry_after(headers) {
+    if let Some(wait) = crate::breaker::retry_after(headers, now) {
         return wait.min(MAX_COOLDOWN);
     }
     let mut exhausted: Option<Duration> = None;
@@ -609,6 +609,24 @@ mod tests {
             ("anthropic-ratelimit-tokens-reset", &at(20)),
         ]);
         assert_eq!(cooldown(&h, now), Duration::from_secs(2));
+        // So does its HTTP-date form; a date already past means no rest.
+        let date = |secs: i64| {
+            let at = if secs >= 0 {
+                now + Duration::from_secs(secs as u64)
+            } else {
+                now - Duration::from_secs(secs.unsigned_abs())
+            };
+            httpdate::fmt_http_date(at)
+        };
+        let h = headers(&[
+            ("retry-after", &date(90)),
+            ("anthropic-ratelimit-tokens-reset", &at(20)),
+        ]);
+        assert_eq!(cooldown(&h, now), Duration::from_secs(90));
+        let h = headers(&[("retry-after", &date(-30))]);
+        assert_eq!(cooldown(&h, now), Duration::ZERO);
+        let h = headers(&[("retry-after", &date(7 * 86_400))]);
+        assert_eq!(cooldown(&h, now), MAX_COOLDOWN);
         assert_eq!(cooldown(&HeaderMap::new(), now), DEFAULT_COOLDOWN);
         let h = headers(&[("anthropic-ratelimit-tokens-reset", "garbage")]);
         assert_eq!(cooldown(&h, now), DEFAULT_COOLDOWN);

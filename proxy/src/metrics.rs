@@ -145,7 +145,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         registry.register(
             "upstream_errors",
-            "Upstream exchanges that failed, by kind (connect, timeout, body, idle_timeout)",
+            "Upstream exchanges that failed, by kind (connect, connect_timeout, egress_proxy, timeout, body, idle_timeout)",
             upstream_errors.clone(),
         );
         let in_flight = Gauge::default();

@@ -22,7 +22,7 @@ use crate::routing::geoip::GeoIp;
 use crate::secrets;
 use crate::store::AnyStore;
 use crate::tls;
-use crate::upstream::{Transport, TransportKey};
+use crate::upstream::{EgressProxy, Transport, TransportKey};
 
 pub struct Region {
     pub name: Name,
@@ -107,7 +107,22 @@ impl Snapshot {
                 })?),
                 None => None,
             };
-            let key = TransportKey::new(rc, ca_pem);
+            let egress = match &rc.egress_proxy {
+                Some(proxy) => {
+                    let credentials = match &proxy.credentials_from {
+                        Some(source) => Some(secrets::resolve(source).map_err(|e| {
+                            format!("regions[{i}].egress_proxy.credentials_from: {e}")
+                        })?),
+                        None => None,
+                    };
+                    Some(
+                        EgressProxy::new(proxy, credentials)
+                            .map_err(|e| format!("regions[{i}].{e}"))?,
+                    )
+                }
+                None => None,
+            };
+            let key = TransportKey::new(rc, ca_pem, egress);
             let reused = previous.and_then(|p| {
                 p.regions
                     .iter()

@@ -21,7 +21,8 @@
 //! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
-//!    `timeouts.response_headers` (504), connect failures 502.
+//!    `timeouts.response_headers` (504), connect failures (the region's
+//!    egress proxy refusing the tunnel among them) 502.
 //! 9. **respond** — status, headers (hop-by-hop dropped) and body passed
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams.
@@ -391,7 +392,8 @@ async fn forward(
             Ok(mut answer) => {
                 let status = answer.response.status();
                 lease.record(status, answer.response.headers());
-                let outcome = Outcome::of_status(status, retry_after(answer.response.headers()));
+                let after = retry_after(answer.response.headers(), std::time::SystemTime::now());
+                let outcome = Outcome::of_status(status, after);
                 ticket.record(outcome);
                 answer.lease = Some(lease);
                 if outcome.is_failure() {
@@ -477,6 +479,14 @@ async fn attempt(
                 ),
                 SendFailure::Connect(reason) => (
                     "connect",
+                    FailureKind::Connect,
+                    RelayError::UpstreamConnect {
+                        region: region_name,
+                        reason,
+                    },
+                ),
+                SendFailure::EgressProxy(reason) => (
+                    "egress_proxy",
                     FailureKind::Connect,
                     RelayError::UpstreamConnect {
                         region: region_name,

@@ -1,6 +1,11 @@
 //! The way to one upstream region: a pooled hyper client over rustls
 //! (HTTP/2 where the upstream offers it), its connect timeout, its
 //! in-flight cap, and the pool figures that metrics show.
+//!
+//! A region with an egress proxy opens each upstream connection as a tunnel
+//! through it (`CONNECT host:port`), and TLS to the upstream runs inside
+//! the tunnel. Pooled connections are reused, so the tunnel is set up once
+//! per connection, never per request.
 
 use std::future::Future;
 use std::io;
@@ -10,8 +15,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
-use claude_relay_crds::config::RegionConfig;
+use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body_util::Full;
@@ -19,8 +25,12 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+
+use crate::secrets::Secret;
 
 /// What the transport of a region depends on; regions whose transport
 /// settings did not change keep their pool across a reload.
@@ -32,10 +42,16 @@ pub struct TransportKey {
     max_idle_per_host: usize,
     pool_idle_timeout: Duration,
     max_in_flight: usize,
+    /// New credentials mean a new pool: tunnels made with the old ones go.
+    egress: Option<EgressProxy>,
 }
 
 impl TransportKey {
-    pub fn new(region: &RegionConfig, ca_pem: Option<Vec<u8>>) -> Self {
+    pub fn new(
+        region: &RegionConfig,
+        ca_pem: Option<Vec<u8>>,
+        egress: Option<EgressProxy>,
+    ) -> Self {
         Self {
             base_url: region.base_url.clone(),
             ca_pem,
@@ -43,8 +59,122 @@ impl TransportKey {
             max_idle_per_host: region.pool.max_idle_per_host,
             pool_idle_timeout: *region.pool.idle_timeout,
             max_in_flight: region.pool.max_in_flight,
+            egress,
         }
     }
+}
+
+/// An egress proxy as the connector uses it: where it is, and the
+/// `Proxy-Authorization` value made from its credentials.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressProxy {
+    /// `http://host:port` of the proxy, what the TCP connector dials.
+    address: Uri,
+    authorization: Option<Secret>,
+}
+
+impl EgressProxy {
+    /// `credentials`: the resolved `credentials_from` (`user:password`).
+    /// Errors name the field, never the URL or the credentials.
+    pub fn new(config: &EgressProxyConfig, credentials: Option<Secret>) -> Result<Self, String> {
+        let address: Uri = config
+            .url
+            .parse()
+            .map_err(|_| "egress_proxy.url is not a valid URL".to_string())?;
+        if address.host().is_none() {
+            return Err("egress_proxy.url has no host".into());
+        }
+        let authorization = match credentials {
+            Some(credentials) => {
+                if !credentials.expose().contains(':') {
+                    return Err("egress_proxy.credentials_from must hold user:password".into());
+                }
+                let encoded =
+                    base64::engine::general_purpose::STANDARD.encode(credentials.expose());
+                Some(Secret::new(format!("Basic {encoded}")))
+            }
+            None => None,
+        };
+        Ok(Self {
+            address,
+            authorization,
+        })
+    }
+
+    /// Opens a tunnel to `target` (`host:port`) on `stream`, a fresh
+    /// connection to the proxy. The answer's head is read whole and nothing
+    /// past it, so the tunnel starts clean.
+    async fn open_tunnel(&self, stream: &mut TcpStream, target: &str) -> Result<(), EgressError> {
+        let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(authorization) = &self.authorization {
+            head.push_str("Proxy-Authorization: ");
+            head.push_str(authorization.expose());
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        stream
+            .write_all(head.as_bytes())
+            .await
+            .map_err(EgressError::Io)?;
+        drop(head);
+
+        let mut answer = Vec::with_capacity(256);
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(EgressError::Io)?;
+            if n == 0 {
+                return Err(EgressError::Closed);
+            }
+            answer.extend_from_slice(&chunk[..n]);
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let status = status_of(&answer[..end]).ok_or(EgressError::NotHttp)?;
+                if !status.is_success() {
+                    return Err(EgressError::Refused(status));
+                }
+                // Nothing was sent into the tunnel yet, so nothing may come out of it.
+                if answer.len() > end + 4 {
+                    return Err(EgressError::NotHttp);
+                }
+                return Ok(());
+            }
+            if answer.len() > MAX_CONNECT_ANSWER {
+                return Err(EgressError::AnswerTooLong);
+            }
+        }
+    }
+}
+
+/// Longest answer head to CONNECT that the connector reads.
+const MAX_CONNECT_ANSWER: usize = 8 * 1024;
+
+/// The status of an HTTP/1 response head (`HTTP/1.x NNN reason`).
+fn status_of(head: &[u8]) -> Option<http::StatusCode> {
+    let line = head.split(|b| *b == b'\r').next()?;
+    let rest = line.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    if rest.get(1) != Some(&b' ') || rest.get(5).is_some_and(|b| *b != b' ') {
+        return None;
+    }
+    http::StatusCode::from_bytes(code).ok()
+}
+
+/// The egress proxy did not give a tunnel. Counts as a connect failure of
+/// the region. Never carries the credentials, nor what the proxy wrote
+/// beyond its status code (a proxy may echo the request).
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("cannot reach the egress proxy: {0}")]
+    Unreachable(String),
+    #[error("the egress proxy refused the tunnel: {0}")]
+    Refused(http::StatusCode),
+    #[error("the egress proxy closed the connection before answering CONNECT")]
+    Closed,
+    #[error("the egress proxy's answer to CONNECT is not HTTP")]
+    NotHttp,
+    #[error("the egress proxy's answer to CONNECT is longer than {MAX_CONNECT_ANSWER} bytes")]
+    AnswerTooLong,
+    #[error("egress proxy: {0}")]
+    Io(io::Error),
 }
 
 type Connector = TimeoutConnector<HttpsConnector<CountingConnector>>;
@@ -172,7 +302,11 @@ fn build_client(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let counting = CountingConnector { inner: http, open };
+    let counting = CountingConnector {
+        inner: http,
+        open,
+        egress: key.egress.clone().map(Arc::new),
+    };
     let https = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -230,32 +364,72 @@ where
     }
 }
 
-/// Counts open TCP connections: each connection it makes holds a count
-/// until it is dropped.
+/// Opens TCP connections to the upstream, or tunnels through the region's
+/// egress proxy, and counts them: each holds a count until it is dropped.
 #[derive(Clone)]
 pub struct CountingConnector {
     inner: HttpConnector,
     open: Arc<AtomicI64>,
+    egress: Option<Arc<EgressProxy>>,
 }
 
-impl tower_service::Service<Uri> for CountingConnector {
-    type Response = CountedIo<<HttpConnector as tower_service::Service<Uri>>::Response>;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+type TcpIo = TokioIo<TcpStream>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = CountedIo<TcpIo>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
         let open = self.open.clone();
+        let Some(egress) = self.egress.clone() else {
+            let connecting = self.inner.call(uri);
+            return Box::pin(async move {
+                let io = connecting.await?;
+                open.fetch_add(1, Ordering::Relaxed);
+                Ok(CountedIo { inner: io, open })
+            });
+        };
+        let connecting = self.inner.call(egress.address.clone());
         Box::pin(async move {
-            let io = connecting.await?;
+            let target = tunnel_target(&uri)?;
+            let io = connecting
+                .await
+                .map_err(|e| EgressError::Unreachable(innermost(&e).to_string()))?;
+            // Counted from here: a tunnel that fails drops (and uncounts) it.
             open.fetch_add(1, Ordering::Relaxed);
-            Ok(CountedIo { inner: io, open })
+            let mut io = CountedIo { inner: io, open };
+            egress.open_tunnel(io.inner.inner_mut(), &target).await?;
+            Ok(io)
         })
     }
+}
+
+/// `host:port` of an upstream URI, the port filled in from the scheme.
+fn tunnel_target(uri: &Uri) -> Result<String, BoxError> {
+    let host = uri.host().ok_or("the upstream URI has no host")?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        });
+    Ok(format!("{host}:{port}"))
+}
+
+fn innermost<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut innermost = error;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    innermost
 }
 
 pub struct CountedIo<T> {
@@ -315,23 +489,26 @@ impl<T: Write + Unpin> Write for CountedIo<T> {
 pub enum SendFailure {
     Connect(String),
     ConnectTimeout,
+    /// The region's egress proxy gave no tunnel; a connect failure too.
+    EgressProxy(String),
     Other(String),
 }
 
-/// Sorts a hyper client error into connect failure, connect timeout or other.
+/// Sorts a hyper client error into connect failure, connect timeout, egress
+/// proxy failure or other.
 pub fn classify(error: &hyper_util::client::legacy::Error) -> SendFailure {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if e.is::<ConnectTimeout>() {
             return SendFailure::ConnectTimeout;
         }
+        if let Some(egress) = e.downcast_ref::<EgressError>() {
+            return SendFailure::EgressProxy(egress.to_string());
+        }
         source = e.source();
     }
     // The innermost cause says the most (refused, reset, unknown host, bad certificate).
-    let mut innermost: &(dyn std::error::Error + 'static) = error;
-    while let Some(next) = innermost.source() {
-        innermost = next;
-    }
+    let innermost = innermost(error);
     if error.is_connect() {
         SendFailure::Connect(innermost.to_string())
     } else {
@@ -348,7 +525,125 @@ mod tests {
             "name": "t", "base_url": base, "api_keys": [{"env": "X"}]
         }))
         .unwrap();
-        Transport::new(TransportKey::new(&region, None), 1).unwrap()
+        Transport::new(TransportKey::new(&region, None, None), 1).unwrap()
+    }
+
+    /// A one-shot proxy on a free port: answers the first connection's
+    /// request head with `answer`; returns what it was sent.
+    async fn scripted_proxy(
+        answer: &'static [u8],
+    ) -> (EgressProxy, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !seen.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "client went away mid-request");
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            // The client may hang up mid-answer (the endless head).
+            let _ = stream.write_all(answer).await;
+            String::from_utf8(seen).unwrap()
+        });
+        let config = EgressProxyConfig {
+            url,
+            credentials_from: None,
+        };
+        let proxy = EgressProxy::new(&config, Some(Secret::new("relay:pa55word"))).unwrap();
+        (proxy, task)
+    }
+
+    async fn tunnel(answer: &'static [u8]) -> (Result<(), EgressError>, String) {
+        let (proxy, seen) = scripted_proxy(answer).await;
+        let addr = format!(
+            "{}:{}",
+            proxy.address.host().unwrap(),
+            proxy.address.port_u16().unwrap()
+        );
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let result = proxy.open_tunnel(&mut stream, "api.example.com:443").await;
+        (result, seen.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn connect_request_names_target_and_credentials() {
+        let (result, seen) = tunnel(b"HTTP/1.0 200 Connection established\r\n\r\n").await;
+        result.unwrap();
+        assert_eq!(
+            seen,
+            // base64("relay:pa55word")
+            "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\
+             Proxy-Authorization: Basic cmVsYXk6cGE1NXdvcmQ=\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_and_garbage_are_clear_errors_without_credentials() {
+        let cases: [(&'static [u8], &str); 5] = [
+            (
+                b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n<html>relay:pa55word</html>",
+                "the egress proxy refused the tunnel: 407 Proxy Authentication Required",
+            ),
+            (
+                b"HTTP/1.1 502 Bad Gateway cmVsYXk6cGE1NXdvcmQ=\r\n\r\n",
+                "the egress proxy refused the tunnel: 502 Bad Gateway",
+            ),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", "not HTTP"),
+            // Bytes from the far side before the client spoke: not a clean tunnel.
+            (b"HTTP/1.1 200 OK\r\n\r\nsurprise", "not HTTP"),
+            (b"HTTP/1.1 200 OK\r\n", "closed the connection"),
+        ];
+        for (answer, expected) in cases {
+            let (result, _) = tunnel(answer).await;
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains(expected), "{message}");
+            assert!(
+                !message.contains("pa55word") && !message.contains("cmVsYXk6"),
+                "{message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_head_is_cut_off() {
+        static LONG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            head.extend(std::iter::repeat_n(b'x', 3 * MAX_CONNECT_ANSWER));
+            head
+        });
+        let (result, _) = tunnel(LONG.as_slice()).await;
+        assert!(matches!(result, Err(EgressError::AnswerTooLong)));
+    }
+
+    #[test]
+    fn status_line_parsing() {
+        assert_eq!(
+            status_of(b"HTTP/1.1 200 Connection established"),
+            Some(http::StatusCode::OK)
+        );
+        assert_eq!(status_of(b"HTTP/1.0 200"), Some(http::StatusCode::OK));
+        assert_eq!(status_of(b"HTTP/1.1 2000 x"), None);
+        assert_eq!(status_of(b"HTTP/2 200 x"), None);
+        assert_eq!(status_of(b"ICY 200 OK"), None);
+    }
+
+    #[test]
+    fn credentials_must_be_user_and_password_and_never_show() {
+        let config = EgressProxyConfig {
+            url: "http://proxy:3128".into(),
+            credentials_from: None,
+        };
+        let err = EgressProxy::new(&config, Some(Secret::new("justatoken"))).unwrap_err();
+        assert!(!err.contains("justatoken"), "{err}");
+        let proxy = EgressProxy::new(&config, Some(Secret::new("u:secretpw"))).unwrap();
+        let shown = format!("{proxy:?}");
+        assert!(
+            !shown.contains("secretpw") && !shown.contains("dTpzZWNyZXRwdw"),
+            "{shown}"
+        );
     }
 
     #[test]

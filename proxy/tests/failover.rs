@@ -1,7 +1,7 @@
 //! Failover, the shared breaker and the key pool, driven through real proxy
 //! processes against upstream doubles (and a real Redis where replicas share).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use claude_relay_testkit::http::{self as th, request, send};
@@ -186,6 +186,94 @@ async fn a_key_answered_429_rests_and_comes_back() {
     );
     let text = proxy.metrics().await;
     assert!(!text.contains("sk-ant-"), "a key reached the metrics");
+}
+
+/// `retry-after` as an HTTP-date (whole seconds, so waits are up to a
+/// second shorter than the offset asked for).
+fn http_date_in(offset: Duration, past: bool) -> String {
+    let now = SystemTime::now();
+    httpdate::fmt_http_date(if past { now - offset } else { now + offset })
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_rests_a_key_until_then_and_a_past_one_not_at_all() {
+    let upstream = MockUpstream::start().await;
+    let date = http_date_in(Duration::from_secs(3), false);
+    let until = httpdate::parse_http_date(&date).unwrap();
+    upstream.force_for_key("sk-ant-a", Some(&format!("status-429:{date}")));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "",
+    ));
+    let client = th::client();
+    let first = send(&client, message(&proxy, &[])).await;
+    assert_eq!(first.status, 429);
+    upstream.force_for_key("sk-ant-a", None);
+    for _ in 0..4 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(
+        upstream.requests_with_key("sk-ant-a"),
+        1,
+        "key A must rest until the date"
+    );
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(300)).await;
+    for _ in 0..4 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert!(
+        upstream.requests_with_key("sk-ant-a") >= 2,
+        "key A never came back"
+    );
+
+    // A date already past: the only key does not rest (with the default
+    // cooldown the next request would find no key).
+    let single = MockUpstream::start().await;
+    let past = http_date_in(Duration::from_secs(60), true);
+    single.force_for_key("sk-ant-a", Some(&format!("status-429:{past}")));
+    let proxy = start(&config(
+        &region("only", &single.base_url(), 0, &["KEY_A"]),
+        "",
+    ));
+    assert_eq!(send(&client, message(&proxy, &[])).await.status, 429);
+    single.force_for_key("sk-ant-a", None);
+    let answer = send(&client, message(&proxy, &[])).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_keeps_an_open_breaker_open_past_open_for() {
+    let flaky = MockUpstream::start().await;
+    let date = http_date_in(Duration::from_secs(60), false);
+    flaky.force(Some(&format!("status-500:{date}")));
+    let good = MockUpstream::start().await;
+    let proxy = start(&config(
+        &(region("flaky", &flaky.base_url(), 0, &["KEY_A"])
+            + &region("good", &good.base_url(), 1, &["KEY_B"])),
+        "breaker: {window: 10s, min_requests: 2, failure_rate: 0.5, open_for: 1s}\n",
+    ));
+    let client = th::client();
+    for _ in 0..4 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(flaky.request_count(), 2, "two failures open the breaker");
+    // Past `open_for` a probe would go out, were it not for the date.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(
+        flaky.request_count(),
+        2,
+        "the breaker let a probe through before the date"
+    );
+    assert_eq!(
+        proxy
+            .metric("claude_relay_breaker_state{upstream=\"flaky\"}")
+            .await,
+        Some(2.0)
+    );
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@
 //! | `status-429` | 429 rate_limit_error, `retry-after: 7` |
 //! | `status-529` | 529 overloaded_error |
 //! | `status-500` | 500 api_error |
+//! | `status-NNN:VALUE` | as `status-NNN`, with `retry-after: VALUE` (seconds or an HTTP-date) |
 //! | `status-401` | 401 authentication_error (a bad upstream key) |
 //! | `stall` | never answers |
 //!
@@ -41,6 +42,8 @@ use tokio::sync::{Notify, mpsc};
 /// One request as the upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// Who connected: the relay, or the egress proxy it tunnelled through.
+    pub peer: SocketAddr,
     pub method: http::Method,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -148,7 +151,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
         TokioExecutor::new(),
     ));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -157,7 +160,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(state, request).await) }
+                async move { Ok::<_, Infallible>(answer(state, request, peer).await) }
             });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -168,7 +171,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
 
 type MockResponse = Response<MockBody>;
 
-async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
+async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr) -> MockResponse {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -180,6 +183,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
         .path_and_query()
         .map_or("/".to_string(), |pq| pq.to_string());
     state.requests.lock().unwrap().push(Recorded {
+        peer,
         method: parts.method.clone(),
         path_and_query: path_and_query.clone(),
         headers: parts.headers.clone(),
@@ -199,11 +203,14 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
             .unwrap_or("json")
             .to_string()
     });
-    // `status-429:N`: a 429 with `retry-after: N`.
-    let (mode, retry_after) = match mode.split_once(':') {
-        Some((mode, secs)) => (mode.to_string(), secs.to_string()),
-        None => (mode, "7".to_string()),
+    // `status-429:N`: a 429 with `retry-after: N` (an HTTP-date has colons
+    // of its own: only the first one splits).
+    let (mode, asked_retry_after) = match mode.split_once(':') {
+        Some((mode, value)) => (mode.to_string(), Some(value.to_string())),
+        None => (mode, None),
     };
+    let retry_after_header =
+        |value: &str| HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("7"));
     let delay = Duration::from_millis(
         parts
             .headers
@@ -249,21 +256,31 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
             );
             r.headers_mut().insert(
                 "retry-after",
-                HeaderValue::from_str(&retry_after).unwrap_or(HeaderValue::from_static("7")),
+                retry_after_header(asked_retry_after.as_deref().unwrap_or("7")),
             );
             r
         }
-        "status-529" => json(
-            StatusCode::from_u16(529).unwrap(),
-            error_body("overloaded_error", "Overloaded"),
-        ),
+        "status-529" | "status-500" => {
+            let mut r = if mode == "status-529" {
+                json(
+                    StatusCode::from_u16(529).unwrap(),
+                    error_body("overloaded_error", "Overloaded"),
+                )
+            } else {
+                json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    error_body("api_error", "Internal server error"),
+                )
+            };
+            if let Some(value) = &asked_retry_after {
+                r.headers_mut()
+                    .insert("retry-after", retry_after_header(value));
+            }
+            r
+        }
         "status-401" => json(
             StatusCode::UNAUTHORIZED,
             error_body("authentication_error", "invalid x-api-key"),
-        ),
-        "status-500" => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            error_body("api_error", "Internal server error"),
         ),
         "stall" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;

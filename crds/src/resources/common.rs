@@ -13,6 +13,10 @@ pub const VERSION: &str = "v1alpha1";
 /// What a base URL looks like: `http(s)://host[:port][/path]`, no credentials,
 /// query or fragment. Kept in step with [`crate::config::check_base_url`].
 pub const BASE_URL_PATTERN: &str = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$";
+/// What an egress proxy URL looks like: `http://host[:port]`, no TLS to the
+/// proxy, credentials, path, query or fragment. Kept in step with
+/// [`crate::config::check_egress_proxy_url`].
+pub const EGRESS_PROXY_URL_PATTERN: &str = r"^http://[^\s/?#@]+/?$";
 /// An ISO 3166-1 alpha-2 country code, upper case.
 pub const COUNTRY_PATTERN: &str = "^[A-Z]{2}$";
 /// A client id or region name as the proxy config accepts it.

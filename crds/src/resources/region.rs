@@ -6,7 +6,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    BASE_URL_PATTERN, BreakerState, COUNTRY_PATTERN, Continent, SecretKeyRef, Timeouts,
+    BASE_URL_PATTERN, BreakerState, COUNTRY_PATTERN, Continent, EGRESS_PROXY_URL_PATTERN,
+    SecretKeyRef, Timeouts,
 };
 
 /// An upstream region; ClaudeRelays select it by label.
@@ -74,8 +75,10 @@ fn default_weight() -> i32 {
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressProxy {
-    /// `http://host:port`; credentials belong in `credentialsSecretRef`.
-    #[schemars(pattern(BASE_URL_PATTERN))]
+    /// `http://host:port` (TLS to the proxy itself is not supported; TLS to
+    /// the upstream runs inside the tunnel); credentials belong in
+    /// `credentialsSecretRef`.
+    #[schemars(pattern(EGRESS_PROXY_URL_PATTERN))]
     pub url: String,
     /// `user:password` for Proxy-Authorization.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -78,6 +78,12 @@ pub fn render_config(
             if let Some(ca) = &region.spec.ca_secret_ref {
                 r["tls"] = json!({ "ca_file": secret_path(ca) });
             }
+            if let Some(proxy) = &region.spec.egress_proxy {
+                r["egress_proxy"] = json!({ "url": proxy.url });
+                if let Some(credentials) = &proxy.credentials_secret_ref {
+                    r["egress_proxy"]["credentials_from"] = file(credentials);
+                }
+            }
             r
         })
         .collect();

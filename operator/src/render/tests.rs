@@ -577,3 +577,55 @@ fn secret_volume_names_are_valid_labels() {
     let long = deployment::secret_volume_name(&"k".repeat(100));
     assert!(long.len() <= 63);
 }
+
+#[test]
+fn egress_proxies_are_rendered_with_mounted_credentials() {
+    use claude_relay_crds::resources::EgressProxy;
+    let mut us = UpstreamRegion::test("us", "https://api.anthropic.com");
+    us.spec.egress_proxy = Some(EgressProxy {
+        url: "http://egress-us.internal:3128".into(),
+        credentials_secret_ref: Some(SecretKeyRef::new("egress-us", "credentials")),
+    });
+    let mut eu = UpstreamRegion::test("eu", "https://eu.gateway.example").with_priority(10);
+    eu.spec.egress_proxy = Some(EgressProxy {
+        url: "http://egress-eu.internal:3128".into(),
+        credentials_secret_ref: None,
+    });
+    let direct = UpstreamRegion::test("ap", "https://ap.gateway.example").with_priority(20);
+
+    let rendered = render(&ClaudeRelay::test(), &[us, eu, direct], &defaults()).unwrap();
+    let value = json_of(&parse_config_map(&rendered));
+    assert_eq!(
+        value["regions"][0]["egress_proxy"],
+        json!({
+            "url": "http://egress-us.internal:3128",
+            "credentials_from": {"file": "/etc/claude-relay/secrets/egress-us/credentials"},
+        })
+    );
+    assert_eq!(
+        value["regions"][1]["egress_proxy"],
+        json!({"url": "http://egress-eu.internal:3128"})
+    );
+    assert!(value["regions"][2].get("egress_proxy").is_none());
+    // The credentials Secret is mounted like the API key Secrets.
+    let pod = json_of(&rendered.deployment)["spec"]["template"]["spec"].clone();
+    let mounts: Vec<_> = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/etc/claude-relay/secrets/egress-us"),
+        "{mounts:?}"
+    );
+
+    // A proxy URL the proxy cannot use is an invalid spec naming the field.
+    let mut tls_proxy = UpstreamRegion::test("us", "https://api.anthropic.com");
+    tls_proxy.spec.egress_proxy = Some(EgressProxy {
+        url: "https://egress.internal:3128".into(),
+        credentials_secret_ref: None,
+    });
+    let err = render(&ClaudeRelay::test(), &[tls_proxy], &defaults()).unwrap_err();
+    assert!(err.0.contains("regions[0].egress_proxy.url"), "{err}");
+}
