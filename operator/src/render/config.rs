@@ -10,7 +10,7 @@ use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use kube::ResourceExt;
 use serde_json::{Map, Value, json};
 
-use super::{ADMIN_PORT, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
+use super::{ADMIN_PORT, GEOIP_DIR, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
 
 /// Renders and validates the proxy config of `relay` with `regions`.
 pub fn render_config(
@@ -90,6 +90,19 @@ pub fn render_config(
     if let Some(redis) = &spec.redis {
         doc["store"] = json!({ "redis": redis_store(redis) });
     }
+    if let Some(breaker) = &spec.breaker {
+        doc["breaker"] = json!({
+            "window": breaker.window,
+            "min_requests": breaker.min_requests,
+            "failure_rate": f64::from(breaker.failure_rate_percent) / 100.0,
+            "open_for": breaker.open_for,
+            "half_open_probes": breaker.half_open_probes,
+        });
+    }
+    let routing = routing(relay);
+    if !routing.is_empty() {
+        doc["routing"] = Value::Object(routing);
+    }
 
     let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
         InvalidSpec(format!(
@@ -100,6 +113,41 @@ pub fn render_config(
         .validate()
         .map_err(|e| InvalidSpec(format!("invalid proxy config: {e}")))?;
     Ok(config)
+}
+
+/// `routing`: the relay's rules, and the database on the GeoIP volume.
+fn routing(relay: &ClaudeRelay) -> Map<String, Value> {
+    let mut out = Map::new();
+    if let Some(routing) = &relay.spec.routing {
+        if let Some(rules) = &routing.rules {
+            out.insert(
+                "rules".into(),
+                json!(
+                    rules
+                        .iter()
+                        .map(|rule| json!({
+                            "countries": rule.countries.clone().unwrap_or_default(),
+                            "continents": rule.continents.clone().unwrap_or_default(),
+                            "regions": rule.regions,
+                        }))
+                        .collect::<Vec<_>>()
+                ),
+            );
+        }
+        if let Some(default) = &routing.default_regions {
+            out.insert("default".into(), json!(default));
+        }
+        if let Some(trusted) = &routing.trusted_proxies {
+            out.insert("trusted_proxies".into(), json!(trusted));
+        }
+    }
+    if let Some(geoip) = &relay.spec.geoip {
+        out.insert(
+            "geoip_db".into(),
+            json!(format!("{GEOIP_DIR}/{}", geoip.file)),
+        );
+    }
+    out
 }
 
 /// The config document as the ConfigMap holds it. Serialised through JSON

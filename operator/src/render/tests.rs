@@ -121,6 +121,52 @@ fn region_timeouts_override_the_relays() {
 }
 
 #[test]
+fn breaker_and_routing_reach_the_proxy_config() {
+    use claude_relay_crds::resources::{BreakerSettings, Continent, RouteRule, Routing};
+    let mut relay = ClaudeRelay::test();
+    // Left unset, the proxy keeps its own defaults.
+    let config = render_config(&relay, &regions()).unwrap();
+    assert_eq!(config.breaker, Default::default());
+    assert_eq!(config.routing, Default::default());
+
+    relay.spec.breaker = Some(BreakerSettings {
+        window: HumanDuration::from_secs(5),
+        min_requests: 4,
+        failure_rate_percent: 40,
+        open_for: HumanDuration::from_secs(2),
+        half_open_probes: 2,
+    });
+    relay.spec.routing = Some(Routing {
+        rules: Some(vec![RouteRule {
+            countries: Some(vec!["DE".into()]),
+            continents: Some(vec![Continent::EU]),
+            regions: vec!["eu".into(), "us".into()],
+        }]),
+        default_regions: Some(vec!["us".into()]),
+        trusted_proxies: Some(vec!["10.0.0.0/8".into()]),
+    });
+    let config = render_config(&relay, &regions()).unwrap();
+    let b = &config.breaker;
+    assert_eq!(b.window, HumanDuration::from_secs(5));
+    assert_eq!(b.min_requests, 4);
+    assert!((b.failure_rate - 0.4).abs() < 1e-9, "{}", b.failure_rate);
+    assert_eq!(b.open_for, HumanDuration::from_secs(2));
+    assert_eq!(b.half_open_probes, 2);
+    let r = &config.routing;
+    assert_eq!(r.rules.len(), 1);
+    assert_eq!(r.rules[0].countries, ["DE"]);
+    assert_eq!(r.rules[0].continents, ["EU"]);
+    assert_eq!(r.rules[0].regions, ["eu", "us"]);
+    assert_eq!(r.default, ["us"]);
+    assert_eq!(r.trusted_proxies, ["10.0.0.0/8"]);
+    assert_eq!(r.geoip_db, None);
+
+    // A rule naming a region the relay does not select is a spec error.
+    relay.spec.routing.as_mut().unwrap().default_regions = Some(vec!["ap".into()]);
+    assert!(render_config(&relay, &regions()).is_err());
+}
+
+#[test]
 fn no_regions_is_an_invalid_config() {
     let err = render(&ClaudeRelay::test(), &[], &defaults()).unwrap_err();
     assert!(err.0.contains("regions"), "{err}");
