@@ -4,3 +4,6 @@
 //! served on loopback). See `e2e/README.md`.
 
 pub mod apiserver;
+pub mod cluster;
+pub mod operator;
+pub mod pods;

@@ -468,6 +468,7 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
                     ));
                 }
                 PatchKind::Apply {
+                    manager: manager.clone(),
                     force: req.param("force") == Some("true"),
                 }
             } else if req.content_type.starts_with("application/merge-patch+json")
@@ -487,7 +488,7 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
                 ));
             };
             let body = req.json_body()?;
-            store.patch(&rt, &namespace, name, kind, body, &manager, target.status)
+            store.patch(&rt, &namespace, name, kind, body, target.status)
         }
         (&Method::DELETE, Some(name)) => {
             let orphan = req

@@ -178,10 +178,10 @@ pub struct Change {
 }
 
 /// How a PATCH body is to be read.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum PatchKind {
-    /// Server-side apply.
-    Apply { force: bool },
+    /// Server-side apply by the field manager `manager`.
+    Apply { manager: String, force: bool },
     /// RFC 7386; strategic merge patches are taken as merge patches.
     Merge,
 }
@@ -420,7 +420,6 @@ impl Store {
         name: &str,
         kind: PatchKind,
         patch: Value,
-        manager: &str,
         status: bool,
     ) -> Result<Value> {
         let key = Self::key(rt, namespace, name);
@@ -437,7 +436,8 @@ impl Store {
                 };
                 self.commit(rt, key, Some(&old), new)
             }
-            PatchKind::Apply { force } => {
+            PatchKind::Apply { manager, force } => {
+                let manager = manager.as_str();
                 if old.is_none() && status {
                     return Err(ApiError::not_found(rt, name));
                 }
@@ -655,6 +655,9 @@ impl Store {
             metadata.insert("uid".into(), json!(new_uid()));
             metadata.insert("creationTimestamp".into(), json!(now()));
         }
+        if key.resource == "/secrets" {
+            string_data_into_data(&mut new);
+        }
         if let Some(schema) = &rt.schema {
             let errors = schema::admit(schema, &mut new, old);
             if !errors.is_empty() {
@@ -689,7 +692,28 @@ impl Store {
             self.register(&mut new)?;
         }
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        Ok(self.store(rt, key, kind, new))
+        let stored = self.store(rt, key.clone(), kind, new);
+        if self.orphaned(&stored) {
+            // What the garbage collector does with an object written after
+            // its owner went (a controller's late write): it deletes it.
+            self.remove(&key, false);
+        }
+        Ok(stored)
+    }
+
+    /// Whether `object` has owners and none of them exists any more.
+    fn orphaned(&self, object: &Value) -> bool {
+        let Some(refs) = meta(object, "ownerReferences")
+            .and_then(Value::as_array)
+            .filter(|r| !r.is_empty())
+        else {
+            return false;
+        };
+        !refs.iter().any(|r| {
+            self.objects
+                .values()
+                .any(|o| meta(o, "uid") == r.get("uid"))
+        })
     }
 
     /// Stores a new version with the next resourceVersion and records the change.
@@ -762,6 +786,22 @@ impl Store {
         for k in keys {
             self.remove(&k, false);
         }
+    }
+}
+
+/// A Secret's `stringData` is write-only: the server moves it into `data`, base64.
+fn string_data_into_data(secret: &mut Value) {
+    let Some(Value::Object(strings)) = secret.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret.get("data").is_some_and(Value::is_object) {
+        secret["data"] = json!({});
+    }
+    for (key, value) in strings {
+        let bytes = value.as_str().unwrap_or_default().as_bytes().to_vec();
+        secret["data"][key] =
+            serde_json::to_value(k8s_openapi::ByteString(bytes)).expect("bytes serialize");
     }
 }
 
@@ -945,9 +985,11 @@ mod tests {
             &rt,
             "default",
             "cm",
-            PatchKind::Apply { force },
+            PatchKind::Apply {
+                manager: manager.into(),
+                force,
+            },
             json!({"metadata": {"name": "cm"}, "data": data}),
-            manager,
             false,
         )
     }
@@ -964,7 +1006,6 @@ mod tests {
                 "cm",
                 PatchKind::Merge,
                 json!({"data": {"c": "3"}}),
-                "kubectl",
                 false,
             )
             .unwrap();
@@ -1011,6 +1052,21 @@ mod tests {
     }
 
     #[test]
+    fn an_object_written_after_its_owner_went_is_collected() {
+        let mut store = Store::default();
+        let secrets = store.resource("", "v1", "secrets").unwrap();
+        let late = json!({"metadata": {"name": "late", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "no-such-uid"}]}});
+        store.create(&secrets, "default", late).unwrap();
+        assert_eq!(
+            store.get(&secrets, "default", "late").unwrap_err().code,
+            404
+        );
+        let kinds: Vec<&str> = store.changes.iter().rev().take(2).map(|c| c.kind).collect();
+        assert_eq!(kinds, ["DELETED", "ADDED"]);
+    }
+
+    #[test]
     fn finalizers_hold_the_object_until_removed() {
         let mut store = Store::default();
         let rt = configmaps(&store);
@@ -1030,11 +1086,21 @@ mod tests {
                 "f",
                 PatchKind::Merge,
                 json!({"metadata": {"finalizers": null}}),
-                "x",
                 false,
             )
             .unwrap();
         assert_eq!(store.get(&rt, "default", "f").unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn string_data_of_a_secret_becomes_data() {
+        let mut store = Store::default();
+        let rt = store.resource("", "v1", "secrets").unwrap();
+        let created = store
+            .create(&rt, "default", json!({"metadata": {"name": "s"}, "data": {"a": "eA=="}, "stringData": {"b": "key"}}))
+            .unwrap();
+        assert_eq!(created["data"], json!({"a": "eA==", "b": "a2V5"}));
+        assert!(created.get("stringData").is_none());
     }
 
     #[test]
@@ -1077,7 +1143,6 @@ mod tests {
                 "d",
                 PatchKind::Merge,
                 json!({"status": {"readyReplicas": 1}}),
-                "kubelet",
                 true,
             )
             .unwrap();
@@ -1093,7 +1158,6 @@ mod tests {
                 "d",
                 PatchKind::Merge,
                 json!({"spec": {"replicas": 2}, "status": null}),
-                "x",
                 false,
             )
             .unwrap();
