@@ -22,12 +22,48 @@ pub fn binary(name: &str) -> PathBuf {
             .to_path_buf(),
     };
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (`cargo build -p claude-relay-proxy -p claude-relay-operator`; `cargo test --workspace` does)",
-        path.display()
-    );
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: build it first (`cargo build -p claude-relay-proxy -p claude-relay-operator`; `cargo test --workspace` does)",
+            path.display()
+        )
+    });
+    // `cargo test -p claude-relay-e2e` alone does not rebuild the binaries:
+    // refuse to test an old build of changed sources.
+    let package = name.trim_start_matches("claude-relay-");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for sources in [root.join(package).join("src"), root.join("crds/src")] {
+        if let Some(newer) = newest_file(&sources).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: rebuild it (`cargo build -p claude-relay-{package}`) or run `cargo test --workspace`",
+                path.display(),
+                newer.1.display()
+            );
+        }
+    }
     path
+}
+
+fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
 }
 
 pub struct OperatorProcess {

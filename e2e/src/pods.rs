@@ -119,6 +119,28 @@ async fn environment(
     Ok(env)
 }
 
+/// Whether this process may make mount namespaces; the reason if not.
+fn check_mount_namespaces() -> anyhow::Result<()> {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let output = std::process::Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--", "true"])
+                .output()
+                .map_err(|e| format!("cannot run unshare (util-linux): {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`unshare --mount` failed ({}): the e2e tests start each proxy pod in a mount namespace of its own, which needs root (or CAP_SYS_ADMIN); run them as root or in the CI container",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// Starts `count` pods of `deployment` and waits until each is ready.
 pub async fn start(
     cluster: &Cluster,
@@ -126,6 +148,7 @@ pub async fn start(
     count: usize,
     dir: &Path,
 ) -> anyhow::Result<Vec<Pod>> {
+    check_mount_namespaces()?;
     let template = deployment
         .spec
         .as_ref()
