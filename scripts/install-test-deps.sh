@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the benchmark need, when it is missing:
-# redis-server (tests start their own on free ports), nginx and wrk (benchmark).
+# redis-server (tests start their own on free ports), nginx and wrk (benchmark),
+# unshare and mount (the e2e tests).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -8,6 +9,9 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# The e2e tests run each proxy pod under `unshare --mount` with bind mounts.
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v mount >/dev/null 2>&1 || missing+=(mount)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo_=""
