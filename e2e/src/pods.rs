@@ -11,7 +11,8 @@
 //! mounted, read-only like a Secret volume, at its `mountPath`, so the
 //! proxy reads the very paths the rendered config names. What a pod gets
 //! that the Deployment does not say: `KUBECONFIG` (instead of the in-cluster
-//! service account) and `--listen`/`--admin-listen` through
+//! service account; against the API double it authenticates as the pod's
+//! service account, so RBAC applies the operator's Role) and `--listen`/`--admin-listen` through
 //! `CLAUDE_RELAY_LISTEN` and `CLAUDE_RELAY_ADMIN_LISTEN` (instead of a pod IP
 //! of its own: replicas share the host's ports). Containers other than
 //! `proxy` (the GeoIP updater sidecar) are not started.
@@ -252,7 +253,18 @@ pub async fn start(
         ];
         command.extend(args.iter().map(String::as_str));
         let (api, admin) = free_addresses();
-        let kubeconfig = cluster.kubeconfig.display().to_string();
+        // Against the double, the pod is its service account, and RBAC
+        // checks what the operator's Role grants it; a real cluster gets the
+        // tests' own credentials (in-cluster ones do not work off the cluster).
+        let kubeconfig = match &cluster.api {
+            Some(api) => {
+                let path = pod_dir.join("kubeconfig");
+                api.write_service_account_kubeconfig(&path, &cluster.namespace, &service_account)?;
+                path
+            }
+            None => cluster.kubeconfig.clone(),
+        };
+        let kubeconfig = kubeconfig.display().to_string();
         let (api_text, admin_text) = (api.to_string(), admin.to_string());
         let mut vars: Vec<(&str, &str)> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -453,6 +453,30 @@ async fn rollout(world: &mut World) {
         assert_eq!(ready, desired, "{columns:?}");
     }
     assert_eq!(columns["REASON"], "ProxiesReady");
+    if let Some(api) = &world.cluster.api {
+        // The pods read their config as their service account, which the
+        // operator's Role allows to watch that one ConfigMap by name.
+        let sa = format!("[system:serviceaccount:{ns}:main-proxy]");
+        let watches: Vec<String> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.contains(&sa))
+            .collect();
+        assert!(
+            !watches.is_empty(),
+            "the pods made no request as their service account"
+        );
+        assert!(
+            watches.iter().all(|r| r.contains("/configmaps?")
+                && r.contains("fieldSelector=metadata.name=main-config")
+                && r.ends_with("-> 200")),
+            "{watches:#?}"
+        );
+        assert!(
+            watches.iter().any(|r| r.contains("watch=true")),
+            "{watches:#?}"
+        );
+    }
 }
 
 /// Each replica relays to the preferred region with the region's key,

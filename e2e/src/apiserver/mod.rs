@@ -26,12 +26,16 @@
 //! - finalizers, namespace deletion, and garbage collection of objects whose
 //!   ownerReferences name a deleted owner (background, or orphaning with
 //!   `propagationPolicy: Orphan`);
-//! - `Lease` objects for leader election and `Event`s (both are plain objects here).
+//! - `Lease` objects for leader election and `Event`s (both are plain objects here);
+//! - authentication by the kubeconfig's token ([`ApiServer::write_kubeconfig`]
+//!   for an administrator, [`ApiServer::write_service_account_kubeconfig`]
+//!   for a service account) and RBAC for service accounts: what the Roles
+//!   bound to them allow, `resourceNames` included;
+//! - fault injection for tests: [`ApiServer::fail_watches`].
 //!
 //! What it does not do: scheduling, a kubelet, controllers (no ReplicaSets or
 //! Pods come from a Deployment: the e2e harness starts the proxy processes
-//! and writes the Deployment's status itself), authentication, RBAC
-//! (every request is allowed), admission plugins and webhooks, defaulting
+//! and writes the Deployment's status itself), admission plugins and webhooks, ClusterRoles, defaulting
 //! and validation of built-in types, `managedFields` in responses,
 //! conflicts between server-side apply and other kinds of writes, merge keys
 //! of lists in server-side apply and strategic merge patches (a list is
@@ -39,6 +43,7 @@
 //! answered in one page), watch bookmarks, `410 Gone` for old
 //! resourceVersions (the whole history is kept), dry runs, and protobuf.
 
+mod rbac;
 mod schema;
 mod selector;
 mod store;
@@ -60,6 +65,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use rbac::{ADMIN_TOKEN, service_account_token};
 pub use selector::{FieldSelector, LabelSelector};
 pub use store::{ApiError, Change, Key, PatchKind, ResourceType, Store};
 
@@ -72,6 +78,10 @@ struct Shared {
     /// One line per request: method, target, status, and the error if any.
     log: Mutex<Vec<String>>,
     stop: watch::Sender<bool>,
+    /// Bumped to end the watches in progress.
+    watch_epoch: watch::Sender<u64>,
+    /// The next this many watch requests answer 500.
+    failing_watches: Mutex<usize>,
 }
 
 /// The API double, serving until dropped.
@@ -101,21 +111,50 @@ impl ApiServer {
             store: Mutex::new(store),
             log: Mutex::default(),
             stop: watch::channel(false).0,
+            watch_epoch: watch::channel(0).0,
+            failing_watches: Mutex::new(0),
         });
         let task = tokio::spawn(serve(listener, shared.clone()));
         Self { addr, shared, task }
     }
 
-    /// Writes a kubeconfig for this server to `path`, with `namespace` as
-    /// the context's default.
+    /// Writes an administrator's kubeconfig for this server to `path`,
+    /// with `namespace` as the context's default.
     pub fn write_kubeconfig(&self, path: &Path, namespace: &str) -> std::io::Result<()> {
+        self.write_kubeconfig_with_token(path, namespace, ADMIN_TOKEN)
+    }
+
+    /// Writes a kubeconfig that authenticates as service account
+    /// `namespace/name`, which RBAC then limits to what its Roles allow.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        path: &Path,
+        namespace: &str,
+        name: &str,
+    ) -> std::io::Result<()> {
+        self.write_kubeconfig_with_token(path, namespace, &service_account_token(namespace, name))
+    }
+
+    fn write_kubeconfig_with_token(
+        &self,
+        path: &Path,
+        namespace: &str,
+        token: &str,
+    ) -> std::io::Result<()> {
         std::fs::write(
             path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: e2e\n  user: {{token: e2e-token}}\ncontexts:\n- name: double\n  context: {{cluster: double, user: e2e, namespace: {namespace}}}\ncurrent-context: double\n",
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: e2e\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: double\n  context: {{cluster: double, user: e2e, namespace: {namespace}}}\ncurrent-context: double\n",
                 self.addr
             ),
         )
+    }
+
+    /// Ends the watches in progress and answers the next `count` watch
+    /// requests with 500, as an API server in trouble would.
+    pub fn fail_watches(&self, count: usize) {
+        *self.shared.failing_watches.lock().expect("fault lock") = count;
+        self.shared.watch_epoch.send_modify(|e| *e += 1);
     }
 
     /// Every request so far, one line each.
@@ -269,6 +308,7 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
     let raw_query = req.uri().query().unwrap_or("").to_string();
     let content_type = header(&req, "content-type");
     let accept = header(&req, "accept");
+    let authorization = header(&req, "authorization");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -287,6 +327,7 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
         query,
         content_type,
         accept,
+        authorization,
         body,
     };
     let line = format!(
@@ -298,9 +339,16 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
     );
     let response = match route(shared, &request) {
         Ok(response) => response,
-        Err(e) => json_response(e.code, &e.status()),
+        Err(e) => with_note(json_response(e.code, &e.status()), &e),
     };
-    let mut entry = format!("{line} -> {}", response.status().as_u16());
+    // Requests of service accounts say who made them.
+    let who = match rbac::User::authenticate(&request.authorization) {
+        Ok(rbac::User::ServiceAccount { namespace, name }) => {
+            format!(" [system:serviceaccount:{namespace}:{name}]")
+        }
+        _ => String::new(),
+    };
+    let mut entry = format!("{line}{who} -> {}", response.status().as_u16());
     if !response.status().is_success()
         && let Some(reason) = response.extensions().get::<ErrorNote>()
     {
@@ -328,6 +376,7 @@ struct Request {
     query: Vec<(String, String)>,
     content_type: String,
     accept: String,
+    authorization: String,
     body: Bytes,
 }
 
@@ -375,6 +424,7 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
             "dry runs are not served by the API double",
         ));
     }
+    let user = rbac::User::authenticate(&req.authorization)?;
     let Some(target) = parse_path(&req.path)? else {
         return Ok(discovery(shared, &req.path));
     };
@@ -388,6 +438,48 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
             "a namespaced object needs a namespace in the path",
         ));
     }
+    let watching = matches!(req.param("watch"), Some("true" | "1"));
+    let verb = match (&req.method, &target.name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "",
+    };
+    let selected_name = req
+        .param("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name="))
+        .filter(|n| !n.contains(','));
+    let resource = if target.status {
+        format!("{}/status", rt.plural)
+    } else {
+        rt.plural.clone()
+    };
+    rbac::authorize(
+        &store,
+        &user,
+        &rbac::Access {
+            verb,
+            group: &rt.group,
+            resource: &resource,
+            namespace: &namespace,
+            name: target.name.as_deref().or(selected_name),
+        },
+    )?;
+    if watching {
+        let mut failing = shared.failing_watches.lock().expect("fault lock");
+        if *failing > 0 {
+            *failing -= 1;
+            return Err(ApiError::new(
+                500,
+                "InternalError",
+                "the API double was told to fail this watch",
+            ));
+        }
+    }
     let manager = req.param("fieldManager").unwrap_or("unknown").to_string();
     let result = match (&req.method, &target.name) {
         (&Method::GET, Some(name)) => store.get(&rt, &namespace, name),
@@ -397,7 +489,7 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
             let fields = FieldSelector::parse(req.param("fieldSelector").unwrap_or(""))
                 .map_err(|e| ApiError::new(400, "BadRequest", e))?;
             let ns = target.namespace.as_deref();
-            if matches!(req.param("watch"), Some("true" | "1")) {
+            if watching {
                 let from = req
                     .param("resourceVersion")
                     .filter(|v| !v.is_empty() && *v != "0");
@@ -655,6 +747,7 @@ fn watch_stream(
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut changed = shared.changed.subscribe();
         let mut stop = shared.stop.subscribe();
+        let mut epoch = shared.watch_epoch.subscribe();
         for object in &initial {
             if tx
                 .send(Bytes::from(filter.event("ADDED", object)))
@@ -700,6 +793,7 @@ fn watch_stream(
             tokio::select! {
                 result = changed.changed() => if result.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
+                _ = epoch.changed() => return,
                 () = until => return,
                 () = tx.closed() => return,
             }

@@ -264,6 +264,40 @@ const SERVER_FIELDS: [&str; 6] = [
 ];
 
 impl Store {
+    /// The rules of the Roles of `namespace` bound to service account
+    /// `sa_namespace/sa_name`.
+    pub fn role_rules_for(&self, namespace: &str, sa_namespace: &str, sa_name: &str) -> Vec<Value> {
+        let in_namespace = |resource: &'static str| {
+            self.objects
+                .iter()
+                .filter(move |(k, _)| k.resource == resource && k.namespace == namespace)
+                .map(|(_, v)| v)
+        };
+        let mut rules = Vec::new();
+        for binding in in_namespace("rbac.authorization.k8s.io/rolebindings") {
+            let binds = binding["subjects"].as_array().is_some_and(|subjects| {
+                subjects.iter().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["name"] == sa_name
+                        && s.get("namespace")
+                            .and_then(Value::as_str)
+                            .unwrap_or(namespace)
+                            == sa_namespace
+                })
+            });
+            if !binds || binding["roleRef"]["kind"] != "Role" {
+                continue;
+            }
+            let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+            if let Some(role) = in_namespace("rbac.authorization.k8s.io/roles")
+                .find(|r| meta_str(r, "name") == Some(role_name))
+            {
+                rules.extend(role["rules"].as_array().cloned().unwrap_or_default());
+            }
+        }
+        rules
+    }
+
     /// The types served, built-in and custom.
     pub fn types(&self) -> Vec<ResourceType> {
         self.types.values().cloned().collect()
