@@ -245,6 +245,26 @@ async fn lifecycle(world: &mut World) {
     breaker_opens_and_closes(world).await;
     replay_across_replicas(world).await;
     deletion_removes_what_the_relay_owned(world).await;
+    if let Some(api) = &world.cluster.api {
+        // Whatever the operator and the proxies wrote was valid and allowed
+        // (a status the CRD schema refuses would be a 422); only lookups of
+        // absent objects failed.
+        let failed: Vec<String> = api
+            .requests()
+            .into_iter()
+            .filter(|r| {
+                let code = r.rsplit(" -> ").next().unwrap_or("");
+                !code.starts_with('2') && !code.starts_with("404")
+            })
+            .collect();
+        assert!(failed.is_empty(), "requests the API refused: {failed:#?}");
+    }
+    let log = world
+        .operator
+        .as_ref()
+        .map(OperatorProcess::log)
+        .unwrap_or_default();
+    assert!(!log.contains("reconcile failed"), "{log}");
 }
 
 /// Apply a relay and two regions: the operator renders every object, the

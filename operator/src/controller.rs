@@ -306,8 +306,19 @@ async fn reconcile_relay(relay: &ClaudeRelay, ctx: &Context) -> Result<Action> {
             "kind": ClaudeRelay::kind(&()),
             "status": status,
         });
-        api.patch_status(&name, &apply_params(), &Patch::Apply(body))
-            .await?;
+        match api
+            .patch_status(&name, &apply_params(), &Patch::Apply(body))
+            .await
+        {
+            Ok(_) => {}
+            // Deleted while this reconcile ran: not a failure; what it owns
+            // goes with it (anything applied meanwhile included).
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                info!("the relay was deleted during its reconcile");
+                return Ok(Action::await_change());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     publish_breaker_events(ctx, relay, previous.as_ref(), &status).await;
     update_region_status(client, &ns, &name, &regions, observed.breakers.as_deref()).await?;

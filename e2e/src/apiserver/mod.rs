@@ -10,7 +10,9 @@
 //!   the operator and the proxy use (see `store::builtin_types`) and on every
 //!   custom resource whose CustomResourceDefinition was created;
 //! - `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!`) and
-//!   `fieldSelector` (`metadata.name`, `metadata.namespace`);
+//!   `fieldSelector` (`metadata.name`, `metadata.namespace`); a watch sends
+//!   the events of objects that match after the change (no DELETED for an
+//!   object that stops matching);
 //! - PATCH as server-side apply (`application/apply-patch+yaml`, with
 //!   `fieldManager` and `force`: a manager's applied fields replace the ones
 //!   it applied before, fields of other managers stay; without `force`, a
@@ -24,8 +26,9 @@
 //!   (pruning, defaults, types, required, enums, patterns, bounds, then the
 //!   CEL rules), with 422 Invalid like the real server;
 //! - finalizers, namespace deletion, and garbage collection of objects whose
-//!   ownerReferences name a deleted owner (background, or orphaning with
-//!   `propagationPolicy: Orphan`);
+//!   ownerReferences name a deleted owner (when the owner goes, or at once
+//!   for an object written after its owner went; background, or orphaning
+//!   with `propagationPolicy: Orphan`);
 //! - `Lease` objects for leader election and `Event`s (both are plain objects here);
 //! - authentication by the kubeconfig's token ([`ApiServer::write_kubeconfig`]
 //!   for an administrator, [`ApiServer::write_service_account_kubeconfig`]
@@ -35,13 +38,16 @@
 //!
 //! What it does not do: scheduling, a kubelet, controllers (no ReplicaSets or
 //! Pods come from a Deployment: the e2e harness starts the proxy processes
-//! and writes the Deployment's status itself), admission plugins and webhooks, ClusterRoles, defaulting
-//! and validation of built-in types, `managedFields` in responses,
-//! conflicts between server-side apply and other kinds of writes, merge keys
-//! of lists in server-side apply and strategic merge patches (a list is
-//! replaced whole), JSON patches, pagination (`limit` is ignored: a list is
-//! answered in one page), watch bookmarks, `410 Gone` for old
-//! resourceVersions (the whole history is kept), dry runs, and protobuf.
+//! and writes the Deployment's status itself), admission plugins and
+//! webhooks, ClusterRoles and ClusterRoleBindings (service accounts get
+//! nothing cluster-wide; the administrator token gets everything), user
+//! impersonation, defaulting and validation of built-in types,
+//! `managedFields` in responses, conflicts between server-side apply and
+//! other kinds of writes, merge keys of lists in server-side apply and
+//! strategic merge patches (a list is replaced whole), JSON patches, the
+//! `/scale` subresource, pagination (`limit` is ignored: a list is answered
+//! in one page), watch bookmarks, `410 Gone` for old resourceVersions (the
+//! whole history is kept), dry runs, and protobuf.
 
 mod rbac;
 mod schema;
