@@ -51,6 +51,16 @@ pub fn work_dir() -> tempfile::TempDir {
         .expect("create a work directory")
 }
 
+/// A client for the kubeconfig file at `path`.
+pub async fn client_for(path: &Path) -> anyhow::Result<Client> {
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(path)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
 fn random_suffix() -> String {
     let mut bytes = [0u8; 4];
     getrandom::fill(&mut bytes).expect("random bytes");
@@ -61,29 +71,33 @@ impl Cluster {
     /// A real cluster from `KUBECONFIG`, or a fresh double; a new namespace
     /// and the CRDs either way.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        let namespace = format!("claude-relay-e2e-{}", random_suffix());
-        let (client, kubeconfig, api) = match std::env::var_os("KUBECONFIG") {
+        match std::env::var_os("KUBECONFIG") {
             Some(path) => {
                 let client = Client::try_default()
                     .await
                     .context("KUBECONFIG is set but names no usable cluster")?;
-                (client, PathBuf::from(path), None)
+                Self::connect(client, PathBuf::from(path), None).await
             }
             None => {
                 let api = ApiServer::start().await;
                 let path = dir.join("kubeconfig");
-                api.write_kubeconfig(&path, &namespace)?;
-                let config = kube::Config::from_custom_kubeconfig(
-                    Kubeconfig::read_from(&path)?,
-                    &KubeConfigOptions::default(),
-                )
-                .await?;
-                (Client::try_from(config)?, path, Some(api))
+                api.write_kubeconfig(&path, "default")?;
+                let client = client_for(&path).await?;
+                Self::connect(client, path, Some(api)).await
             }
-        };
+        }
+    }
+
+    /// Makes the test namespace and installs the CRDs through `client`;
+    /// `api` is the double when there is no real cluster.
+    pub async fn connect(
+        client: Client,
+        kubeconfig: PathBuf,
+        api: Option<ApiServer>,
+    ) -> anyhow::Result<Self> {
         let mut cluster = Self {
             client,
-            namespace,
+            namespace: format!("claude-relay-e2e-{}", random_suffix()),
             kubeconfig,
             api,
             installed_crds: Vec::new(),
@@ -314,9 +328,58 @@ fn json_path(object: &Value, path: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
     use serde_json::json;
 
     use super::*;
+
+    /// What a real cluster run does besides the scenarios (namespace, CRDs,
+    /// the dump through the dynamic API, cleanup), pointed at the double.
+    #[tokio::test]
+    async fn real_cluster_paths_work_against_an_api_server() {
+        let dir = work_dir();
+        let api = ApiServer::start().await;
+        let path = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&path, "default").unwrap();
+        let client = client_for(&path).await.unwrap();
+        // As a real cluster: the double stays out of the Cluster.
+        let cluster = Cluster::connect(client.clone(), path, None).await.unwrap();
+        assert!(!cluster.is_local());
+        assert_eq!(
+            cluster.installed_crds,
+            [
+                "clauderelays.relay.claude-relay.dev",
+                "upstreamregions.relay.claude-relay.dev"
+            ]
+        );
+        let mut config_map = ConfigMap::default();
+        config_map.metadata.name = Some("seen-in-the-dump".into());
+        cluster.apply(&config_map).await.unwrap();
+        let dump = cluster.dump().await;
+        assert!(
+            dump.contains("--- configmaps") && dump.contains("name: seen-in-the-dump"),
+            "{dump}"
+        );
+        assert!(!dump.contains("cannot list"), "{dump}");
+
+        cluster.cleanup().await;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        assert!(
+            namespaces
+                .get_opt(&cluster.namespace)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let crds: Api<CustomResourceDefinition> = Api::all(client);
+        assert!(
+            crds.list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
 
     #[test]
     fn json_path_of_the_printer_columns() {
