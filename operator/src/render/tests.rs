@@ -161,6 +161,26 @@ fn breaker_and_routing_reach_the_proxy_config() {
     assert_eq!(r.trusted_proxies, ["10.0.0.0/8"]);
     assert_eq!(r.geoip_db, None);
 
+    // The database the GeoIP volume holds is what routing reads.
+    relay.spec.geoip = Some(claude_relay_crds::resources::GeoIp {
+        source: claude_relay_crds::resources::GeoIpSource {
+            image: Some(k8s_openapi::api::core::v1::ImageVolumeSource {
+                reference: Some("registry.example/geoip:2025-01".into()),
+                pull_policy: None,
+            }),
+            ..Default::default()
+        },
+        file: "GeoLite2-City.mmdb".into(),
+        updater: None,
+    });
+    let config = render_config(&relay, &regions()).unwrap();
+    assert_eq!(
+        config.routing.geoip_db.as_deref(),
+        Some(std::path::Path::new(
+            "/etc/claude-relay/geoip/GeoLite2-City.mmdb"
+        ))
+    );
+
     // A rule naming a region the relay does not select is a spec error.
     relay.spec.routing.as_mut().unwrap().default_regions = Some(vec!["ap".into()]);
     assert!(render_config(&relay, &regions()).is_err());
