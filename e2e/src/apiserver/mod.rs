@@ -11,8 +11,7 @@
 //!   custom resource whose CustomResourceDefinition was created;
 //! - `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!`) and
 //!   `fieldSelector` (`metadata.name`, `metadata.namespace`); a watch sends
-//!   the events of objects that match after the change (no DELETED for an
-//!   object that stops matching);
+//!   an object entering a watch's selection is ADDED, one leaving it DELETED;
 //! - PATCH as server-side apply (`application/apply-patch+yaml`, with
 //!   `fieldManager` and `force`: a manager's applied fields replace the ones
 //!   it applied before, fields of other managers stay; without `force`, a
@@ -46,7 +45,7 @@
 //! other kinds of writes, merge keys of lists in server-side apply and
 //! strategic merge patches (a list is replaced whole), JSON patches, the
 //! `/scale` subresource, pagination (`limit` is ignored: a list is answered
-//! in one page), watch bookmarks, `410 Gone` for old resourceVersions (the
+//! in one page), `410 Gone` for old resourceVersions (the
 //! whole history is kept), dry runs, and protobuf.
 
 mod rbac;
@@ -518,6 +517,8 @@ fn route(shared: &Arc<Shared>, req: &Request) -> Result<Response<Body>, ApiError
                     .map(Duration::from_secs);
                 let filter = WatchFilter {
                     resource: rt.key(),
+                    type_meta: (rt.api_version(), rt.kind.clone()),
+                    bookmarks: req.param("allowWatchBookmarks") == Some("true"),
                     namespace: target.namespace.clone(),
                     labels,
                     fields,
@@ -707,8 +708,14 @@ fn discovery(shared: &Arc<Shared>, path: &str) -> Response<Body> {
     json_response(200, &body)
 }
 
+/// How often a watch that asked for bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
+
 struct WatchFilter {
     resource: String,
+    /// (apiVersion, kind) of the type, for bookmarks.
+    type_meta: (String, String),
+    bookmarks: bool,
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
@@ -725,22 +732,44 @@ impl WatchFilter {
         json!({"type": kind, "object": object}).to_string() + "\n"
     }
 
-    fn matches(&self, change: &Change) -> bool {
-        change.resource == self.resource
-            && self.namespace.as_deref().is_none_or(|ns| {
-                change
-                    .object
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    == Some(ns)
-            })
-            && self.labels.matches(&change.object)
-            && self.fields.matches(&change.object)
+    fn selects(&self, object: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| {
+            object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                == Some(ns)
+        }) && self.labels.matches(object)
+            && self.fields.matches(object)
+    }
+
+    /// The event a change makes for this watch, if any: a modified object
+    /// entering the selection is ADDED, one leaving it DELETED.
+    fn event_of(&self, change: &Change) -> Option<String> {
+        if change.resource != self.resource {
+            return None;
+        }
+        let now = self.selects(&change.object);
+        let before = change.previous.as_ref().is_some_and(|p| self.selects(p));
+        let kind = match (change.kind, before, now) {
+            ("MODIFIED", false, true) => "ADDED",
+            ("MODIFIED", true, false) => "DELETED",
+            (kind, _, true) => kind,
+            _ => return None,
+        };
+        Some(self.event(kind, &change.object))
+    }
+
+    fn bookmark(&self, resource_version: u64) -> String {
+        let (api_version, kind) = &self.type_meta;
+        let object = json!({"apiVersion": api_version, "kind": kind,
+            "metadata": {"resourceVersion": resource_version.to_string()}});
+        json!({"type": "BOOKMARK", "object": object}).to_string() + "\n"
     }
 }
 
 /// Watch events after resourceVersion `from` (after `initial`, sent as
-/// ADDED), as they happen, until the client goes, the timeout or shutdown.
+/// ADDED), as they happen, with a bookmark now and then if asked, until the
+/// client goes, the timeout or shutdown.
 fn watch_stream(
     shared: Arc<Shared>,
     filter: WatchFilter,
@@ -754,6 +783,8 @@ fn watch_stream(
         let mut changed = shared.changed.subscribe();
         let mut stop = shared.stop.subscribe();
         let mut epoch = shared.watch_epoch.subscribe();
+        let mut bookmarks = tokio::time::interval(BOOKMARK_EVERY);
+        bookmarks.tick().await;
         for object in &initial {
             if tx
                 .send(Bytes::from(filter.event("ADDED", object)))
@@ -765,43 +796,39 @@ fn watch_stream(
         }
         let mut sent = from;
         loop {
-            let pending: Vec<(u64, String)> = {
+            let (events, latest): (Vec<String>, u64) = {
                 let store = shared.store.lock().expect("store lock");
                 let start = store
                     .changes
                     .partition_point(|c| c.resource_version <= sent);
-                store.changes[start..]
+                let events = store.changes[start..]
                     .iter()
-                    .map(|c| {
-                        (
-                            c.resource_version,
-                            filter.matches(c).then(|| filter.event(c.kind, &c.object)),
-                        )
-                    })
-                    .filter_map(|(rv, e)| e.map(|e| (rv, e)))
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .chain(std::iter::once((store.resource_version(), String::new())))
-                    .collect()
+                    .filter_map(|c| filter.event_of(c))
+                    .collect();
+                (events, store.resource_version())
             };
-            for (rv, line) in pending {
-                if !line.is_empty() && tx.send(Bytes::from(line)).await.is_err() {
+            for line in events {
+                if tx.send(Bytes::from(line)).await.is_err() {
                     return;
                 }
-                sent = sent.max(rv);
             }
+            sent = sent.max(latest);
             let until = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                result = changed.changed() => if result.is_err() { return },
+            let bookmark_due = tokio::select! {
+                result = changed.changed() => if result.is_err() { return } else { false },
+                _ = bookmarks.tick(), if filter.bookmarks => true,
                 _ = stop.wait_for(|s| *s) => return,
                 _ = epoch.changed() => return,
                 () = until => return,
                 () = tx.closed() => return,
+            };
+            if bookmark_due && tx.send(Bytes::from(filter.bookmark(sent))).await.is_err() {
+                return;
             }
         }
     });
@@ -815,4 +842,76 @@ fn watch_stream(
         "application/json".parse().expect("header value"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+    use kube::{Api, ResourceExt};
+
+    use super::*;
+
+    fn labelled(name: &str, app: Option<&str>) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.labels = app.map(|a| [("app".to_string(), a.to_string())].into());
+        cm
+    }
+
+    /// A watch through kube's client: selected changes in order, objects
+    /// entering and leaving the label selection, and bookmarks.
+    #[tokio::test]
+    async fn watches_follow_their_selection_and_bookmark() {
+        let api = ApiServer::start().await;
+        let dir = crate::cluster::work_dir();
+        let path = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&path, "default").unwrap();
+        let client = crate::cluster::client_for(&path).await.unwrap();
+        let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+        maps.create(&PostParams::default(), &labelled("before", Some("x")))
+            .await
+            .unwrap();
+        let params = WatchParams::default().labels("app=x");
+        let mut events = maps.watch(&params, "0").await.unwrap().boxed();
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .expect("an event in time")
+                .expect("the watch goes on")
+                .expect("a readable event")
+        };
+        let describe = |event: WatchEvent<ConfigMap>| match event {
+            WatchEvent::Added(o) => format!("ADDED {}", o.name_any()),
+            WatchEvent::Modified(o) => format!("MODIFIED {}", o.name_any()),
+            WatchEvent::Deleted(o) => format!("DELETED {}", o.name_any()),
+            WatchEvent::Bookmark(b) => format!("BOOKMARK {}", b.metadata.resource_version),
+            WatchEvent::Error(e) => format!("ERROR {e:?}"),
+        };
+        assert_eq!(
+            describe(next().await),
+            "ADDED before",
+            "the current state first"
+        );
+
+        maps.create(&PostParams::default(), &labelled("a", Some("x")))
+            .await
+            .unwrap();
+        maps.create(&PostParams::default(), &labelled("b", None))
+            .await
+            .unwrap();
+        let relabel = |app: &str| Patch::Merge(json!({"metadata": {"labels": {"app": app}}}));
+        maps.patch("a", &PatchParams::default(), &relabel("y"))
+            .await
+            .unwrap();
+        maps.patch("b", &PatchParams::default(), &relabel("x"))
+            .await
+            .unwrap();
+        let rv = maps.get("b").await.unwrap().resource_version().unwrap();
+        assert_eq!(describe(next().await), "ADDED a");
+        assert_eq!(describe(next().await), "DELETED a", "a left the selection");
+        assert_eq!(describe(next().await), "ADDED b", "b entered it");
+        assert_eq!(describe(next().await), format!("BOOKMARK {rv}"));
+    }
 }

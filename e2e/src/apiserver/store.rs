@@ -175,6 +175,9 @@ pub struct Change {
     pub resource: String,
     pub kind: &'static str,
     pub object: Value,
+    /// The version before a modification, so that a watch with a selector
+    /// can tell an object leaving or entering its selection.
+    pub previous: Option<Value>,
 }
 
 /// How a PATCH body is to be read.
@@ -599,6 +602,7 @@ impl Store {
             resource: key.resource.clone(),
             kind: "DELETED",
             object: object.clone(),
+            previous: None,
         });
         if key.resource == "apiextensions.k8s.io/customresourcedefinitions" {
             self.unregister(&object);
@@ -763,11 +767,13 @@ impl Store {
             "resourceVersion".into(),
             json!(self.resource_version.to_string()),
         );
+        let previous = self.objects.get(&key).cloned();
         self.changes.push(Change {
             resource_version: self.resource_version,
             resource: key.resource.clone(),
             kind,
             object: object.clone(),
+            previous,
         });
         self.objects.insert(key, object.clone());
         object
