@@ -914,4 +914,39 @@ mod tests {
         assert_eq!(describe(next().await), "ADDED b", "b entered it");
         assert_eq!(describe(next().await), format!("BOOKMARK {rv}"));
     }
+
+    /// A client that discovers before it asks (as kubectl does) finds the
+    /// core types and the custom resources of the installed CRDs.
+    #[tokio::test]
+    async fn discovery_lists_builtin_and_custom_resources() {
+        use kube::CustomResourceExt;
+        let api = ApiServer::start().await;
+        let dir = crate::cluster::work_dir();
+        let path = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&path, "default").unwrap();
+        let client = crate::cluster::client_for(&path).await.unwrap();
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        crds.create(
+            &PostParams::default(),
+            &claude_relay_crds::ClaudeRelay::crd(),
+        )
+        .await
+        .unwrap();
+        let discovery = kube::Discovery::new(client).run().await.unwrap();
+        let found = |group: &str, kind: &str| {
+            discovery
+                .groups()
+                .filter(|g| g.name() == group)
+                .flat_map(|g| g.recommended_resources())
+                .any(|(r, _)| r.kind == kind)
+        };
+        assert!(found("", "ConfigMap"));
+        assert!(found("apps", "Deployment"));
+        assert!(found("relay.claude-relay.dev", "ClaudeRelay"));
+        assert!(
+            !found("relay.claude-relay.dev", "UpstreamRegion"),
+            "its CRD is not installed"
+        );
+    }
 }
