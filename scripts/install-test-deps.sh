@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the benchmark need, when it is missing:
 # redis-server (tests start their own on free ports), tinyproxy (the egress
-# proxy of the egress tests, started by them), nginx and wrk (benchmark).
+# proxy of the egress tests, started by them), nginx and wrk (benchmark),
+# unshare and mount (the e2e tests).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -10,6 +11,9 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+# The e2e tests run each proxy pod under `unshare --mount` with bind mounts.
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v mount >/dev/null 2>&1 || missing+=(mount)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo_=""

@@ -37,7 +37,8 @@ use crate::status::{self, Observed, Problem};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "claude-relay-operator";
-/// How often breaker state is re-read from Redis.
+/// How often breaker state is re-read from Redis, unless the operator is
+/// told otherwise (`--status-refresh`).
 pub const BREAKER_REFRESH: Duration = Duration::from_secs(10);
 /// How often a relay with a problem (missing Secret, ...) is looked at again;
 /// Secrets are not watched, to keep them out of the operator's memory.
@@ -56,6 +57,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ClaudeRelay>, u32>>,
     /// The clock of condition transition times; fixed in tests.
     now: fn() -> Timestamp,
+    /// How often a healthy relay is looked at again (breaker state, replicas).
+    status_refresh: Duration,
 }
 
 impl Context {
@@ -73,7 +76,14 @@ impl Context {
             breakers: BreakerReader::default(),
             failures: Mutex::default(),
             now: Timestamp::now,
+            status_refresh: BREAKER_REFRESH,
         }
+    }
+
+    /// Re-reads breaker state and replicas every `every` instead of [`BREAKER_REFRESH`].
+    pub fn with_status_refresh(mut self, every: Duration) -> Self {
+        self.status_refresh = every;
+        self
     }
 
     /// Uses `now` instead of the system clock (for tests).
@@ -296,8 +306,19 @@ async fn reconcile_relay(relay: &ClaudeRelay, ctx: &Context) -> Result<Action> {
             "kind": ClaudeRelay::kind(&()),
             "status": status,
         });
-        api.patch_status(&name, &apply_params(), &Patch::Apply(body))
-            .await?;
+        match api
+            .patch_status(&name, &apply_params(), &Patch::Apply(body))
+            .await
+        {
+            Ok(_) => {}
+            // Deleted while this reconcile ran: not a failure; what it owns
+            // goes with it (anything applied meanwhile included).
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                info!("the relay was deleted during its reconcile");
+                return Ok(Action::await_change());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     publish_breaker_events(ctx, relay, previous.as_ref(), &status).await;
     update_region_status(client, &ns, &name, &regions, observed.breakers.as_deref()).await?;
@@ -305,7 +326,7 @@ async fn reconcile_relay(relay: &ClaudeRelay, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(if observed.problem.is_some() {
         PROBLEM_RETRY
     } else {
-        BREAKER_REFRESH
+        ctx.status_refresh
     }))
 }
 

@@ -43,6 +43,10 @@ struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often each relay's status is refreshed: breaker state from Redis,
+    /// ready replicas.
+    #[arg(long, env = "STATUS_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    status_refresh: Duration,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -112,14 +116,17 @@ async fn main() -> anyhow::Result<()> {
         controller: "claude-relay-operator".into(),
         instance: Some(identity),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Defaults {
-            image: args.proxy_image.clone(),
-        },
-        metrics.clone(),
-        reporter,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Defaults {
+                image: args.proxy_image.clone(),
+            },
+            metrics.clone(),
+            reporter,
+        )
+        .with_status_refresh(args.status_refresh),
+    );
 
     // Leadership lost: stop reconciling at once, like a shutdown.
     let (lost_tx, lost_rx) = watch::channel(false);

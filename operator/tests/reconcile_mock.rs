@@ -293,6 +293,44 @@ async fn autoscaling_applies_an_hpa_and_leaves_replicas_alone() {
     assert_eq!(status.body["status"]["replicasReady"], "3/2");
 }
 
+/// The relay is deleted while its reconcile runs: the status write finds
+/// it gone, which is no failure (no error counted, no retry).
+#[tokio::test]
+async fn a_relay_deleted_during_its_reconcile_is_no_failure() {
+    let relay = ClaudeRelay::test();
+    let (ctx, mut handle) = context();
+    let server = tokio::spawn(async move {
+        expect_region_list(&mut handle, regions()).await;
+        expect_secrets(&mut handle, &[]).await;
+        expect_applies(&mut handle, 2).await;
+        expect(
+            &mut handle,
+            Method::DELETE,
+            "/apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/main",
+            404,
+            |_| not_found(),
+        )
+        .await;
+        expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{RELAYS}/main/status"),
+            404,
+            |_| not_found(),
+        )
+        .await;
+    });
+    let action = run(&relay, &ctx).await;
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let errors = ctx
+        .metrics
+        .reconcile_errors
+        .get_or_create(&claude_relay_operator::metrics::ErrorLabels { kind: "api".into() })
+        .get();
+    assert_eq!(errors, 0);
+}
+
 #[tokio::test]
 async fn api_errors_fail_the_reconcile_and_back_off() {
     use claude_relay_operator::controller::{error_policy, reconcile};

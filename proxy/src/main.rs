@@ -48,6 +48,13 @@ struct Cli {
     /// How long to wait at start for the ConfigMap to exist and answer.
     #[arg(long, env = "CLAUDE_RELAY_CONFIG_MAP_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     config_map_wait: Duration,
+    /// Listen here instead of the config's `server.listen` (several replicas
+    /// on one host, host networking); fixed for the life of the process.
+    #[arg(long, env = "CLAUDE_RELAY_LISTEN", value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Listen here instead of the config's `server.admin_listen`.
+    #[arg(long, env = "CLAUDE_RELAY_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -74,20 +81,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        None => match (cli.config, cli.config_map) {
-            (Some(path), _) => run(Origin::File(path)),
-            (None, Some(spec)) => run(Origin::ConfigMap {
-                spec,
-                key: cli.config_map_key,
-                wait: cli.config_map_wait,
-            }),
-            (None, None) => {
-                eprintln!(
-                    "error: give a configuration file with --config FILE (or CLAUDE_RELAY_CONFIG), or a ConfigMap with --config-map [NAMESPACE/]NAME; see examples/standalone.yaml"
-                );
-                ExitCode::from(2)
+        None => {
+            let listen = server::ListenOverride {
+                api: cli.listen,
+                admin: cli.admin_listen,
+            };
+            match (cli.config, cli.config_map) {
+                (Some(path), _) => run(Origin::File(path), listen),
+                (None, Some(spec)) => run(
+                    Origin::ConfigMap {
+                        spec,
+                        key: cli.config_map_key,
+                        wait: cli.config_map_wait,
+                    },
+                    listen,
+                ),
+                (None, None) => {
+                    eprintln!(
+                        "error: give a configuration file with --config FILE (or CLAUDE_RELAY_CONFIG), or a ConfigMap with --config-map [NAMESPACE/]NAME; see examples/standalone.yaml"
+                    );
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
     }
 }
 
@@ -163,7 +179,7 @@ fn load(
     }
 }
 
-fn run(origin: Origin) -> ExitCode {
+fn run(origin: Origin, listen: server::ListenOverride) -> ExitCode {
     install_crypto_provider();
     let control = match server::control_runtime() {
         Ok(rt) => rt,
@@ -209,7 +225,13 @@ fn run(origin: Origin) -> ExitCode {
         services.spawn_sync();
     }
     let app = App::new(snapshot, workers, services);
-    match server::run(control, app, Some(source), server::shutdown_signal()) {
+    match server::run(
+        control,
+        app,
+        Some(source),
+        listen,
+        server::shutdown_signal(),
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "proxy stopped");

@@ -68,6 +68,14 @@ pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Listen addresses given on the command line; they replace the config's
+/// `server.listen` and `server.admin_listen` for the life of the process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenOverride {
+    pub api: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
 /// Serves until `shutdown` resolves, then drains connections for at most
 /// the configured grace period. Blocks the calling thread, which drives
 /// `control` (see [`control_runtime`]).
@@ -75,13 +83,16 @@ pub fn run(
     control: tokio::runtime::Runtime,
     app: Arc<App>,
     config_source: Option<ConfigSource>,
+    listen_override: ListenOverride,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (listen, admin_listen) = {
         let snapshot = app.snapshot.load();
         (
-            snapshot.config.server.listen,
-            snapshot.config.server.admin_listen,
+            listen_override.api.unwrap_or(snapshot.config.server.listen),
+            listen_override
+                .admin
+                .unwrap_or(snapshot.config.server.admin_listen),
         )
     };
     let api = bind_api(listen, app.workers)

@@ -4,25 +4,17 @@
 //! watch errors, and refuses to start without its ConfigMap.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use claude_relay_e2e::apiserver::{ApiServer, service_account_token};
 use claude_relay_testkit::http::{self as th, request, send};
 use claude_relay_testkit::proxy::{ProxyProcess, free_addresses};
 use claude_relay_testkit::upstream::MockUpstream;
-use http::{Method, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::Method;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
 const RELAY_KEY: &str = "relay-key-for-tests";
@@ -32,80 +24,60 @@ const MESSAGE: &str =
     r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
 
 // ---------------------------------------------------------------------------
-// A double of the Kubernetes API: ConfigMaps of one namespace, list and watch.
-// Like RBAC with `resourceNames`, it refuses any list or watch without the
-// field selector `metadata.name=main-config`.
+// The Kubernetes API: the e2e crate's double, with the ConfigMap's namespace
+// and the Role and RoleBinding the operator renders for the proxy's service
+// account, as whom the proxy authenticates. Its RBAC, like a real one with
+// `resourceNames`, refuses a list or watch without the field selector
+// `metadata.name=main-config`.
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-#[derive(Default)]
-struct Objects {
-    resource_version: u64,
-    current: Option<Value>,
-    /// Every change, as watch events: (resourceVersion, type, object).
-    history: Vec<(u64, &'static str, Value)>,
-    forbidden: bool,
-    /// The next this many watch requests answer 500.
-    failing_watches: usize,
-    /// Every request's path and decoded query.
-    requests: Vec<String>,
-}
-
-struct ApiState {
-    objects: Mutex<Objects>,
-    /// Bumped on every change; `u64::MAX` ends the watches in progress.
-    changed: watch::Sender<u64>,
-}
+const SERVICE_ACCOUNT: &str = "main-proxy";
 
 struct KubeApi {
-    state: Arc<ApiState>,
-    task: tokio::task::JoinHandle<()>,
+    api: ApiServer,
     _dir: tempfile::TempDir,
     kubeconfig: String,
 }
 
-impl Drop for KubeApi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl KubeApi {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(ApiState {
-            objects: Mutex::new(Objects {
-                resource_version: 100,
-                ..Objects::default()
-            }),
-            changed: watch::channel(0).0,
+        let api = ApiServer::start().await;
+        api.with_store(|store| {
+            let namespaces = store.resource("", "v1", "namespaces").unwrap();
+            store
+                .create(&namespaces, "", json!({"metadata": {"name": NAMESPACE}}))
+                .unwrap();
+            let roles = store
+                .resource("rbac.authorization.k8s.io", "v1", "roles")
+                .unwrap();
+            let role = json!({
+                "metadata": {"name": SERVICE_ACCOUNT},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                    "resourceNames": [NAME], "verbs": ["get", "list", "watch"]}],
+            });
+            store.create(&roles, NAMESPACE, role).unwrap();
+            let bindings = store
+                .resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+                .unwrap();
+            let binding = json!({
+                "metadata": {"name": SERVICE_ACCOUNT},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVICE_ACCOUNT},
+                "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}],
+            });
+            store.create(&bindings, NAMESPACE, binding).unwrap();
         });
-        let task = tokio::spawn(serve(listener, state.clone()));
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                r#"apiVersion: v1
-kind: Config
-clusters:
-  - name: double
-    cluster: {{server: "http://{addr}"}}
-users:
-  - name: proxy
-    user: {{token: test-token}}
-contexts:
-  - name: double
-    context: {{cluster: double, user: proxy, namespace: elsewhere}}
-current-context: double
-"#
-            ),
-        )
-        .unwrap();
+        // The context's namespace is not the ConfigMap's: the proxy must not use it.
+        api.write_service_account_kubeconfig(&kubeconfig, "elsewhere", SERVICE_ACCOUNT)
+            .unwrap();
+        // ... while the token stays the service account's of team-a.
+        let text = std::fs::read_to_string(&kubeconfig).unwrap().replace(
+            &service_account_token("elsewhere", SERVICE_ACCOUNT),
+            &service_account_token(NAMESPACE, SERVICE_ACCOUNT),
+        );
+        std::fs::write(&kubeconfig, text).unwrap();
         Self {
-            state,
-            task,
+            api,
             kubeconfig: kubeconfig.display().to_string(),
             _dir: dir,
         }
@@ -113,29 +85,15 @@ current-context: double
 
     /// Creates or replaces the ConfigMap with `data`.
     fn put(&self, data: Value) {
-        let mut objects = self.state.objects.lock().unwrap();
-        objects.resource_version += 1;
-        let rv = objects.resource_version;
-        let kind = if objects.current.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        let object = json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": NAME,
-                "namespace": NAMESPACE,
-                "uid": "5f0c9f6e-0000-4000-8000-00000000c0f1",
-                "resourceVersion": rv.to_string(),
-            },
-            "data": data,
+        self.api.with_store(|store| {
+            let rt = store.resource("", "v1", "configmaps").unwrap();
+            let object = json!({"metadata": {"name": NAME}, "data": data});
+            match store.get(&rt, NAMESPACE, NAME) {
+                Ok(_) => store.replace(&rt, NAMESPACE, NAME, object, false),
+                Err(_) => store.create(&rt, NAMESPACE, object),
+            }
+            .unwrap();
         });
-        objects.current = Some(object.clone());
-        objects.history.push((rv, kind, object));
-        drop(objects);
-        self.state.changed.send_modify(|v| *v = rv);
     }
 
     fn put_config(&self, config: &str) {
@@ -143,180 +101,32 @@ current-context: double
     }
 
     fn delete(&self) {
-        let mut objects = self.state.objects.lock().unwrap();
-        let mut object = objects.current.take().expect("nothing to delete");
-        objects.resource_version += 1;
-        let rv = objects.resource_version;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        objects.history.push((rv, "DELETED", object));
-        drop(objects);
-        self.state.changed.send_modify(|v| *v = rv);
+        self.api.with_store(|store| {
+            let rt = store.resource("", "v1", "configmaps").unwrap();
+            store.delete(&rt, NAMESPACE, NAME, false).unwrap();
+        });
     }
 
+    /// Takes the service account's access away.
     fn forbid(&self) {
-        self.state.objects.lock().unwrap().forbidden = true;
+        self.api.with_store(|store| {
+            let rt = store
+                .resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+                .unwrap();
+            store
+                .delete(&rt, NAMESPACE, SERVICE_ACCOUNT, false)
+                .unwrap();
+        });
     }
 
     /// Ends the watches in progress and fails the next `count` watch requests.
     fn break_watches(&self, count: usize) {
-        self.state.objects.lock().unwrap().failing_watches = count;
-        self.state.changed.send_modify(|v| *v = u64::MAX);
+        self.api.fail_watches(count);
     }
 
     fn requests(&self) -> Vec<String> {
-        self.state.objects.lock().unwrap().requests.clone()
+        self.api.requests()
     }
-}
-
-async fn serve(listener: TcpListener, state: Arc<ApiState>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, req.uri())) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
-    let body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code,
-    });
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
-    *response.status_mut() = StatusCode::from_u16(code).unwrap();
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-fn answer(state: &Arc<ApiState>, uri: &http::Uri) -> Response<Body> {
-    let query: Vec<(String, String)> = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect();
-    let param = |name: &str| {
-        query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let mut objects = state.objects.lock().unwrap();
-    objects.requests.push(format!("{} {:?}", uri.path(), query));
-    if uri.path() != format!("/api/v1/namespaces/{NAMESPACE}/configmaps") {
-        return status(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        );
-    }
-    if objects.forbidden || param("fieldSelector") != Some(&format!("metadata.name={NAME}")) {
-        return status(
-            403,
-            "Forbidden",
-            "configmaps is forbidden: User \"system:serviceaccount:team-a:main-proxy\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"team-a\"",
-        );
-    }
-    if matches!(param("watch"), Some("true" | "1")) {
-        if objects.failing_watches > 0 {
-            objects.failing_watches -= 1;
-            return status(500, "InternalError", "etcd is having a bad day");
-        }
-        let from: u64 = param("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        drop(objects);
-        return watch_stream(state.clone(), from);
-    }
-    let list = json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMapList",
-        "metadata": {"resourceVersion": objects.resource_version.to_string()},
-        "items": objects.current.iter().collect::<Vec<_>>(),
-    });
-    let mut response = Response::new(Full::new(Bytes::from(list.to_string())).boxed_unsync());
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
-}
-
-/// Newline-delimited watch events after `from`, as they happen.
-fn watch_stream(state: Arc<ApiState>, from: u64) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    tokio::spawn(async move {
-        let mut changed = state.changed.subscribe();
-        let mut sent = from;
-        loop {
-            let pending: Vec<(u64, String)> = {
-                let objects = state.objects.lock().unwrap();
-                objects
-                    .history
-                    .iter()
-                    .filter(|(rv, _, _)| *rv > sent)
-                    .map(|(rv, kind, object)| {
-                        (*rv, json!({"type": kind, "object": object}).to_string())
-                    })
-                    .collect()
-            };
-            for (rv, line) in pending {
-                if tx.send(Bytes::from(line + "\n")).await.is_err() {
-                    return;
-                }
-                sent = rv;
-            }
-            if changed.changed().await.is_err() || *changed.borrow() == u64::MAX {
-                return; // ends the response: the client watches again
-            }
-        }
-    });
-    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-        let chunk = rx.recv().await?;
-        Some((Ok::<_, Infallible>(Frame::data(chunk)), rx))
-    });
-    let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
 }
 
 // ---------------------------------------------------------------------------
@@ -494,16 +304,18 @@ async fn a_new_configmap_version_takes_effect_within_seconds_without_failing_req
         0.0
     );
 
-    // Only list and watch of the one ConfigMap, by field selector.
+    // Only list and watch of the one ConfigMap, by field selector, as its
+    // service account.
     let requests = kube.requests();
     assert!(
-        requests.iter().any(|r| r.contains("(\"watch\", \"true\")")),
+        requests.iter().any(|r| r.contains("watch=true")),
         "{requests:?}"
     );
     for r in &requests {
         assert!(
-            r.starts_with("/api/v1/namespaces/team-a/configmaps ")
-                && r.contains("(\"fieldSelector\", \"metadata.name=main-config\")"),
+            r.starts_with("GET /api/v1/namespaces/team-a/configmaps?")
+                && r.contains("fieldSelector=metadata.name=main-config")
+                && r.contains("[system:serviceaccount:team-a:main-proxy] -> 200"),
             "{r}"
         );
     }

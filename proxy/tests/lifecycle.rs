@@ -194,6 +194,56 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
     assert!(!log.contains("sk-ant-key"), "a secret reached the log");
 }
 
+/// `--admin-listen` and `CLAUDE_RELAY_LISTEN` replace the config's listen
+/// addresses (several replicas of one ConfigMap on one host), and a reload
+/// of the config does not count that as a change of address.
+#[tokio::test]
+async fn listen_flags_replace_the_configs_addresses() {
+    let upstream = MockUpstream::start().await;
+    let files = Files::new();
+    let key = files.write("key", "sk-upstream");
+    let (config_api, config_admin) = claude_relay_testkit::proxy::free_addresses();
+    let text = config(&upstream.base_url(), &key, 1 << 20)
+        .replace("{listen}", &config_api.to_string())
+        .replace("{admin}", &config_admin.to_string());
+    let path = files.write("config.yaml", &text);
+    let (api, admin) = claude_relay_testkit::proxy::free_addresses();
+    let proxy = ProxyProcess::start_with_args(
+        BIN.as_ref(),
+        &["--config", &path, "--admin-listen", &admin.to_string()],
+        &[
+            ("TEST_RELAY_KEY", RELAY_KEY),
+            ("CLAUDE_RELAY_LISTEN", &api.to_string()),
+        ],
+        api,
+        admin,
+    );
+    let answer = send(&th::client(), message(&proxy, &[])).await;
+    assert_eq!(answer.status, 200);
+    for unused in [config_api, config_admin] {
+        assert!(
+            std::net::TcpStream::connect(unused).is_err(),
+            "{unused} is not listened on"
+        );
+    }
+    files.write(
+        "config.yaml",
+        &text.replace("reload_interval: 50ms", "reload_interval: 60ms"),
+    );
+    wait_for("the reload", async || {
+        proxy
+            .metric("claude_relay_config_reloads_total{result=\"ok\"}")
+            .await
+            .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(
+        !proxy.log().contains("listen addresses changed"),
+        "{}",
+        proxy.log()
+    );
+}
+
 #[test]
 fn check_config_validates_files_and_names_the_problem() {
     let files = Files::new();
