@@ -32,7 +32,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -40,6 +40,15 @@ pub const KEY_ID_HEADER: &str = "x-relay-key-id";
 pub const TIMESTAMP_HEADER: &str = "x-relay-timestamp";
 pub const NONCE_HEADER: &str = "x-relay-nonce";
 pub const SIGNATURE_HEADER: &str = "x-relay-signature";
+
+/// The four names parsed once: a lookup by `&str` parses and hashes the
+/// name again on every request, signed or not.
+static HEADER_NAMES: [HeaderName; 4] = [
+    HeaderName::from_static(KEY_ID_HEADER),
+    HeaderName::from_static(TIMESTAMP_HEADER),
+    HeaderName::from_static(NONCE_HEADER),
+    HeaderName::from_static(SIGNATURE_HEADER),
+];
 
 /// First line of the canonical string; a later scheme gets a new one, so a
 /// signature can never be valid under two schemes.
@@ -232,16 +241,11 @@ impl<'a> SignatureHeaders<'a> {
     /// use a relay key instead); an error when some are there but not all, or
     /// one is malformed or repeated.
     pub fn from_headers(headers: &'a HeaderMap) -> Result<Option<Self>, SignatureError> {
-        let names = [
-            KEY_ID_HEADER,
-            TIMESTAMP_HEADER,
-            NONCE_HEADER,
-            SIGNATURE_HEADER,
-        ];
-        if names.iter().all(|name| !headers.contains_key(*name)) {
+        if HEADER_NAMES.iter().all(|name| !headers.contains_key(name)) {
             return Ok(None);
         }
-        let [key_id, timestamp, nonce, signature] = names.map(|name| single_value(headers, name));
+        let [key_id, timestamp, nonce, signature] =
+            [0, 1, 2, 3].map(|i| single_value(headers, &HEADER_NAMES[i]));
         Self::parse(key_id?, timestamp?, nonce?, signature?).map(Some)
     }
 
@@ -267,8 +271,12 @@ impl<'a> SignatureHeaders<'a> {
     }
 }
 
-fn single_value<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, SignatureError> {
-    let mut values = headers.get_all(name).iter();
+fn single_value<'h>(
+    headers: &'h HeaderMap,
+    header: &'static HeaderName,
+) -> Result<&'h str, SignatureError> {
+    let name = header.as_str();
+    let mut values = headers.get_all(header).iter();
     let value = values
         .next()
         .ok_or(SignatureError::Missing { header: name })?;

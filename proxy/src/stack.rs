@@ -452,9 +452,9 @@ async fn attempt(
     *upstream_request.uri_mut() = uri;
     // Built per attempt rather than cloned: the first attempt is the common case.
     *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
-    upstream_request
-        .headers_mut()
-        .insert(X_API_KEY, key.clone());
+    let headers = upstream_request.headers_mut();
+    headers.insert(X_API_KEY, key.clone());
+    headers.insert(http::header::HOST, transport.host.clone());
 
     let started = Instant::now();
     let timeouts = &region.timeouts;

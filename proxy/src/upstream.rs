@@ -18,8 +18,8 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
 use http_body_util::Full;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -191,6 +191,9 @@ pub struct Transport {
     authority: Authority,
     /// Path prefix of the base URL, without a trailing slash.
     prefix: String,
+    /// The `Host` header, built once: left to hyper, it is formatted anew
+    /// for every request.
+    pub host: HeaderValue,
     pub in_flight_limit: Arc<Semaphore>,
     open_connections: Arc<AtomicI64>,
     waiting: AtomicI64,
@@ -212,6 +215,12 @@ impl Transport {
         let scheme = uri.scheme().cloned().ok_or("base_url has no scheme")?;
         let authority = uri.authority().cloned().ok_or("base_url has no host")?;
         let prefix = uri.path().trim_end_matches('/').to_string();
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| "base_url has an invalid host")?;
 
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -241,6 +250,7 @@ impl Transport {
             .map(|_| build_client(&key, tls.clone(), open_connections.clone()))
             .collect();
         Ok(Self {
+            host,
             in_flight_limit: Arc::new(Semaphore::new(key.max_in_flight)),
             key,
             clients,

@@ -121,6 +121,9 @@ async fn json_response_passes_byte_for_byte_with_headers() {
     );
     assert_eq!(seen.headers["x-custom-trace"], "t-1");
     assert!(!seen.headers.contains_key("authorization"));
+    // The upstream's own name, never the one the client addressed the relay by.
+    assert_eq!(seen.headers["host"], upstream.addr.to_string());
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
 }
 
 #[tokio::test]

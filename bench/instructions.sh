@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# CPU cost per request, counted in instructions by valgrind's callgrind:
+# repeatable on a shared, noisy machine where wall-clock throughput is not.
+# Each proxy runs alone under callgrind (one worker, so one thread does all
+# the work), the upstream is nginx serving a 1 KB Messages response, and wrk
+# drives the same POST through
+#   nginx  — Debian's nginx as a plain reverse proxy (the baseline)
+#   relay  — claude-relay-proxy, relay key, shared state in Redis
+#   signed — the same relay, every request signed with a fresh nonce
+# Counting is switched on only while the load runs, so start-up is excluded.
+# Prints instructions per request and the relay/nginx ratio.
+#
+#   bench/instructions.sh              # REQUESTS_SECONDS=8 by default
+#   PROFILE=1 bench/instructions.sh    # also the relay's top functions
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+SECONDS_OF_LOAD=${REQUESTS_SECONDS:-8}
+out=${OUT:-$root/bench/out}
+mkdir -p "$out"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh (and apt-get install valgrind)" >&2; exit 1; }; }
+need wrk
+need redis-server
+need valgrind
+need callgrind_control
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
+
+echo "building release binaries..."
+(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy --bin claude-relay-proxy --bin relay-load)
+RELAY="$root/target/release/claude-relay-proxy"
+LOAD="$root/target/release/relay-load"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); RD=$(free_port)
+redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
+
+body='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"'$(printf 'The relay passes every byte through unchanged. %.0s' $(seq 1 16))'"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":25,"output_tokens":180}}'
+mkdir -p "$work/up" "$work/ng"
+cat > "$work/up/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '$body'; }
+  }
+}
+NGINX
+# master_process off: the one process under callgrind is the one that works.
+cat > "$work/ng/nginx.conf" <<NGINX
+worker_processes 1;
+master_process off;
+daemon off;
+pid $work/ng/nginx.pid;
+error_log $work/ng/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/ng; proxy_temp_path $work/ng; fastcgi_temp_path $work/ng; uwsgi_temp_path $work/ng; scgi_temp_path $work/ng;
+  upstream claude { server 127.0.0.1:$UP; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://claude;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key "sk-ant-bench";
+    }
+  }
+}
+NGINX
+echo "bench-relay-key" > "$work/relay.key"
+echo "sk-ant-bench" > "$work/upstream.key"
+echo "bench-signing-secret-0123456789abcdefghij" > "$work/signing.secret"
+cat > "$work/relay.yaml" <<YAML
+server: {listen: 127.0.0.1:$RL, admin_listen: 127.0.0.1:$RA, workers: 1}
+log: {level: warn}
+store: {redis: {url: "redis://127.0.0.1:$RD"}}
+clients:
+  - {id: bench, relay_keys: [{file: $work/relay.key}]}
+  - {id: bench-signer, signing_secrets: [{file: $work/signing.secret}]}
+regions:
+  - {name: local, base_url: "http://127.0.0.1:$UP", api_keys: [{file: $work/upstream.key}]}
+YAML
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.headers["x-api-key"] = "bench-relay-key"
+LUA
+
+"$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+wait_port "$UP"; wait_port "$RD"
+
+grind() { # name: starts the named proxy under callgrind, counting off
+  local name=$1
+  local vg=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$name.cg")
+  case $name in
+    nginx) "${vg[@]}" "$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" > "$work/$name.log" 2>&1 & ;;
+    *) "${vg[@]}" "$RELAY" --config "$work/relay.yaml" > "$work/$name.log" 2>&1 & ;;
+  esac
+  grind_pid=$!
+  pids+=($grind_pid)
+}
+# Instructions counted while `load` runs, over the requests it completed.
+measure() { # name port load-command...
+  local name=$1 port=$2; shift 2
+  grind "$name"
+  wait_port "$port"
+  "$@" > /dev/null 2>&1 || true    # warm-up: connections, pools, caches
+  callgrind_control -i on "$grind_pid" > /dev/null 2>&1
+  local done
+  done=$("$@")
+  callgrind_control -i off "$grind_pid" > /dev/null 2>&1
+  kill -INT "$grind_pid" 2>/dev/null || kill "$grind_pid"
+  wait "$grind_pid" 2>/dev/null || true
+  local ir
+  ir=$(awk '/^totals:/ {print $2; exit}' "$work/$name.cg")
+  echo "$name $done $ir" | awk '{printf "%-7s %9d requests %15d instructions %9.0f per request\n", $1, $2, $3, $3/$2}'
+  [ "$name" != relay ] || cp "$work/$name.cg" "$out/callgrind-relay.out"
+}
+wrk_count() { # port: completed requests of a short wrk run
+  wrk -t1 -c8 -d"${SECONDS_OF_LOAD}s" -s "$work/post.lua" "http://127.0.0.1:$1/v1/messages" |
+    awk '/requests in/ {print $1}'
+}
+load_count() { # mode
+  "$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections 8 --seconds "$SECONDS_OF_LOAD" --threads 1 \
+    --mode "$1" --relay-key bench-relay-key --key-id bench-signer --secret-file "$work/signing.secret" |
+    awk '{for (i = 1; i <= NF; i++) if ($i ~ /^requests=/) {sub(/requests=/, "", $i); print $i}}'
+}
+
+echo "instructions per request (callgrind; wrk -t1 -c8 -d${SECONDS_OF_LOAD}s, 1 KB responses)"
+res=$( { measure nginx "$NG" wrk_count "$NG"
+         measure relay "$RL" wrk_count "$RL"
+         measure relay-key "$RL" load_count relay-key
+         measure signed "$RL" load_count signed; } )
+echo "$res" | tee "$out/instructions.txt"
+echo "$res" | awk '{ir[$1]=$6} END {
+  printf "relay / nginx instructions per request: %.2f (below 1: the relay does less work)\n", ir["relay"]/ir["nginx"]
+  printf "signed / relay-key instructions per request: %.2f\n", ir["signed"]/ir["relay-key"] }'
+
+if [ "${PROFILE:-0}" = 1 ]; then
+  callgrind_annotate --inclusive=no "$out/callgrind-relay.out" 2>/dev/null | sed -n '1,60p'
+fi
