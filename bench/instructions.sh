@@ -138,7 +138,7 @@ measure() { # name port load-command...
   local ir
   ir=$(awk '/^totals:/ {print $2; exit}' "$work/$name.cg")
   echo "$name $done $ir" | awk '{printf "%-7s %9d requests %15d instructions %9.0f per request\n", $1, $2, $3, $3/$2}'
-  [ "$name" != relay ] || cp "$work/$name.cg" "$out/callgrind-relay.out"
+  cp "$work/$name.cg" "$out/callgrind-$name.out"
 }
 wrk_count() { # port: completed requests of a short wrk run
   wrk -t1 -c8 -d"${SECONDS_OF_LOAD}s" -s "$work/post.lua" "http://127.0.0.1:$1/v1/messages" |
