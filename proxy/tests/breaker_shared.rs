@@ -8,6 +8,7 @@ use std::time::Duration;
 use claude_relay_crds::config::BreakerConfig;
 use claude_relay_proxy::breaker::{Breakers, FailureKind, Outcome, State};
 use claude_relay_proxy::metrics::Metrics;
+use claude_relay_testkit::http::wait_for;
 use claude_relay_testkit::redis::RedisServer;
 use fred::prelude::{Builder, ClientLike, Config, HashesInterface, Pool};
 use std::collections::HashMap;
@@ -48,25 +49,15 @@ async fn replica(pool: Pool, open_for: &str, probes: u32) -> Arc<Breakers> {
     b
 }
 
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool, within: Duration) {
-    let start = tokio::time::Instant::now();
-    while !check() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_opens_the_other_stops_within_a_second() {
     let server = RedisServer::start().unwrap();
     let redis = pool(&server).await;
     let a = replica(redis.clone(), "30s", 1).await;
     let b = replica(pool(&server).await, "30s", 1).await;
-    wait_for(
-        "first sync",
-        || a.shared() && b.shared(),
-        Duration::from_secs(2),
-    )
+    wait_for("first sync", Duration::from_secs(2), async || {
+        a.shared() && b.shared()
+    })
     .await;
 
     for _ in 0..4 {
@@ -74,11 +65,9 @@ async fn one_replica_opens_the_other_stops_within_a_second() {
     }
     assert_eq!(a.region("us").state(), State::Open);
     let opened = tokio::time::Instant::now();
-    wait_for(
-        "b sees open",
-        || b.region("us").state() == State::Open,
-        Duration::from_secs(1),
-    )
+    wait_for("b sees open", Duration::from_secs(1), async || {
+        b.region("us").state() == State::Open
+    })
     .await;
     assert!(b.region("us").admit().await.is_err());
     eprintln!("replica b stopped after {:?}", opened.elapsed());
@@ -96,11 +85,9 @@ async fn one_replica_opens_the_other_stops_within_a_second() {
 
     // A restarted replica takes the open state up from Redis.
     let c = replica(pool(&server).await, "30s", 1).await;
-    wait_for(
-        "restart sees open",
-        || c.region("us").state() == State::Open,
-        Duration::from_secs(1),
-    )
+    wait_for("restart sees open", Duration::from_secs(1), async || {
+        c.region("us").state() == State::Open
+    })
     .await;
 }
 
@@ -109,11 +96,9 @@ async fn failures_spread_over_replicas_add_up() {
     let server = RedisServer::start().unwrap();
     let a = replica(pool(&server).await, "30s", 1).await;
     let b = replica(pool(&server).await, "30s", 1).await;
-    wait_for(
-        "first sync",
-        || a.shared() && b.shared(),
-        Duration::from_secs(2),
-    )
+    wait_for("first sync", Duration::from_secs(2), async || {
+        a.shared() && b.shared()
+    })
     .await;
     // Two failures each: neither replica alone reaches min_requests (4).
     for r in [&a, &b] {
@@ -124,8 +109,8 @@ async fn failures_spread_over_replicas_add_up() {
     }
     wait_for(
         "shared window opens both",
-        || a.region("us").state() == State::Open && b.region("us").state() == State::Open,
         Duration::from_secs(2),
+        async || a.region("us").state() == State::Open && b.region("us").state() == State::Open,
     )
     .await;
 }
@@ -135,20 +120,16 @@ async fn half_open_admits_n_probes_across_replicas() {
     let server = RedisServer::start().unwrap();
     let a = replica(pool(&server).await, "1s", 2).await;
     let b = replica(pool(&server).await, "1s", 2).await;
-    wait_for(
-        "first sync",
-        || a.shared() && b.shared(),
-        Duration::from_secs(2),
-    )
+    wait_for("first sync", Duration::from_secs(2), async || {
+        a.shared() && b.shared()
+    })
     .await;
     for _ in 0..4 {
         a.region("us").admit().await.unwrap().record(FAIL);
     }
-    wait_for(
-        "b open",
-        || b.region("us").state() == State::Open,
-        Duration::from_secs(1),
-    )
+    wait_for("b open", Duration::from_secs(1), async || {
+        b.region("us").state() == State::Open
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -167,11 +148,9 @@ async fn half_open_admits_n_probes_across_replicas() {
     // A failed probe opens the breaker again, on both replicas.
     tickets.pop().unwrap().record(FAIL);
     drop(tickets);
-    wait_for(
-        "reopened on both",
-        || a.region("us").state() == State::Open && b.region("us").state() == State::Open,
-        Duration::from_secs(1),
-    )
+    wait_for("reopened on both", Duration::from_secs(1), async || {
+        a.region("us").state() == State::Open && b.region("us").state() == State::Open
+    })
     .await;
 
     // Next round: a successful probe closes it, on both replicas.
@@ -184,11 +163,9 @@ async fn half_open_admits_n_probes_across_replicas() {
     };
     assert!(probe.is_probe());
     probe.record(Outcome::Success);
-    wait_for(
-        "closed on both",
-        || a.region("us").state() == State::Closed && b.region("us").state() == State::Closed,
-        Duration::from_secs(1),
-    )
+    wait_for("closed on both", Duration::from_secs(1), async || {
+        a.region("us").state() == State::Closed && b.region("us").state() == State::Closed
+    })
     .await;
     assert!(!a.region("us").admit().await.unwrap().is_probe());
 }
@@ -198,18 +175,14 @@ async fn redis_down_each_replica_keeps_a_local_breaker() {
     let mut server = RedisServer::start().unwrap();
     let a = replica(pool(&server).await, "30s", 1).await;
     let b = replica(pool(&server).await, "30s", 1).await;
-    wait_for(
-        "first sync",
-        || a.shared() && b.shared(),
-        Duration::from_secs(2),
-    )
+    wait_for("first sync", Duration::from_secs(2), async || {
+        a.shared() && b.shared()
+    })
     .await;
     server.stop().unwrap();
-    wait_for(
-        "redis seen gone",
-        || !a.shared() && !b.shared(),
-        Duration::from_secs(4),
-    )
+    wait_for("redis seen gone", Duration::from_secs(4), async || {
+        !a.shared() && !b.shared()
+    })
     .await;
 
     // Requests keep flowing on both...
@@ -231,10 +204,8 @@ async fn redis_down_each_replica_keeps_a_local_breaker() {
 
     // Redis back (empty): a's transition reaches it and b follows.
     server.restart().unwrap();
-    wait_for(
-        "b follows a",
-        || b.region("us").state() == State::Open,
-        Duration::from_secs(8),
-    )
+    wait_for("b follows a", Duration::from_secs(8), async || {
+        b.region("us").state() == State::Open
+    })
     .await;
 }

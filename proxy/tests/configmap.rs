@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use claude_relay_e2e::apiserver::{ApiServer, service_account_token};
-use claude_relay_testkit::http::{self as th, request, send};
+use claude_relay_testkit::http::{self as th, request, send, wait_for};
 use claude_relay_testkit::proxy::{ProxyProcess, free_addresses};
 use claude_relay_testkit::upstream::MockUpstream;
 use http::Method;
@@ -173,16 +173,6 @@ async fn message(proxy: &ProxyProcess) -> th::Answer {
         ),
     )
     .await
-}
-
-/// Waits at most `within` for `check`; how long it took.
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < within, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    start.elapsed()
 }
 
 fn keys_seen(upstream: &MockUpstream) -> HashSet<String> {

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use claude_relay_testkit::http::{self as th, next_chunk, request, send, send_streaming};
+use claude_relay_testkit::http::{self as th, next_chunk, request, send, send_streaming, wait_for};
 use claude_relay_testkit::proxy::ProxyProcess;
 use claude_relay_testkit::upstream::{MockUpstream, stream_events};
 use http::Method;
@@ -65,14 +65,6 @@ fn message(
     ];
     headers.extend_from_slice(extra);
     request(Method::POST, &proxy.url("/v1/messages"), &headers, MESSAGE)
-}
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +145,7 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
 
     // A broken file is rejected and the last good config stays in force.
     proxy.rewrite_config("clients: [this is: not yaml");
-    wait_for("a failed reload", async || {
+    wait_for("a failed reload", Duration::from_secs(10), async || {
         proxy
             .metric("claude_relay_config_reloads_total{result=\"failed\"}")
             .await
@@ -163,21 +155,29 @@ async fn reloads_under_load_fail_no_request_and_bad_configs_are_rejected() {
     proxy.rewrite_config(
         &config(&upstream.base_url(), &key_file, 65536).replace("base_url", "base_uri"),
     );
-    wait_for("a second failed reload", async || {
-        proxy
-            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
-            .await
-            == Some(2.0)
-    })
+    wait_for(
+        "a second failed reload",
+        Duration::from_secs(10),
+        async || {
+            proxy
+                .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+                .await
+                == Some(2.0)
+        },
+    )
     .await;
     // A secret that goes missing is rejected too.
     proxy.rewrite_config(&config(&upstream.base_url(), "/nonexistent/key", 65536));
-    wait_for("a third failed reload", async || {
-        proxy
-            .metric("claude_relay_config_reloads_total{result=\"failed\"}")
-            .await
-            == Some(3.0)
-    })
+    wait_for(
+        "a third failed reload",
+        Duration::from_secs(10),
+        async || {
+            proxy
+                .metric("claude_relay_config_reloads_total{result=\"failed\"}")
+                .await
+                == Some(3.0)
+        },
+    )
     .await;
     let answer = send(&th::client(), message(&proxy, &[])).await;
     assert_eq!(answer.status, 200);
@@ -230,7 +230,7 @@ async fn listen_flags_replace_the_configs_addresses() {
         "config.yaml",
         &text.replace("reload_interval: 50ms", "reload_interval: 60ms"),
     );
-    wait_for("the reload", async || {
+    wait_for("the reload", Duration::from_secs(10), async || {
         proxy
             .metric("claude_relay_config_reloads_total{result=\"ok\"}")
             .await
@@ -322,7 +322,7 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
     proxy.terminate();
     // Not ready any more, and new connections are refused.
     let admin = proxy.admin;
-    wait_for("readyz to fail", async || {
+    wait_for("readyz to fail", Duration::from_secs(10), async || {
         tokio::task::spawn_blocking(move || th::blocking_get_status(admin, "/readyz"))
             .await
             .unwrap()
@@ -330,9 +330,11 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
     })
     .await;
     let api = proxy.api;
-    wait_for("the listener to close", async || {
-        tokio::net::TcpStream::connect(api).await.is_err()
-    })
+    wait_for(
+        "the listener to close",
+        Duration::from_secs(10),
+        async || tokio::net::TcpStream::connect(api).await.is_err(),
+    )
     .await;
 
     // The stream in flight still completes.
@@ -424,11 +426,15 @@ async fn tls_in_and_out_with_a_private_ca_and_certificate_reload() {
     let (cert, key) = self_signed(90);
     files.write("tls.key", &key);
     files.write("tls.crt", &cert);
-    wait_for("the renewed certificate", async || {
-        a.metric("claude_relay_tls_cert_expiry_days")
-            .await
-            .is_some_and(|d| d > 89.0)
-    })
+    wait_for(
+        "the renewed certificate",
+        Duration::from_secs(10),
+        async || {
+            a.metric("claude_relay_tls_cert_expiry_days")
+                .await
+                .is_some_and(|d| d > 89.0)
+        },
+    )
     .await;
     // Fresh relays (fresh connections): one trusting only the old
     // certificate is refused, one trusting the new one gets through.

@@ -93,13 +93,18 @@ pub fn blocking_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// Polls `check` every 20 ms until it holds; panics naming `what` after `within`.
-pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
+pub async fn wait_for(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let start = tokio::time::Instant::now();
     while !check().await {
         assert!(
-            tokio::time::Instant::now() < deadline,
+            start.elapsed() < within,
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    start.elapsed()
 }
