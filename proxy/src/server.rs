@@ -239,8 +239,8 @@ async fn serve_admin(app: Arc<App>, listener: TcpListener) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = admin::handle(&app, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(admin::handle(&app, &request).await) }
             });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)

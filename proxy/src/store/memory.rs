@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{RateDecision, Store, StoreError};
+use super::{
+    BudgetPeriod, QuotaAsk, QuotaDecision, RateDecision, Settlement, Store, StoreError, Usage,
+    day_of, minute_of,
+};
 
 /// Independent locks, so concurrent requests rarely wait on each other.
 const SHARDS: usize = 16;
@@ -27,6 +30,18 @@ pub struct MemoryStore {
     max_per_shard: usize,
     hasher: RandomState,
     rates: Mutex<HashMap<String, RateWindow>>,
+    budgets: Mutex<HashMap<String, Budget>>,
+    /// (client, day) → counter → count.
+    usage: Mutex<HashMap<(String, String), HashMap<String, u64>>>,
+}
+
+/// A client's spending in the current minute and day, and its slots.
+#[derive(Default)]
+struct Budget {
+    minute: (u64, u64),
+    day: (String, u64),
+    /// Slot → unix ms when its lease lapses.
+    slots: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -48,6 +63,77 @@ impl MemoryStore {
             max_per_shard: max_entries.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
             rates: Mutex::default(),
+            budgets: Mutex::default(),
+            usage: Mutex::default(),
+        }
+    }
+
+    fn quota(&self, client: &str, ask: &QuotaAsk<'_>) -> QuotaDecision {
+        let (minute, minute_left) = minute_of(ask.now_ms);
+        let (day, day_left) = day_of(ask.now_ms);
+        let mut budgets = lock(&self.budgets);
+        let budget = budgets.entry(client.to_owned()).or_default();
+        let spent_minute = if budget.minute.0 == minute {
+            budget.minute.1
+        } else {
+            0
+        };
+        let spent_day = if budget.day.0 == day { budget.day.1 } else { 0 };
+        if ask.tokens_per_minute > 0 && spent_minute >= ask.tokens_per_minute {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::Minute,
+                retry_after: minute_left,
+            };
+        }
+        if ask.tokens_per_day > 0 && spent_day >= ask.tokens_per_day {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::Day,
+                retry_after: day_left,
+            };
+        }
+        if ask.max_concurrent > 0 {
+            budget.slots.retain(|_, until| *until > ask.now_ms);
+            if budget.slots.len() >= ask.max_concurrent as usize {
+                return QuotaDecision::OverConcurrency;
+            }
+            budget.slots.insert(ask.slot.to_owned(), ask.lease_until_ms);
+        }
+        QuotaDecision::Allowed
+    }
+
+    fn settle_now(&self, client: &str, settlement: &Settlement<'_>) {
+        let (minute, _) = minute_of(settlement.now_ms);
+        let (day, _) = day_of(settlement.now_ms);
+        {
+            let mut budgets = lock(&self.budgets);
+            if let (Some(budget), Some(slot)) = (budgets.get_mut(client), settlement.slot) {
+                budget.slots.remove(slot);
+            }
+            if settlement.quota_tokens > 0 {
+                let budget = budgets.entry(client.to_owned()).or_default();
+                if budget.minute.0 != minute {
+                    budget.minute = (minute, 0);
+                }
+                if budget.day.0 != day {
+                    budget.day = (day.clone(), 0);
+                }
+                budget.minute.1 = budget.minute.1.saturating_add(settlement.quota_tokens);
+                budget.day.1 = budget.day.1.saturating_add(settlement.quota_tokens);
+            }
+        }
+        if let Some((model, usage)) = settlement.usage {
+            let mut all = lock(&self.usage);
+            let key = (client.to_owned(), day);
+            if !all.contains_key(&key) {
+                // A new day: forget the days past retention.
+                let retention_days = settlement.retention.as_secs().div_ceil(86_400);
+                let today = settlement.now_ms / 86_400_000;
+                all.retain(|(_, d), _| {
+                    super::days_of(d).is_some_and(|d| d + retention_days > today)
+                });
+            }
+            let counters = all.entry(key).or_default();
+            add_usage(counters, model, &usage);
         }
     }
 
@@ -110,6 +196,16 @@ impl MemoryStore {
     }
 }
 
+/// Adds one response's usage to a day's counters (as the Redis hash holds them).
+fn add_usage(counters: &mut HashMap<String, u64>, model: &str, usage: &Usage) {
+    *counters.entry("requests".into()).or_default() += 1;
+    *counters.entry(format!("{model}/requests")).or_default() += 1;
+    for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
+        *counters.entry((*kind).to_owned()).or_default() += count;
+        *counters.entry(format!("{model}/{kind}")).or_default() += count;
+    }
+}
+
 impl NonceShard {
     /// Drops every nonce whose time is up, oldest first.
     fn sweep(&mut self, now: Instant) {
@@ -159,6 +255,42 @@ impl Store for MemoryStore {
         window: Duration,
     ) -> Result<RateDecision, StoreError> {
         Ok(self.hit(client, limit, window))
+    }
+
+    async fn check_quota(
+        &self,
+        client: &str,
+        ask: &QuotaAsk<'_>,
+    ) -> Result<QuotaDecision, StoreError> {
+        Ok(self.quota(client, ask))
+    }
+
+    async fn settle(&self, client: &str, settlement: &Settlement<'_>) -> Result<(), StoreError> {
+        self.settle_now(client, settlement);
+        Ok(())
+    }
+
+    async fn renew_slots(
+        &self,
+        client: &str,
+        slots: &[String],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        if let Some(budget) = lock(&self.budgets).get_mut(client) {
+            for slot in slots {
+                if let Some(until) = budget.slots.get_mut(slot) {
+                    *until = until_ms;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, client: &str, day: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(lock(&self.usage)
+            .get(&(client.to_owned(), day.to_owned()))
+            .map(|c| c.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default())
     }
 }
 
