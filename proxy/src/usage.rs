@@ -159,6 +159,8 @@ pub struct SseUsage {
     partial: Vec<u8>,
     /// Inside a line known not to matter, until its end.
     skipping: bool,
+    /// The current event was named `message_start` or `message_delta`.
+    usage_event: bool,
     pub reported: Reported,
 }
 
@@ -185,9 +187,8 @@ impl SseUsage {
                     if !self.skipping {
                         self.partial.extend_from_slice(chunk);
                         let decided = self.partial.len() >= PREFIX_WINDOW;
-                        if (decided && !may_carry_usage(&self.partial))
-                            || self.partial.len() > SSE_LINE_CAP
-                        {
+                        let wanted = self.usage_event || may_carry_usage(&self.partial);
+                        if (decided && !wanted) || self.partial.len() > SSE_LINE_CAP {
                             self.partial.clear();
                             self.skipping = true;
                         }
@@ -200,7 +201,16 @@ impl SseUsage {
 
     fn line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !may_carry_usage(line) {
+        if let Some(name) = line.strip_prefix(b"event:") {
+            let name = name.strip_prefix(b" ").unwrap_or(name);
+            self.usage_event = name == b"message_start" || name == b"message_delta";
+            return;
+        }
+        if line.is_empty() {
+            self.usage_event = false;
+            return;
+        }
+        if !(line.starts_with(b"data:") && (self.usage_event || may_carry_usage(line))) {
             return;
         }
         let data = line[5..].strip_prefix(b" ").unwrap_or(&line[5..]);
@@ -234,9 +244,9 @@ impl SseUsage {
 /// Bytes of a line enough to tell a usage event (`data: {"type":"message_start"`).
 const PREFIX_WINDOW: usize = 64;
 
-/// A `data:` line whose start names `message_start` or `message_delta`; the
-/// API writes `type` first, and the text deltas that make most of a stream
-/// are dismissed by their first bytes.
+/// A `data:` line whose start names `message_start` or `message_delta` (for
+/// a stream without `event:` lines; the API writes `type` first). Text
+/// deltas, most of a stream, are dismissed by their first bytes.
 fn may_carry_usage(line: &[u8]) -> bool {
     if !line.starts_with(b"data:") {
         return false;
@@ -668,6 +678,28 @@ mod tests {
         assert!(tap.reported.seen);
         assert_eq!(tap.reported.usage.input_tokens, 25);
         assert_eq!(tap.reported.usage.output_tokens, 1);
+    }
+
+    #[test]
+    fn event_names_find_usage_whatever_the_key_order() {
+        let sorted = concat!(
+            "event: message_start\n",
+            r#"data: {"message":{"content":[],"id":"m","model":"claude-z","role":"assistant","usage":{"input_tokens":9,"output_tokens":1}},"type":"message_start"}"#,
+            "\n\nevent: message_delta\n",
+            r#"data: {"delta":{"stop_reason":"end_turn"},"type":"message_delta","usage":{"output_tokens":4}}"#,
+            "\n\n"
+        );
+        let mut tap = SseUsage::default();
+        for chunk in sorted.as_bytes().chunks(5) {
+            tap.feed(chunk);
+        }
+        assert_eq!(tap.reported.usage.input_tokens, 9);
+        assert_eq!(tap.reported.usage.output_tokens, 4);
+        assert_eq!(tap.reported.model.as_deref(), Some("claude-z"));
+        // Without event names, a data line naming its type first still counts.
+        let mut bare = SseUsage::default();
+        bare.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\n\n");
+        assert_eq!(bare.reported.usage.output_tokens, 3);
     }
 
     #[test]
