@@ -1575,6 +1575,72 @@ clients:
     }
 
     #[test]
+    fn quotas_usage_and_cache_parse_with_defaults() {
+        let c = config(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {tokens_per_minute: 1000, max_concurrent: 4}
+    cache: {enabled: true}
+quota: {fail_open_grace: 30s}
+cache:
+  ttl: 10m
+  routes: [{name: haiku, models: ['claude-haiku-*', claude-x], enabled: true, ttl: 1h, shared: true}]
+"#,
+        )
+        .unwrap();
+        let quota = c.clients[0].quota.unwrap();
+        assert_eq!(quota.tokens_per_minute, Some(1000));
+        assert_eq!(quota.tokens_per_day, None);
+        assert!(!quota.count_cache_reads);
+        assert!(c.clients[0].cache.unwrap().enabled);
+        assert_eq!(c.quota.fail_open_grace.as_secs(), 30);
+        assert_eq!(c.usage.retention.as_secs(), 90 * 86_400);
+        assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.cache.ttl.as_secs(), 600);
+        let route = &c.cache.routes[0];
+        assert!(route.matches("claude-haiku-4-5") && route.matches("claude-x"));
+        assert!(!route.matches("claude-x-2") && !route.matches("claude-sonnet"));
+        let plain = config("clients: [{id: a, relay_keys: [{env: K}]}]\n").unwrap();
+        assert_eq!(plain.quota.fail_open_grace.as_secs(), 300);
+        assert!(plain.cache.routes.is_empty());
+    }
+
+    #[test]
+    fn bad_quotas_and_cache_settings_are_named() {
+        let err = problems(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {count_cache_reads: true}
+usage: {retention: 1h}
+cache:
+  max_entry_bytes: 0
+  ttl: 0s
+  routes:
+    - {name: r, models: ['a*b', ''], ttl: 0s}
+    - {name: r}
+"#,
+        );
+        for expected in [
+            "clients[0].quota: sets no limit",
+            "usage.retention",
+            "cache.max_entry_bytes",
+            "cache.ttl",
+            "cache.routes[0].models[0]",
+            "cache.routes[0].models[1]",
+            "cache.routes[0].ttl",
+            "cache.routes[1].name: duplicate",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        let err = problems("clients: [{id: a, relay_keys: [{env: K}], quota: {tokens: 5}}]\n");
+        assert!(err.contains("clients[0].quota"), "{err}");
+    }
+
+    #[test]
     fn rate_limit_and_replay_parse() {
         let c = config(
             r#"
