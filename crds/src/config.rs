@@ -286,6 +286,10 @@ impl Default for QuotaConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageConfig {
+    /// Read the usage of responses (metrics, counters, token quotas). Off
+    /// only to measure what it costs; token budgets need it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// How long the per client per day counters are kept in the store.
     #[serde(default = "default_usage_retention")]
     pub retention: HumanDuration,
@@ -294,6 +298,7 @@ pub struct UsageConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             retention: default_usage_retention(),
         }
     }
@@ -1056,6 +1061,16 @@ impl ProxyConfig {
                     "must be greater than 0",
                 );
             }
+            if !self.usage.enabled
+                && client
+                    .quota
+                    .is_some_and(|q| q.tokens_per_minute.is_some() || q.tokens_per_day.is_some())
+            {
+                bad(
+                    format!("clients[{i}].quota"),
+                    "token budgets need usage.enabled",
+                );
+            }
             if client.quota.is_some_and(|q| !q.is_active()) {
                 bad(
                     format!("clients[{i}].quota"),
@@ -1636,6 +1651,10 @@ cache:
         ] {
             assert!(err.contains(expected), "missing {expected:?} in {err}");
         }
+        let err = problems(
+            "clients: [{id: a, relay_keys: [{env: K}], quota: {tokens_per_day: 5}}]\nusage: {enabled: false}\n",
+        );
+        assert!(err.contains("token budgets need usage.enabled"), "{err}");
         let err = problems("clients: [{id: a, relay_keys: [{env: K}], quota: {tokens: 5}}]\n");
         assert!(err.contains("clients[0].quota"), "{err}");
     }

@@ -240,6 +240,7 @@ async fn relay(
         quota: client.quota,
         slot: slot.map(|held| (exchange.request_id.clone(), held)),
         retention: *snapshot.config.usage.retention,
+        usage_enabled: snapshot.config.usage.enabled,
         tap: None,
         cache_fill: cache_plan.map(|plan| Fill {
             cache: app.services.cache.clone(),
@@ -734,7 +735,9 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
                 meter.cache_fill = None;
             }
         }
-        if exchange.route == "messages" && parts.status.is_success() {
+        // The tap also keeps the JSON body a cache fill stores.
+        let wanted = meter.usage_enabled || meter.cache_fill.is_some();
+        if wanted && exchange.route == "messages" && parts.status.is_success() {
             meter.tap = Some(if sse {
                 UsageTap::sse()
             } else {

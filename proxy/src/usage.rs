@@ -340,6 +340,8 @@ pub struct Meter {
     /// The slot (the request id) and where it is held.
     pub slot: Option<(Arc<str>, SlotHeld)>,
     pub retention: Duration,
+    /// `usage.enabled`: whether responses get a tap at all.
+    pub usage_enabled: bool,
     /// Reads the response's usage; set when the response may report some.
     pub tap: Option<UsageTap>,
     /// Stores the response in the cache when it completes.
@@ -378,11 +380,10 @@ impl Finished {
             key_id,
             complete,
         } = self;
-        let reported = meter
-            .tap
-            .as_ref()
-            .map(UsageTap::reported)
-            .unwrap_or_default();
+        let reported = match &meter.tap {
+            Some(tap) if meter.usage_enabled => tap.reported(),
+            _ => Reported::default(),
+        };
         if let (Some(fill), true, Some(body)) = (
             meter.cache_fill,
             complete,

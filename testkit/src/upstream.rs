@@ -4,7 +4,7 @@
 //!
 //! | `x-mock` | answer |
 //! |---|---|
-//! | (none), `json` | 200, a ~1 KB Messages response, `request-id` and `anthropic-ratelimit-*` headers |
+//! | (none), `json` | 200, a ~1 KB Messages response, `request-id` and `anthropic-ratelimit-*` headers; after `x-mock-delay-ms` (generation time) |
 //! | `stream` | 200 SSE: message_start, ping, content blocks, message_delta, message_stop; `x-mock-delay-ms` between events |
 //! | `stream-gated` | like `stream`, but waits after message_start until [`MockUpstream::open_gate`] |
 //! | `stream-error` | 200 SSE, then an `error` event (overloaded_error) after message_start |
@@ -301,10 +301,15 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> MockResponse {
             delay,
             usage.unwrap_or(DEFAULT_STREAM_USAGE),
         ),
-        _ => json(
-            StatusCode::OK,
-            message_json_with(&model, usage.unwrap_or(DEFAULT_USAGE)),
-        ),
+        _ => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            json(
+                StatusCode::OK,
+                message_json_with(&model, usage.unwrap_or(DEFAULT_USAGE)),
+            )
+        }
     }
 }
 
