@@ -223,14 +223,15 @@ echo "$first" > "$out/first-event.txt"
 # (every request after the first is a hit), off (relayed to the mock
 # upstream, which answers at once), and off with 20 ms of generation time
 # (a real answer takes far longer).
-cached() { # extra relay-load args...
-  "$LOAD" --url "http://127.0.0.1:$UA/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+cached() { # seconds, extra relay-load args...
+  local seconds=$1; shift
+  "$LOAD" --url "http://127.0.0.1:$UA/v1/messages" --connections "$CONNECTIONS" --seconds "$seconds" --threads 2 \
     --relay-key bench-relay-key "$@"
 }
-cached --header "x-relay-cache:on" --seconds 1 > /dev/null
-cache=$( { echo "hit $(cached --header 'x-relay-cache:on')"
-           echo "relayed $(cached --header 'x-relay-cache:off')"
-           echo "relayed-20ms $(cached --header 'x-relay-cache:off' --header 'x-mock-delay-ms:20')"; } )
+cached 1 --header "x-relay-cache:on" > /dev/null
+cache=$( { echo "hit $(cached "$DURATION" --header 'x-relay-cache:on')"
+           echo "relayed $(cached "$DURATION" --header 'x-relay-cache:off')"
+           echo "relayed-20ms $(cached "$DURATION" --header 'x-relay-cache:off' --header 'x-mock-delay-ms:20')"; } )
 echo "$cache" > "$out/cache.txt"
 
 # 1,000 concurrent open streams: each answered by an endless, slow SSE stream.

@@ -74,6 +74,7 @@ impl Services {
         self.keypools.spawn_sync();
         self.cache.spawn_sync();
         self.accounting.spawn_renewal();
+        self.accounting.spawn_flush();
     }
 }
 

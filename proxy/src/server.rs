@@ -136,6 +136,12 @@ pub fn run(
         })
         .await;
         admin_task.abort();
+        // What the last requests owe the store (usage, budgets, slots).
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            app.services.accounting.flush_once(),
+        )
+        .await;
         joined.map_err(anyhow::Error::from)
     })
 }

@@ -7,10 +7,12 @@
 //! parsed once the response is over, off the response path.
 //!
 //! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
-//! exchange ends (complete, cut off or abandoned) it hands what was reported
-//! to a spawned task that counts metrics, charges the client's quota,
-//! adds to the day's usage counters and releases the concurrency slot, in
-//! one store round trip.
+//! exchange ends (complete, cut off or abandoned) what was reported is
+//! counted in metrics and put in an outbox. Every 100 ms the outbox is
+//! written to the store, one script per client for all its finished
+//! requests: tokens charged to its budgets, usage added to its day's
+//! counters, concurrency slots released. No request waits for it; a store
+//! that is down gets it when it is back.
 //!
 //! [`Accounting`] outlives reloads: the slots in flight (their leases are
 //! renewed in the background), the state of a store outage, and the local
@@ -27,7 +29,8 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, Name, TokenLabels};
 use crate::store::{
-    AnyStore, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage, unix_ms,
+    AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
+    unix_ms,
 };
 
 /// How long a concurrency slot is held without renewal: a replica that dies
@@ -35,6 +38,11 @@ use crate::store::{
 pub const SLOT_LEASE: Duration = Duration::from_secs(60);
 /// How often the leases of slots in use are renewed.
 const RENEW_EVERY: Duration = Duration::from_secs(20);
+/// How often finished requests are written to the store (one call per
+/// client): the delay before a budget sees a response's tokens.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Slot releases kept for retry while the store is down (their leases lapse anyway).
+const MAX_RETRIED_RELEASES: usize = 10_000;
 /// The largest JSON answer whose usage is read (a Messages answer is far smaller).
 const JSON_CAP: usize = 16 * 1024 * 1024;
 /// A stream line longer than this cannot be a usage event; it is skipped.
@@ -358,21 +366,38 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// Settles in the background; with no runtime (a test dropping an
-    /// exchange outside one), nothing can be sent and the slot lapses.
+    /// Accounts for the request: at once when nothing needs parsing (a
+    /// stream's usage is known by now), else in a spawned task that parses
+    /// the JSON body and writes the cache fill off the response path. With
+    /// no runtime (a test dropping an exchange outside one) a deferred
+    /// request is not accounted and its slot lapses.
     pub fn spawn(self) {
-        let nothing_to_do = self.meter.tap.is_none()
-            && self.meter.slot.is_none()
-            && self.meter.cache_fill.is_none();
-        if nothing_to_do {
+        let meter = &self.meter;
+        if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let deferred = matches!(meter.tap, Some(UsageTap::Json(_))) || meter.cache_fill.is_some();
+        if !deferred {
+            self.account();
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(self.settle());
         }
     }
 
-    async fn settle(self) {
+    async fn settle(mut self) {
+        if let (Some(fill), true, Some(body)) = (
+            self.meter.cache_fill.take(),
+            self.complete,
+            self.meter.tap.as_ref().and_then(UsageTap::body),
+        ) {
+            fill.store(body, &self.meter.store).await;
+        }
+        self.account();
+    }
+
+    /// Metrics and the usage log line now; budgets, usage counters and the
+    /// slot release go to the outbox, which the store sees at the next flush.
+    fn account(self) {
         let Finished {
             meter,
             request_id,
@@ -384,13 +409,6 @@ impl Finished {
             Some(tap) if meter.usage_enabled => tap.reported(),
             _ => Reported::default(),
         };
-        if let (Some(fill), true, Some(body)) = (
-            meter.cache_fill,
-            complete,
-            meter.tap.as_ref().and_then(UsageTap::body),
-        ) {
-            fill.store(body, &meter.store).await;
-        }
         let accounting = &meter.accounting;
         let model = reported.model.as_deref().unwrap_or("unknown");
         if reported.seen {
@@ -417,47 +435,41 @@ impl Finished {
             Some((slot, held)) => (Some(&**slot), Some(*held)),
             None => (None, None),
         };
-        if quota_tokens == 0 && slot.is_none() && !reported.seen {
-            return;
+        if let Some(slot) = slot {
+            accounting.forget_slot(slot);
+        }
+        let now_ms = unix_ms();
+        if let (Some(slot), Some(SlotHeld::Local)) = (slot, held) {
+            // A slot taken from this replica's budgets goes back there.
+            accounting.fallback.apply(
+                &meter.client.0,
+                &Charges {
+                    release: vec![slot.to_owned()],
+                    ..Charges::default()
+                },
+            );
         }
         let settlement = Settlement {
             quota_tokens,
             usage: reported.seen.then_some((model, reported.usage)),
             slot: slot.filter(|_| held == Some(SlotHeld::Store)),
-            now_ms: unix_ms(),
+            now_ms,
             retention: meter.retention,
         };
-        if let Some(slot) = slot {
-            accounting.forget_slot(slot);
-        }
-        let local = Settlement {
-            usage: None,
-            slot: slot.filter(|_| held == Some(SlotHeld::Local)),
-            ..settlement
-        };
-        if local.slot.is_some() {
-            let _ = accounting.fallback.settle(&meter.client.0, &local).await;
-        }
-        match meter.store.settle(&meter.client.0, &settlement).await {
-            Ok(()) => {}
-            Err(error) => {
-                accounting.store_error(&error);
-                tracing::warn!(request_id = %request_id, client = &*meter.client.0, %error, "usage not recorded in the store; charged to this replica's fallback budget");
-                // What the outage hides from the store, local budgets still see.
-                let _ = accounting
-                    .fallback
-                    .settle(
-                        &meter.client.0,
-                        &Settlement {
-                            usage: None,
-                            slot: None,
-                            ..settlement
-                        },
-                    )
-                    .await;
-            }
+        if quota_tokens > 0 || settlement.usage.is_some() || settlement.slot.is_some() {
+            accounting.enqueue(&meter.client, &meter.store, &settlement);
         }
     }
+}
+
+/// What finished requests of one client owe the store.
+struct Pending {
+    store: Arc<AnyStore>,
+    /// Not yet tried.
+    fresh: Charges,
+    /// Tried and failed (the store was down): already charged to the
+    /// fallback budgets, retried until the store takes it.
+    retry: Charges,
 }
 
 /// Accounting state that outlives reloads.
@@ -472,6 +484,8 @@ pub struct Accounting {
     /// Model label values in use, to bound the metric's cardinality.
     models: Mutex<HashSet<Arc<str>>>,
     token_counters: Mutex<HashMap<TokenKey, Counter>>,
+    /// Per client, what the next flush writes to the store.
+    outbox: Mutex<HashMap<Name, Pending>>,
 }
 
 /// The client holding a slot, and the store it is held in.
@@ -496,7 +510,79 @@ impl Accounting {
             fallback: MemoryStore::new(1),
             models: Mutex::default(),
             token_counters: Mutex::default(),
+            outbox: Mutex::default(),
         })
+    }
+
+    fn enqueue(&self, client: &Name, store: &Arc<AnyStore>, settlement: &Settlement<'_>) {
+        let mut outbox = lock(&self.outbox);
+        let pending = outbox.entry(client.clone()).or_insert_with(|| Pending {
+            store: store.clone(),
+            fresh: Charges::default(),
+            retry: Charges::default(),
+        });
+        if !Arc::ptr_eq(&pending.store, store) {
+            // The store changed with the config: what is owed goes to the new one.
+            pending.store = store.clone();
+        }
+        pending.fresh.add(settlement);
+    }
+
+    /// Writes the outbox every [`FLUSH_EVERY`]: one store call per client
+    /// with requests finished since the last flush, all in parallel.
+    pub fn spawn_flush(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        crate::breaker::spawn_periodic(FLUSH_EVERY, move || {
+            let this = this.clone();
+            async move { this.flush_once().await }
+        })
+    }
+
+    pub async fn flush_once(&self) {
+        let batch: Vec<(Name, Pending)> = lock(&self.outbox).drain().collect();
+        if batch.is_empty() {
+            return;
+        }
+        let mut owed = Vec::with_capacity(batch.len());
+        for (client, pending) in batch {
+            let mut all = pending.retry;
+            all.merge(pending.fresh.clone());
+            owed.push((client, pending.store, pending.fresh, all));
+        }
+        let calls = owed
+            .iter()
+            .map(|(client, store, _, all)| store.settle(&client.0, all));
+        let results = futures_util::future::join_all(calls).await;
+        let now_ms = unix_ms();
+        for ((client, store, fresh, all), result) in owed.into_iter().zip(results) {
+            let Err(error) = result else {
+                continue;
+            };
+            self.store_error(&error);
+            // What the outage hides from the store, this replica's budgets see.
+            self.fallback.apply(
+                &client.0,
+                &Charges {
+                    usage: Default::default(),
+                    release: Vec::new(),
+                    ..fresh
+                },
+            );
+            if !error.transient {
+                tracing::error!(client = &*client.0, %error, "usage and quota charges dropped: the store refused them");
+                continue;
+            }
+            tracing::warn!(client = &*client.0, %error, "usage and quota charges not written yet: the store is unavailable; retrying");
+            let mut retry = all.still_due(now_ms);
+            retry.release.truncate(MAX_RETRIED_RELEASES);
+            let mut outbox = lock(&self.outbox);
+            let pending = outbox.entry(client).or_insert_with(|| Pending {
+                store,
+                fresh: Charges::default(),
+                retry: Charges::default(),
+            });
+            pending.retry.merge(retry);
+        }
     }
 
     pub fn hold_slot(&self, slot: Arc<str>, client: Name, store: Arc<AnyStore>) {

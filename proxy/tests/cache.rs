@@ -240,9 +240,10 @@ async fn entries_expire_and_purges_reach_every_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_headers_and_config_changes() {
     let setup = Setup::standalone().await;
+    // Accounting off: the cache still stores (and nothing is counted).
     let route = |ttl: &str| {
         format!(
-            "cache:\n  routes:\n    - {{name: test-models, models: ['claude-test*'], enabled: true, shared: true, ttl: {ttl}}}"
+            "usage: {{enabled: false}}\ncache:\n  routes:\n    - {{name: test-models, models: ['claude-test*'], enabled: true, shared: true, ttl: {ttl}}}"
         )
     };
     let proxy = setup.proxy(&setup.config("", "", &route("10m")));
@@ -299,6 +300,9 @@ async fn routes_headers_and_config_changes() {
         .messages(&proxy, APP_KEY, &BODY.replace("Hi", "fail"), &[])
         .await;
     assert_eq!((again.status.as_u16(), cache_header(&again)), (200, "miss"));
+
+    assert_eq!(setup.totals(&proxy, "app").await["requests"], 0);
+    assert!(!proxy.metrics().await.contains("claude_relay_tokens_total{"));
 
     // A change of the route empties its entries.
     proxy.rewrite_config(&setup.config("", "", &route("20m")));

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use claude_relay_crds::config::RedisStoreConfig;
 use claude_relay_proxy::store::{
-    BudgetPeriod, MemoryStore, QuotaAsk, QuotaDecision, RateDecision, RedisStore, Settlement,
-    Store, Usage, day_of, unix_ms,
+    BudgetPeriod, Charges, MemoryStore, QuotaAsk, QuotaDecision, RateDecision, RedisStore,
+    Settlement, Store, Usage, day_of, unix_ms,
 };
 use claude_relay_testkit::redis::RedisServer;
 use futures_util::future::join_all;
@@ -177,7 +177,7 @@ fn ask<'a>(slot: &'a str, now_ms: u64, tpm: u64, tpd: u64, max_concurrent: u32) 
     }
 }
 
-fn charge(tokens: u64, now_ms: u64) -> Settlement<'static> {
+fn settlement(tokens: u64, now_ms: u64) -> Settlement<'static> {
     Settlement {
         quota_tokens: tokens,
         usage: None,
@@ -185,6 +185,10 @@ fn charge(tokens: u64, now_ms: u64) -> Settlement<'static> {
         now_ms,
         retention: Duration::from_secs(86_400 * 30),
     }
+}
+
+fn charge(tokens: u64, now_ms: u64) -> Charges {
+    Charges::of(&settlement(tokens, now_ms))
 }
 
 async fn budgets_refuse_once_spent_until_the_window_ends<S: Store>(store: Arc<S>) {
@@ -257,10 +261,10 @@ async fn concurrency_cap_holds_and_slots_come_back<S: Store + 'static>(store: Ar
             .all(|(_, d)| matches!(d, QuotaDecision::Allowed | QuotaDecision::OverConcurrency))
     );
     // Releasing one slot lets exactly one more in.
-    let release = Settlement {
+    let release = Charges::of(&Settlement {
         slot: Some(allowed[0].as_str()),
-        ..charge(0, now)
-    };
+        ..settlement(0, now)
+    });
     store.settle("busy", &release).await.unwrap();
     assert_eq!(
         store
@@ -319,18 +323,25 @@ async fn usage_adds_up_per_client_per_day<S: Store>(store: Arc<S>) {
         cache_creation_input_tokens: c,
         cache_read_input_tokens: r,
     };
+    // Requests settle one by one, or several in one batch, alike.
+    let mut batch = Charges::default();
     for (client, model, u) in [
         ("app", "claude-a", usage(10, 20, 3, 4)),
         ("app", "claude-b", usage(1, 2, 0, 0)),
         ("app", "claude-a", usage(100, 200, 0, 40)),
         ("other", "claude-a", usage(7, 7, 7, 7)),
     ] {
-        let settlement = Settlement {
+        let one = Settlement {
             usage: Some((model, u)),
-            ..charge(0, now)
+            ..settlement(0, now)
         };
-        store.settle(client, &settlement).await.unwrap();
+        if client == "app" && model == "claude-a" {
+            batch.add(&one);
+        } else {
+            store.settle(client, &Charges::of(&one)).await.unwrap();
+        }
     }
+    store.settle("app", &batch).await.unwrap();
     let mut counters = store.usage("app", &today).await.unwrap();
     counters.sort();
     let get = |name: &str| {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    BudgetPeriod, QuotaAsk, QuotaDecision, RateDecision, Settlement, Store, StoreError, Usage,
-    day_of, minute_of,
+    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, day_of,
+    minute_of,
 };
 
 /// Independent locks, so concurrent requests rarely wait on each other.
@@ -101,39 +101,50 @@ impl MemoryStore {
         QuotaDecision::Allowed
     }
 
-    fn settle_now(&self, client: &str, settlement: &Settlement<'_>) {
-        let (minute, _) = minute_of(settlement.now_ms);
-        let (day, _) = day_of(settlement.now_ms);
+    /// Settles at once (the store is in this process).
+    pub fn apply(&self, client: &str, charges: &Charges) {
         {
             let mut budgets = lock(&self.budgets);
-            if let (Some(budget), Some(slot)) = (budgets.get_mut(client), settlement.slot) {
+            let budget = budgets.entry(client.to_owned()).or_default();
+            for slot in &charges.release {
                 budget.slots.remove(slot);
             }
-            if settlement.quota_tokens > 0 {
-                let budget = budgets.entry(client.to_owned()).or_default();
-                if budget.minute.0 != minute {
+            // Only the current minute and day are kept: older charges are moot.
+            for (&minute, &tokens) in &charges.minutes {
+                if budget.minute.0 < minute {
                     budget.minute = (minute, 0);
                 }
-                if budget.day.0 != day {
+                if budget.minute.0 == minute {
+                    budget.minute.1 = budget.minute.1.saturating_add(tokens);
+                }
+            }
+            for (day, &tokens) in &charges.days {
+                if budget.day.0 < *day {
                     budget.day = (day.clone(), 0);
                 }
-                budget.minute.1 = budget.minute.1.saturating_add(settlement.quota_tokens);
-                budget.day.1 = budget.day.1.saturating_add(settlement.quota_tokens);
+                if budget.day.0 == *day {
+                    budget.day.1 = budget.day.1.saturating_add(tokens);
+                }
             }
         }
-        if let Some((model, usage)) = settlement.usage {
-            let mut all = lock(&self.usage);
-            let key = (client.to_owned(), day);
+        if charges.usage.is_empty() {
+            return;
+        }
+        let mut all = lock(&self.usage);
+        let retention_days = charges.retention.as_secs().div_ceil(86_400);
+        let today = super::unix_ms() / 86_400_000;
+        for (day, counters) in &charges.usage {
+            let key = (client.to_owned(), day.clone());
             if !all.contains_key(&key) {
                 // A new day: forget the days past retention.
-                let retention_days = settlement.retention.as_secs().div_ceil(86_400);
-                let today = settlement.now_ms / 86_400_000;
                 all.retain(|(_, d), _| {
                     super::days_of(d).is_some_and(|d| d + retention_days > today)
                 });
             }
-            let counters = all.entry(key).or_default();
-            add_usage(counters, model, &usage);
+            let mine = all.entry(key).or_default();
+            for (field, n) in counters {
+                *mine.entry(field.clone()).or_default() += n;
+            }
         }
     }
 
@@ -196,16 +207,6 @@ impl MemoryStore {
     }
 }
 
-/// Adds one response's usage to a day's counters (as the Redis hash holds them).
-fn add_usage(counters: &mut HashMap<String, u64>, model: &str, usage: &Usage) {
-    *counters.entry("requests".into()).or_default() += 1;
-    *counters.entry(format!("{model}/requests")).or_default() += 1;
-    for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
-        *counters.entry((*kind).to_owned()).or_default() += count;
-        *counters.entry(format!("{model}/{kind}")).or_default() += count;
-    }
-}
-
 impl NonceShard {
     /// Drops every nonce whose time is up, oldest first.
     fn sweep(&mut self, now: Instant) {
@@ -265,8 +266,8 @@ impl Store for MemoryStore {
         Ok(self.quota(client, ask))
     }
 
-    async fn settle(&self, client: &str, settlement: &Settlement<'_>) -> Result<(), StoreError> {
-        self.settle_now(client, settlement);
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
+        self.apply(client, charges);
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! Errors carry a `transient` flag: an unreachable or overloaded store is
 //! transient, and the caller decides whether to fail closed (503) or open.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use claude_relay_crds::config::{MemoryStoreConfig, StoreConfig};
@@ -99,13 +100,13 @@ pub trait Store: Send + Sync {
         ask: &QuotaAsk<'_>,
     ) -> impl Future<Output = Result<QuotaDecision, StoreError>> + Send;
 
-    /// After a response: charges its tokens to the client's budgets, adds its
-    /// usage to the client's counters of the day and releases its slot, in
-    /// one atomic step.
+    /// After responses: charges their tokens to the client's budgets, adds
+    /// their usage to the client's counters of the day and releases their
+    /// slots, in one atomic step (the requests of a flush interval together).
     fn settle(
         &self,
         client: &str,
-        settlement: &Settlement<'_>,
+        charges: &Charges,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Extends the leases of concurrency slots still in use (long streams).
@@ -226,6 +227,88 @@ pub struct Settlement<'a> {
     pub now_ms: u64,
     /// How long the day's usage counters are kept.
     pub retention: Duration,
+}
+
+/// What finished requests of one client leave in the store, gathered over
+/// a flush interval so that the store sees one call per client, not one per
+/// request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Charges {
+    /// Tokens per calendar minute (minutes since the epoch).
+    pub minutes: BTreeMap<u64, u64>,
+    /// Tokens per calendar day (`YYYY-MM-DD`).
+    pub days: BTreeMap<String, u64>,
+    /// Usage counters per day: field (as in the usage hash) → increment.
+    pub usage: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Concurrency slots to release.
+    pub release: Vec<String>,
+    /// How long a day's usage counters are kept.
+    pub retention: Duration,
+}
+
+impl Charges {
+    /// Adds one finished request.
+    pub fn add(&mut self, settlement: &Settlement<'_>) {
+        self.retention = settlement.retention;
+        if settlement.quota_tokens > 0 {
+            let (minute, _) = minute_of(settlement.now_ms);
+            let (day, _) = day_of(settlement.now_ms);
+            *self.minutes.entry(minute).or_default() += settlement.quota_tokens;
+            *self.days.entry(day).or_default() += settlement.quota_tokens;
+        }
+        if let Some((model, usage)) = settlement.usage {
+            let (day, _) = day_of(settlement.now_ms);
+            let counters = self.usage.entry(day).or_default();
+            *counters.entry("requests".into()).or_default() += 1;
+            *counters.entry(format!("{model}/requests")).or_default() += 1;
+            for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
+                *counters.entry((*kind).to_owned()).or_default() += count;
+                *counters.entry(format!("{model}/{kind}")).or_default() += count;
+            }
+        }
+        if let Some(slot) = settlement.slot {
+            self.release.push(slot.to_owned());
+        }
+    }
+
+    /// Adds what an earlier flush could not write.
+    pub fn merge(&mut self, other: Charges) {
+        for (minute, n) in other.minutes {
+            *self.minutes.entry(minute).or_default() += n;
+        }
+        for (day, n) in other.days {
+            *self.days.entry(day).or_default() += n;
+        }
+        for (day, counters) in other.usage {
+            let mine = self.usage.entry(day).or_default();
+            for (field, n) in counters {
+                *mine.entry(field).or_default() += n;
+            }
+        }
+        self.release.extend(other.release);
+        self.retention = self.retention.max(other.retention);
+    }
+
+    /// The same without what no longer matters after `now_ms`: minutes past
+    /// their window (days are kept, usage and day budgets still count).
+    pub fn still_due(mut self, now_ms: u64) -> Self {
+        let (minute, _) = minute_of(now_ms);
+        self.minutes.retain(|m, _| *m + 1 >= minute);
+        self
+    }
+
+    pub fn of(settlement: &Settlement<'_>) -> Self {
+        let mut charges = Self::default();
+        charges.add(settlement);
+        charges
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+            && self.days.is_empty()
+            && self.usage.is_empty()
+            && self.release.is_empty()
+    }
 }
 
 /// Unix milliseconds now.
@@ -443,10 +526,10 @@ impl Store for AnyStore {
         }
     }
 
-    async fn settle(&self, client: &str, settlement: &Settlement<'_>) -> Result<(), StoreError> {
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
         match self {
-            Self::Memory(store) => store.settle(client, settlement).await,
-            Self::Redis(store) => store.settle(client, settlement).await,
+            Self::Memory(store) => store.settle(client, charges).await,
+            Self::Redis(store) => store.settle(client, charges).await,
         }
     }
 
@@ -502,6 +585,42 @@ mod tests {
         let (day, left) = day_of(now);
         assert_eq!(day, "2025-11-26");
         assert_eq!(left, Duration::from_millis(DAY_MS - 3_659_000));
+    }
+
+    #[test]
+    fn charges_gather_requests_and_drop_past_minutes() {
+        let now = 20_418 * DAY_MS + 30_000;
+        let one = |tokens, slot| Settlement {
+            quota_tokens: tokens,
+            usage: Some((
+                "m",
+                Usage {
+                    input_tokens: tokens,
+                    ..Usage::default()
+                },
+            )),
+            slot,
+            now_ms: now,
+            retention: Duration::from_secs(86_400),
+        };
+        let mut charges = Charges::of(&one(10, Some("a")));
+        charges.add(&one(5, None));
+        let mut later = Charges::default();
+        later.add(&Settlement {
+            now_ms: now + 120_000,
+            ..one(1, Some("b"))
+        });
+        charges.merge(later);
+        assert_eq!(charges.days["2025-11-26"], 16);
+        assert_eq!(charges.minutes.len(), 2);
+        assert_eq!(charges.usage["2025-11-26"]["input_tokens"], 16);
+        assert_eq!(charges.usage["2025-11-26"]["m/requests"], 3);
+        assert_eq!(charges.release, ["a", "b"]);
+        // Three minutes on, the first minute's budget no longer matters.
+        let due = charges.still_due(now + 180_000);
+        assert_eq!(due.minutes.len(), 1);
+        assert_eq!(due.days["2025-11-26"], 16);
+        assert!(!due.is_empty() && Charges::default().is_empty());
     }
 
     #[test]

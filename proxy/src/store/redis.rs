@@ -31,8 +31,8 @@ use futures_util::StreamExt;
 
 use super::keys::Keys;
 use super::{
-    BudgetPeriod, QuotaAsk, QuotaDecision, RateDecision, Settlement, Store, StoreError, Usage,
-    day_of, minute_of,
+    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, day_of,
+    minute_of,
 };
 use crate::secrets;
 
@@ -108,26 +108,38 @@ end
 return {fresh, count, ttl, 0, 0}
 ";
 
-/// Settles a finished request. KEYS: the minute's and the day's token
-/// counters, the in-flight set, the day's usage hash. ARGV: [1] tokens to
-/// charge, [2] the slot to release ('': none), [3] the usage hash's TTL in
-/// ms, then pairs of usage field and increment.
+/// Settles the finished requests of one client. KEYS[1]: its in-flight
+/// set; then ARGV[1] minute counters, ARGV[2] day counters and ARGV[3] usage
+/// hashes, in that order; ARGV[4] the usage hashes' TTL (ms). Then ARGV
+/// holds the tokens of each minute and day counter, then for each usage
+/// hash the number of its fields followed by field and increment pairs,
+/// then the slots to release.
 pub(crate) const SETTLE_LUA: &str = "\
-local tokens = tonumber(ARGV[1])
-if tokens > 0 then
-  redis.call('INCRBY', KEYS[1], tokens)
-  redis.call('PEXPIRE', KEYS[1], 120000)
-  redis.call('INCRBY', KEYS[2], tokens)
-  redis.call('PEXPIRE', KEYS[2], 172800000)
+local m, d, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a, k = 5, 2
+for i = 1, m do
+  redis.call('INCRBY', KEYS[k], ARGV[a])
+  redis.call('PEXPIRE', KEYS[k], 120000)
+  k, a = k + 1, a + 1
 end
-if ARGV[2] ~= '' then
-  redis.call('ZREM', KEYS[3], ARGV[2])
+for i = 1, d do
+  redis.call('INCRBY', KEYS[k], ARGV[a])
+  redis.call('PEXPIRE', KEYS[k], 172800000)
+  k, a = k + 1, a + 1
 end
-if #ARGV > 3 then
-  for i = 4, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
+for i = 1, u do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for j = 1, n do
+    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    a = a + 2
   end
-  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+  redis.call('PEXPIRE', KEYS[k], ARGV[4])
+  k = k + 1
+end
+while a <= #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[a])
+  a = a + 1
 end
 return 1
 ";
@@ -460,28 +472,34 @@ impl Store for RedisStore {
         })
     }
 
-    async fn settle(&self, client: &str, settlement: &Settlement<'_>) -> Result<(), StoreError> {
-        let (minute, _) = minute_of(settlement.now_ms);
-        let (day, _) = day_of(settlement.now_ms);
-        let keys = vec![
-            self.keys.tokens_minute(client, minute),
-            self.keys.tokens_day(client, &day),
-            self.keys.in_flight(client),
-            self.keys.usage(client, &day),
-        ];
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
+        if charges.is_empty() {
+            return Ok(());
+        }
+        let mut keys = vec![self.keys.in_flight(client)];
         let mut args = vec![
-            settlement.quota_tokens.to_string(),
-            settlement.slot.unwrap_or_default().to_string(),
-            millis_i64(settlement.retention).to_string(),
+            charges.minutes.len().to_string(),
+            charges.days.len().to_string(),
+            charges.usage.len().to_string(),
+            millis_i64(charges.retention).to_string(),
         ];
-        if let Some((model, usage)) = settlement.usage {
-            args.extend(["requests".into(), "1".into()]);
-            args.extend([format!("{model}/requests"), "1".into()]);
-            for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
-                args.extend([(*kind).to_string(), count.to_string()]);
-                args.extend([format!("{model}/{kind}"), count.to_string()]);
+        for (minute, tokens) in &charges.minutes {
+            keys.push(self.keys.tokens_minute(client, *minute));
+            args.push(tokens.to_string());
+        }
+        for (day, tokens) in &charges.days {
+            keys.push(self.keys.tokens_day(client, day));
+            args.push(tokens.to_string());
+        }
+        for (day, counters) in &charges.usage {
+            keys.push(self.keys.usage(client, day));
+            args.push(counters.len().to_string());
+            for (field, n) in counters {
+                args.push(field.clone());
+                args.push(n.to_string());
             }
         }
+        args.extend(charges.release.iter().cloned());
         self.run_script::<i64>(SETTLE_LUA, SETTLE_SHA1, keys, args)
             .await
             .map(drop)
@@ -540,7 +558,7 @@ fn millis_i64(d: Duration) -> i64 {
 /// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`] and [`RENEW_LUA`] (checked by a
 /// test against a real Redis).
 pub(crate) const ADMIT_SHA1: &str = "5326341333f95d819bd644827979a79ebc1efcac";
-pub(crate) const SETTLE_SHA1: &str = "0ab68759424db0121e882b2fab74e2c7fa1efb0e";
+pub(crate) const SETTLE_SHA1: &str = "2389f98047c17417b085df96770cd59d8678aab3";
 pub(crate) const RENEW_SHA1: &str = "0eb98f3fbcf9783295329878d8799622b9bd2af6";
 
 impl Drop for RedisStore {
