@@ -218,6 +218,14 @@ ttfe() { # port
 ttfe "$UA" > /dev/null; ttfe "$UN" > /dev/null
 first=$( { echo "on $(ttfe "$UA")"; echo "off $(ttfe "$UN")"; echo "on $(ttfe "$UA")"; echo "off $(ttfe "$UN")"; } )
 echo "$first" > "$out/first-event.txt"
+# And what accounting costs a relay's throughput (1 KB JSON answers, usage
+# parsed from each), taking turns as well.
+json_load() { # port
+  "$LOAD" --url "http://127.0.0.1:$1/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+    --relay-key bench-relay-key
+}
+acct=$( { echo "on $(json_load "$UA")"; echo "off $(json_load "$UN")"; echo "on $(json_load "$UA")"; echo "off $(json_load "$UN")"; } )
+echo "$acct" > "$out/accounting-throughput.txt"
 
 # Cache hits against relayed requests, in the same relay: x-relay-cache on
 # (every request after the first is a hit), off (relayed to the mock
@@ -282,6 +290,9 @@ report=$(
   echo "time to first stream event (relay-load -c8 -d${DURATION}s, mock upstream, turns on/off/on/off)"
   echo "$first" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
   echo "$first" | sed 's/=/ /g' | awk '$1=="on"{on+=$9; n1++} $1=="off"{off+=$9; n2++} END {printf "ratio: p50 with/without accounting %.2f (target: no measurable difference, ~1.00)\n", (on/n1)/(off/n2)}'
+  echo "throughput with accounting on and off (relay-load -c$CONNECTIONS -d${DURATION}s, 1 KB JSON from the mock upstream)"
+  echo "$acct" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
+  echo "$acct" | sed 's/=/ /g' | awk '$1=="on"{on+=$7} $1=="off"{off+=$7} END {printf "ratio: throughput with/without accounting %.2f\n", on/off}'
   echo
   echo "cache hit vs relayed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay)"
   echo "$cache" | sed 's/=/ /g' | awk '{printf "%-13s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
