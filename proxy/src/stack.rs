@@ -382,13 +382,11 @@ fn decide_quota(
     };
     match decision {
         QuotaDecision::Allowed if quota.max_concurrent > 0 => {
-            if held == SlotHeld::Store {
-                app.services.accounting.hold_slot(
-                    exchange.request_id.clone(),
-                    client.id.clone(),
-                    snapshot.store.clone(),
-                );
-            }
+            app.services.accounting.hold_slot(
+                exchange.request_id.clone(),
+                client.id.clone(),
+                (held == SlotHeld::Store).then(|| snapshot.store.clone()),
+            );
             Ok(Some(held))
         }
         QuotaDecision::Allowed => Ok(None),

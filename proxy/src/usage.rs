@@ -488,8 +488,9 @@ pub struct Accounting {
     outbox: Mutex<HashMap<Name, Pending>>,
 }
 
-/// The client holding a slot, and the store it is held in.
-type HeldSlot = (Name, Arc<AnyStore>);
+/// The client holding a slot, and the store it is held in (`None`: this
+/// replica's fallback budgets).
+type HeldSlot = (Name, Option<Arc<AnyStore>>);
 /// Client, model label, kind.
 type TokenKey = (Name, Arc<str>, &'static str);
 
@@ -585,7 +586,8 @@ impl Accounting {
         }
     }
 
-    pub fn hold_slot(&self, slot: Arc<str>, client: Name, store: Arc<AnyStore>) {
+    /// Keeps the lease of a slot renewed until the request ends.
+    pub fn hold_slot(&self, slot: Arc<str>, client: Name, store: Option<Arc<AnyStore>>) {
         lock(&self.slots).insert(slot, (client, store));
     }
 
@@ -687,9 +689,10 @@ impl Accounting {
     }
 
     pub async fn renew_once(&self) {
-        let mut by_client: HashMap<(Name, usize), (Arc<AnyStore>, Vec<String>)> = HashMap::new();
+        type Group = (Option<Arc<AnyStore>>, Vec<String>);
+        let mut by_client: HashMap<(Name, usize), Group> = HashMap::new();
         for (slot, (client, store)) in lock(&self.slots).iter() {
-            let store_id = Arc::as_ptr(store) as usize;
+            let store_id = store.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
             by_client
                 .entry((client.clone(), store_id))
                 .or_insert_with(|| (store.clone(), Vec::new()))
@@ -698,7 +701,11 @@ impl Accounting {
         }
         let until = unix_ms() + SLOT_LEASE.as_millis() as u64;
         for ((client, _), (store, slots)) in by_client {
-            if let Err(error) = store.renew_slots(&client.0, &slots, until).await {
+            let renewed = match store {
+                Some(store) => store.renew_slots(&client.0, &slots, until).await,
+                None => self.fallback.renew_slots(&client.0, &slots, until).await,
+            };
+            if let Err(error) = renewed {
                 tracing::debug!(client = &*client.0, %error, "slot leases not renewed");
             }
         }
