@@ -483,7 +483,8 @@ pub struct Accounting {
     pub fallback: MemoryStore,
     /// Model label values in use, to bound the metric's cardinality.
     models: Mutex<HashSet<Arc<str>>>,
-    token_counters: Mutex<HashMap<TokenKey, Counter>>,
+    /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
+    token_counters: Mutex<HashMap<TokenKey, [Counter; 4]>>,
     /// Per client, what the next flush writes to the store.
     outbox: Mutex<HashMap<Name, Pending>>,
 }
@@ -491,8 +492,8 @@ pub struct Accounting {
 /// The client holding a slot, and the store it is held in (`None`: this
 /// replica's fallback budgets).
 type HeldSlot = (Name, Option<Arc<AnyStore>>);
-/// Client, model label, kind.
-type TokenKey = (Name, Arc<str>, &'static str);
+/// Client, model label.
+type TokenKey = (Name, Arc<str>);
 
 /// How a quota was checked when the store could not answer.
 pub enum Unchecked {
@@ -638,13 +639,10 @@ impl Accounting {
     fn count_tokens(&self, client: &Name, model: &str, usage: &Usage) {
         let model = self.model_label(model);
         let mut counters = lock(&self.token_counters);
-        for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
-            if count == 0 {
-                continue;
-            }
-            counters
-                .entry((client.clone(), model.clone(), kind))
-                .or_insert_with(|| {
+        let kinds = counters
+            .entry((client.clone(), model.clone()))
+            .or_insert_with(|| {
+                Usage::KINDS.map(|kind| {
                     self.metrics
                         .tokens
                         .get_or_create(&TokenLabels {
@@ -654,7 +652,11 @@ impl Accounting {
                         })
                         .clone()
                 })
-                .inc_by(count);
+            });
+        for (counter, count) in kinds.iter().zip(usage.counts()) {
+            if count > 0 {
+                counter.inc_by(count);
+            }
         }
     }
 

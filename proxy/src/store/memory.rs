@@ -118,11 +118,12 @@ impl MemoryStore {
                     budget.minute.1 = budget.minute.1.saturating_add(tokens);
                 }
             }
-            for (day, &tokens) in &charges.days {
-                if budget.day.0 < *day {
+            for (&day, &tokens) in &charges.days {
+                let day = super::civil_date(day);
+                if budget.day.0 < day {
                     budget.day = (day.clone(), 0);
                 }
-                if budget.day.0 == *day {
+                if budget.day.0 == day {
                     budget.day.1 = budget.day.1.saturating_add(tokens);
                 }
             }
@@ -133,8 +134,8 @@ impl MemoryStore {
         let mut all = lock(&self.usage);
         let retention_days = charges.retention.as_secs().div_ceil(86_400);
         let today = super::unix_ms() / 86_400_000;
-        for (day, counters) in &charges.usage {
-            let key = (client.to_owned(), day.clone());
+        for (day, models) in &charges.usage {
+            let key = (client.to_owned(), super::civil_date(*day));
             if !all.contains_key(&key) {
                 // A new day: forget the days past retention.
                 all.retain(|(_, d), _| {
@@ -142,8 +143,8 @@ impl MemoryStore {
                 });
             }
             let mine = all.entry(key).or_default();
-            for (field, n) in counters {
-                *mine.entry(field.clone()).or_default() += n;
+            for (field, n) in Charges::usage_fields(models) {
+                *mine.entry(field).or_default() += n;
             }
         }
     }

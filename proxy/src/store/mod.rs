@@ -170,6 +170,13 @@ impl Usage {
     pub fn is_empty(&self) -> bool {
         self.counts() == [0; 4]
     }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+    }
 }
 
 /// A client's limits, asked before a request goes upstream; 0 means no limit.
@@ -231,39 +238,56 @@ pub struct Settlement<'a> {
 
 /// What finished requests of one client leave in the store, gathered over
 /// a flush interval so that the store sees one call per client, not one per
-/// request.
+/// request. Kept compact (numbers, one entry per model) so that adding a
+/// request allocates nothing in the usual case.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Charges {
     /// Tokens per calendar minute (minutes since the epoch).
     pub minutes: BTreeMap<u64, u64>,
-    /// Tokens per calendar day (`YYYY-MM-DD`).
-    pub days: BTreeMap<String, u64>,
-    /// Usage counters per day: field (as in the usage hash) → increment.
-    pub usage: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Tokens per calendar day (days since the epoch).
+    pub days: BTreeMap<u64, u64>,
+    /// Usage per day (days since the epoch) and model.
+    pub usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
     /// Concurrency slots to release.
     pub release: Vec<String>,
     /// How long a day's usage counters are kept.
     pub retention: Duration,
 }
 
+/// Requests that reported usage, and the sum of what they reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelUsage {
+    pub requests: u64,
+    pub usage: Usage,
+}
+
+impl ModelUsage {
+    fn add(&mut self, other: &ModelUsage) {
+        self.requests += other.requests;
+        self.usage.add(&other.usage);
+    }
+}
+
 impl Charges {
     /// Adds one finished request.
     pub fn add(&mut self, settlement: &Settlement<'_>) {
         self.retention = settlement.retention;
+        let day = settlement.now_ms / DAY_MS;
         if settlement.quota_tokens > 0 {
-            let (minute, _) = minute_of(settlement.now_ms);
-            let (day, _) = day_of(settlement.now_ms);
-            *self.minutes.entry(minute).or_default() += settlement.quota_tokens;
+            *self
+                .minutes
+                .entry(settlement.now_ms / MINUTE_MS)
+                .or_default() += settlement.quota_tokens;
             *self.days.entry(day).or_default() += settlement.quota_tokens;
         }
         if let Some((model, usage)) = settlement.usage {
-            let (day, _) = day_of(settlement.now_ms);
-            let counters = self.usage.entry(day).or_default();
-            *counters.entry("requests".into()).or_default() += 1;
-            *counters.entry(format!("{model}/requests")).or_default() += 1;
-            for (kind, count) in Usage::KINDS.iter().zip(usage.counts()) {
-                *counters.entry((*kind).to_owned()).or_default() += count;
-                *counters.entry(format!("{model}/{kind}")).or_default() += count;
+            let models = self.usage.entry(day).or_default();
+            let one = ModelUsage { requests: 1, usage };
+            match models.get_mut(model) {
+                Some(counts) => counts.add(&one),
+                None => {
+                    models.insert(model.to_owned(), one);
+                }
             }
         }
         if let Some(slot) = settlement.slot {
@@ -279,10 +303,10 @@ impl Charges {
         for (day, n) in other.days {
             *self.days.entry(day).or_default() += n;
         }
-        for (day, counters) in other.usage {
+        for (day, models) in other.usage {
             let mine = self.usage.entry(day).or_default();
-            for (field, n) in counters {
-                *mine.entry(field).or_default() += n;
+            for (model, counts) in models {
+                mine.entry(model).or_default().add(&counts);
             }
         }
         self.release.extend(other.release);
@@ -292,7 +316,7 @@ impl Charges {
     /// The same without what no longer matters after `now_ms`: minutes past
     /// their window (days are kept, usage and day budgets still count).
     pub fn still_due(mut self, now_ms: u64) -> Self {
-        let (minute, _) = minute_of(now_ms);
+        let minute = now_ms / MINUTE_MS;
         self.minutes.retain(|m, _| *m + 1 >= minute);
         self
     }
@@ -308,6 +332,25 @@ impl Charges {
             && self.days.is_empty()
             && self.usage.is_empty()
             && self.release.is_empty()
+    }
+
+    /// One day's usage as the fields of its usage hash: `requests` and the
+    /// token counts in total, and the same per model as `{model}/{field}`.
+    pub fn usage_fields(models: &BTreeMap<String, ModelUsage>) -> Vec<(String, u64)> {
+        let mut total = ModelUsage::default();
+        let mut fields = Vec::with_capacity((models.len() + 1) * 5);
+        for (model, counts) in models {
+            total.add(counts);
+            fields.push((format!("{model}/requests"), counts.requests));
+            for (kind, n) in Usage::KINDS.iter().zip(counts.usage.counts()) {
+                fields.push((format!("{model}/{kind}"), n));
+            }
+        }
+        fields.push(("requests".into(), total.requests));
+        for (kind, n) in Usage::KINDS.iter().zip(total.usage.counts()) {
+            fields.push(((*kind).to_owned(), n));
+        }
+        fields
     }
 }
 
@@ -611,15 +654,19 @@ mod tests {
             ..one(1, Some("b"))
         });
         charges.merge(later);
-        assert_eq!(charges.days["2025-11-26"], 16);
+        assert_eq!(charges.days[&20_418], 16);
         assert_eq!(charges.minutes.len(), 2);
-        assert_eq!(charges.usage["2025-11-26"]["input_tokens"], 16);
-        assert_eq!(charges.usage["2025-11-26"]["m/requests"], 3);
+        let fields = Charges::usage_fields(&charges.usage[&20_418]);
+        let field = |name: &str| fields.iter().find(|(f, _)| f == name).unwrap().1;
+        assert_eq!(field("input_tokens"), 16);
+        assert_eq!(field("requests"), 3);
+        assert_eq!(field("m/requests"), 3);
+        assert_eq!(field("m/output_tokens"), 0);
         assert_eq!(charges.release, ["a", "b"]);
         // Three minutes on, the first minute's budget no longer matters.
         let due = charges.still_due(now + 180_000);
         assert_eq!(due.minutes.len(), 1);
-        assert_eq!(due.days["2025-11-26"], 16);
+        assert_eq!(due.days[&20_418], 16);
         assert!(!due.is_empty() && Charges::default().is_empty());
     }
 

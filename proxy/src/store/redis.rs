@@ -31,8 +31,8 @@ use futures_util::StreamExt;
 
 use super::keys::Keys;
 use super::{
-    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, day_of,
-    minute_of,
+    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, civil_date,
+    day_of, minute_of,
 };
 use crate::secrets;
 
@@ -488,14 +488,15 @@ impl Store for RedisStore {
             args.push(tokens.to_string());
         }
         for (day, tokens) in &charges.days {
-            keys.push(self.keys.tokens_day(client, day));
+            keys.push(self.keys.tokens_day(client, &civil_date(*day)));
             args.push(tokens.to_string());
         }
-        for (day, counters) in &charges.usage {
-            keys.push(self.keys.usage(client, day));
-            args.push(counters.len().to_string());
-            for (field, n) in counters {
-                args.push(field.clone());
+        for (day, models) in &charges.usage {
+            keys.push(self.keys.usage(client, &civil_date(*day)));
+            let fields = Charges::usage_fields(models);
+            args.push(fields.len().to_string());
+            for (field, n) in fields {
+                args.push(field);
                 args.push(n.to_string());
             }
         }
