@@ -90,9 +90,10 @@ struct MessageUsage {
 }
 
 #[derive(Debug, Deserialize)]
-struct StreamEvent {
-    #[serde(rename = "type")]
-    kind: String,
+struct StreamEvent<'a> {
+    /// Borrowed from the line: no allocation for the events of every stream.
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
     message: Option<MessageUsage>,
     usage: Option<ReportedUsage>,
 }
@@ -222,10 +223,10 @@ impl SseUsage {
             return;
         }
         let data = line[5..].strip_prefix(b" ").unwrap_or(&line[5..]);
-        let Ok(event) = serde_json::from_slice::<StreamEvent>(data) else {
+        let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
             return;
         };
-        match event.kind.as_str() {
+        match &*event.kind {
             "message_start" => {
                 if let Some(message) = event.message {
                     if message.model.is_some() {
