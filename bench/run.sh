@@ -4,8 +4,10 @@
 #   nginx   — Debian's nginx as a plain reverse proxy to that upstream
 #   relay   — claude-relay-proxy to that upstream
 # It prints requests/s and p50/p99 latency of each, the ratios, the relay's
-# added p50 latency over direct, and the relay's RSS idle and with 1,000
-# concurrent open streams. Figures, not pass/fail: the machines are shared.
+# added p50 latency over direct, the time to the first stream event with
+# usage accounting on and off, cache hits against relayed requests, and the
+# relay's RSS idle and with 1,000 concurrent open streams. Figures, not
+# pass/fail: the machines are shared.
 #
 #   bench/run.sh                 # defaults
 #   DURATION=20 CONNECTIONS=128 bench/run.sh
@@ -44,6 +46,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
+UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
 # The upstream: a 1 KB Messages API response, as fast as a server can give it.
@@ -135,9 +138,26 @@ clients: [{id: bench, relay_keys: [{file: $work/relay.key}]}]
 regions:
 $(for r in us eu ap; do echo "  - {name: $r, base_url: 'http://127.0.0.1:$UP', api_keys: [{file: $work/upstream.key}, {file: $work/upstream.key}, {file: $work/upstream.key}]}"; done)
 YAML
+# Usage accounting on (the default) and off, the same relay otherwise, to the
+# mock upstream (streams; JSON after a simulated generation time when asked).
+accounting() { # port admin enabled
+  cat <<YAML
+relay_name: bench-usage-$3
+server: {listen: 127.0.0.1:$1, admin_listen: 127.0.0.1:$2}
+log: {level: warn}
+store: {redis: {url: "redis://127.0.0.1:$RD"}}
+usage: {enabled: $3}
+clients: [{id: bench, relay_keys: [{file: $work/relay.key}]}]
+regions: [{name: mock, base_url: 'http://127.0.0.1:$MK', api_keys: [{file: $work/upstream.key}]}]
+YAML
+}
+accounting "$UA" "$UAA" true > "$work/usage-on.yaml"
+accounting "$UN" "$UNA" false > "$work/usage-off.yaml"
+"$RELAY" --config "$work/usage-on.yaml" > "$work/usage-on.log" 2>&1 & pids+=($!)
+"$RELAY" --config "$work/usage-off.yaml" > "$work/usage-off.log" 2>&1 & pids+=($!)
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
 "$RELAY" --config "$work/relay3.yaml" > "$work/relay3.log" 2>&1 & pids+=($!)
-wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"; wait_port "$R3"
+wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"; wait_port "$R3"; wait_port "$UA"; wait_port "$UN"
 sleep 0.5
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -188,6 +208,40 @@ load relay-key > /dev/null  # warm-up of the generator's own connections
 sig=$( { echo "relay-key $(load relay-key)"; echo "signed $(load signed)"; } )
 echo "$sig" > "$out/relay-load.txt"
 
+# Time to the first event of a stream, usage accounting on and off, taking
+# turns (on, off, on, off) so that noise of the shared machine hits both.
+STREAM_BODY='{"model":"claude-bench","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
+ttfe() { # port
+  "$LOAD" --url "http://127.0.0.1:$1/v1/messages" --connections 1 --seconds "$DURATION" --threads 1 \
+    --relay-key bench-relay-key --body "$STREAM_BODY" --header "x-mock:stream" --first-byte
+}
+ttfe "$UA" > /dev/null; ttfe "$UN" > /dev/null
+first=$(for _ in 1 2 3; do echo "on $(ttfe "$UA")"; echo "off $(ttfe "$UN")"; done)
+echo "$first" > "$out/first-event.txt"
+# And what accounting costs a relay's throughput (1 KB JSON answers, usage
+# parsed from each), taking turns as well.
+json_load() { # port
+  "$LOAD" --url "http://127.0.0.1:$1/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+    --relay-key bench-relay-key
+}
+acct=$( { echo "on $(json_load "$UA")"; echo "off $(json_load "$UN")"; echo "on $(json_load "$UA")"; echo "off $(json_load "$UN")"; } )
+echo "$acct" > "$out/accounting-throughput.txt"
+
+# Cache hits against relayed requests, in the same relay: x-relay-cache on
+# (every request after the first is a hit), off (relayed to the mock
+# upstream, which answers at once), and off with 20 ms of generation time
+# (a real answer takes far longer).
+cached() { # seconds, extra relay-load args...
+  local seconds=$1; shift
+  "$LOAD" --url "http://127.0.0.1:$UA/v1/messages" --connections "$CONNECTIONS" --seconds "$seconds" --threads 2 \
+    --relay-key bench-relay-key "$@"
+}
+cached 1 --header "x-relay-cache:on" > /dev/null
+cache=$( { echo "hit $(cached "$DURATION" --header 'x-relay-cache:on')"
+           echo "relayed $(cached "$DURATION" --header 'x-relay-cache:off')"
+           echo "relayed-20ms $(cached "$DURATION" --header 'x-relay-cache:off' --header 'x-mock-delay-ms:20')"; } )
+echo "$cache" > "$out/cache.txt"
+
 # 1,000 concurrent open streams: each answered by an endless, slow SSE stream.
 cat > "$work/stream.lua" <<'LUA'
 wrk.method = "POST"
@@ -232,6 +286,19 @@ report=$(
   echo "relay-key vs signed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay, Redis on loopback)"
   echo "$sig" | sed 's/=/ /g' | awk '{printf "%-10s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
   echo "$sig" | sed 's/=/ /g' | awk '$1=="relay-key"{k=$7} $1=="signed"{s=$7} END {printf "ratio: signed/relay-key throughput %.2f (target >= 0.80)\n", s/k}'
+  echo
+  echo "time to first stream event (relay-load -c1 -d${DURATION}s, mock upstream, three turns on/off)"
+  echo "$first" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
+  # The median turn of each: one turn hit by the shared machine's noise does not decide.
+  median_p50() { echo "$first" | sed 's/=/ /g' | awk -v m="$1" '$1==m {print $9}' | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+  awk -v on="$(median_p50 on)" -v off="$(median_p50 off)" 'BEGIN {printf "ratio: median p50 with/without accounting %.2f (%d vs %d us; target: no measurable difference, ~1.00)\n", on/off, on, off}'
+  echo "throughput with accounting on and off (relay-load -c$CONNECTIONS -d${DURATION}s, 1 KB JSON from the mock upstream)"
+  echo "$acct" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
+  echo "$acct" | sed 's/=/ /g' | awk '$1=="on"{on+=$7} $1=="off"{off+=$7} END {printf "ratio: throughput with/without accounting %.2f\n", on/off}'
+  echo
+  echo "cache hit vs relayed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay)"
+  echo "$cache" | sed 's/=/ /g' | awk '{printf "%-13s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
+  echo "$cache" | sed 's/=/ /g' | awk '$1=="hit"{h=$9; hr=$7} $1=="relayed"{r=$9; rr=$7} $1=="relayed-20ms"{s=$9} END {printf "ratios: hit faster than relayed p50 %.1fx, throughput %.1fx (instant local upstream); p50 %.1fx against a 20 ms upstream (target >= 5x)\n", r/h, hr/rr, s/h}'
   echo
   awk -v i="$idle_rss" 'BEGIN {printf "relay RSS idle: %.1f MB (target < 30 MB)\n", i/1024}'
   awk -v p="$peak_rss" -v h="$hwm" -v s="$peak_streams" 'BEGIN {printf "relay RSS with %d concurrent open streams: %.1f MB, peak %.1f MB (target < 100 MB)\n", s, p/1024, h/1024}'

@@ -52,6 +52,15 @@ pub struct ProxyConfig {
     /// How the upstream API keys of a region are used.
     #[serde(default)]
     pub key_pool: KeyPoolConfig,
+    /// What happens to token quotas (`clients[].quota`) while the store is unreachable.
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    /// Usage accounting: per client per day counters in the store.
+    #[serde(default)]
+    pub usage: UsageConfig,
+    /// The response cache (off unless a client, a route or a request enables it).
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -211,6 +220,152 @@ pub struct ClientConfig {
     /// Requests per period for this client, shared by all replicas through the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Token budgets and a concurrency cap, shared by all replicas through the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<ClientQuota>,
+    /// The response cache for this client's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ClientCache>,
+}
+
+/// A client's token budgets (input plus output tokens, cache writes
+/// included; cache reads when `count_cache_reads`) and concurrency cap.
+/// Absent or 0: no limit of that kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientQuota {
+    /// Tokens per calendar minute (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per calendar day (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Requests in flight at once, streams included, across replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Whether `cache_read_input_tokens` count against the budgets.
+    #[serde(default)]
+    pub count_cache_reads: bool,
+}
+
+impl ClientQuota {
+    /// Whether anything is limited at all.
+    pub fn is_active(&self) -> bool {
+        self.tokens_per_minute.is_some_and(|n| n > 0)
+            || self.tokens_per_day.is_some_and(|n| n > 0)
+            || self.max_concurrent.is_some_and(|n| n > 0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCache {
+    /// Cache this client's cacheable requests (non-streaming `POST /v1/messages`).
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// While the store is unreachable, quotas are not checked for this long
+    /// (logged and counted); after that each replica enforces them on its
+    /// own, from what it saw itself. Traffic is never blocked by the outage.
+    #[serde(default = "default_quota_fail_open_grace")]
+    pub fail_open_grace: HumanDuration,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            fail_open_grace: default_quota_fail_open_grace(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// Read the usage of responses (metrics, counters, token quotas). Off
+    /// only to measure what it costs; token budgets need it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long the per client per day counters are kept in the store.
+    #[serde(default = "default_usage_retention")]
+    pub retention: HumanDuration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: default_usage_retention(),
+        }
+    }
+}
+
+/// Exact-match cache of non-streaming `POST /v1/messages` answers: level 1
+/// in process memory, level 2 in the Redis store (when there is one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of responses the process keeps (level 1); the oldest go first.
+    #[serde(default = "default_cache_memory_bytes")]
+    pub memory_bytes: u64,
+    /// Largest response stored; larger ones are relayed but not cached.
+    #[serde(default = "default_cache_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// How long an entry lives, unless its route says otherwise.
+    #[serde(default = "default_cache_ttl")]
+    pub ttl: HumanDuration,
+    /// Whether level 2 (Redis) is used when the store is Redis.
+    #[serde(default = "default_true")]
+    pub redis: bool,
+    /// Per-model settings; the first route whose `models` match the
+    /// request's model applies. A change of a route empties its entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<CacheRoute>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: default_cache_memory_bytes(),
+            max_entry_bytes: default_cache_max_entry_bytes(),
+            ttl: default_cache_ttl(),
+            redis: true,
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRoute {
+    /// Name in metrics and logs.
+    pub name: String,
+    /// Model names or prefixes ending in `*` (`claude-haiku-*`); empty: every model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Cache these requests for every client (a client's own `cache.enabled` also turns it on).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Entry lifetime for this route; absent: `cache.ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<HumanDuration>,
+    /// One entry serves every client (otherwise entries are per client).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl CacheRoute {
+    pub fn matches(&self, model: &str) -> bool {
+        self.models.is_empty()
+            || self.models.iter().any(|m| match m.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => model == m,
+            })
+    }
 }
 
 impl ClientConfig {
@@ -671,6 +826,25 @@ fn default_breaker_half_open_probes() -> u32 {
     1
 }
 
+fn default_quota_fail_open_grace() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_usage_retention() -> HumanDuration {
+    HumanDuration::from_secs(90 * 86_400)
+}
+fn default_cache_memory_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_cache_max_entry_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_cache_ttl() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_true() -> bool {
+    true
+}
+
 fn default_replay_window() -> HumanDuration {
     HumanDuration::from_secs(300)
 }
@@ -907,6 +1081,58 @@ impl ProxyConfig {
                     format!("clients[{i}].rate_limit.requests"),
                     "must be greater than 0",
                 );
+            }
+            if !self.usage.enabled
+                && client
+                    .quota
+                    .is_some_and(|q| q.tokens_per_minute.is_some() || q.tokens_per_day.is_some())
+            {
+                bad(
+                    format!("clients[{i}].quota"),
+                    "token budgets need usage.enabled",
+                );
+            }
+            if client.quota.is_some_and(|q| !q.is_active()) {
+                bad(
+                    format!("clients[{i}].quota"),
+                    "sets no limit: give tokens_per_minute, tokens_per_day or max_concurrent",
+                );
+            }
+        }
+        if *self.usage.retention < std::time::Duration::from_secs(86_400) {
+            bad("usage.retention".into(), "must be at least 1d");
+        }
+        let cache = &self.cache;
+        if cache.max_entry_bytes == 0 || cache.max_entry_bytes > 64 * 1024 * 1024 {
+            bad(
+                "cache.max_entry_bytes".into(),
+                "must be between 1 and 64 MiB",
+            );
+        }
+        if cache.ttl.is_zero() {
+            bad("cache.ttl".into(), "must be greater than 0");
+        }
+        let mut routes = HashSet::new();
+        for (r, route) in cache.routes.iter().enumerate() {
+            if !is_name(&route.name) {
+                bad(
+                    format!("cache.routes[{r}].name"),
+                    "must be 1-63 characters of a-z, A-Z, 0-9, '-', '_' or '.'",
+                );
+            }
+            if !routes.insert(route.name.as_str()) {
+                bad(format!("cache.routes[{r}].name"), "duplicate route name");
+            }
+            if route.ttl.is_some_and(|t| t.is_zero()) {
+                bad(format!("cache.routes[{r}].ttl"), "must be greater than 0");
+            }
+            for (m, model) in route.models.iter().enumerate() {
+                if model.is_empty() || model[..model.len() - 1].contains('*') {
+                    bad(
+                        format!("cache.routes[{r}].models[{m}]"),
+                        "a model name, or a prefix ending in '*'",
+                    );
+                }
             }
         }
 
@@ -1494,6 +1720,76 @@ clients:
         ] {
             assert!(err.contains(expected), "missing {expected:?} in {err}");
         }
+    }
+
+    #[test]
+    fn quotas_usage_and_cache_parse_with_defaults() {
+        let c = config(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {tokens_per_minute: 1000, max_concurrent: 4}
+    cache: {enabled: true}
+quota: {fail_open_grace: 30s}
+cache:
+  ttl: 10m
+  routes: [{name: haiku, models: ['claude-haiku-*', claude-x], enabled: true, ttl: 1h, shared: true}]
+"#,
+        )
+        .unwrap();
+        let quota = c.clients[0].quota.unwrap();
+        assert_eq!(quota.tokens_per_minute, Some(1000));
+        assert_eq!(quota.tokens_per_day, None);
+        assert!(!quota.count_cache_reads);
+        assert!(c.clients[0].cache.unwrap().enabled);
+        assert_eq!(c.quota.fail_open_grace.as_secs(), 30);
+        assert_eq!(c.usage.retention.as_secs(), 90 * 86_400);
+        assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.cache.ttl.as_secs(), 600);
+        let route = &c.cache.routes[0];
+        assert!(route.matches("claude-haiku-4-5") && route.matches("claude-x"));
+        assert!(!route.matches("claude-x-2") && !route.matches("claude-sonnet"));
+        let plain = config("clients: [{id: a, relay_keys: [{env: K}]}]\n").unwrap();
+        assert_eq!(plain.quota.fail_open_grace.as_secs(), 300);
+        assert!(plain.cache.routes.is_empty());
+    }
+
+    #[test]
+    fn bad_quotas_and_cache_settings_are_named() {
+        let err = problems(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {count_cache_reads: true}
+usage: {retention: 1h}
+cache:
+  max_entry_bytes: 0
+  ttl: 0s
+  routes:
+    - {name: r, models: ['a*b', ''], ttl: 0s}
+    - {name: r}
+"#,
+        );
+        for expected in [
+            "clients[0].quota: sets no limit",
+            "usage.retention",
+            "cache.max_entry_bytes",
+            "cache.ttl",
+            "cache.routes[0].models[0]",
+            "cache.routes[0].models[1]",
+            "cache.routes[0].ttl",
+            "cache.routes[1].name: duplicate",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        let err = problems(
+            "clients: [{id: a, relay_keys: [{env: K}], quota: {tokens_per_day: 5}}]\nusage: {enabled: false}\n",
+        );
+        assert!(err.contains("token budgets need usage.enabled"), "{err}");
+        let err = problems("clients: [{id: a, relay_keys: [{env: K}], quota: {tokens: 5}}]\n");
+        assert!(err.contains("clients[0].quota"), "{err}");
     }
 
     #[test]

@@ -176,3 +176,19 @@ fn kubectl_get_relays_resolves() {
     assert!(short.contains(&"relays".to_string()) && short.contains(&"relay".to_string()));
     assert_eq!(UpstreamRegion::crd().spec.names.plural, "upstreamregions");
 }
+
+#[test]
+fn a_quota_must_limit_something() {
+    use claude_relay_crds::resources::ClientQuota;
+    let mut relay = ClaudeRelay::test();
+    relay.spec.clients[0].quota = Some(ClientQuota::default());
+    rejected_with(
+        &relay,
+        "a quota needs tokensPerMinute, tokensPerDay or maxConcurrent",
+    );
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        max_concurrent: Some(3),
+        ..ClientQuota::default()
+    });
+    assert_eq!(errors(&relay), Vec::<String>::new());
+}

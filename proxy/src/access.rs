@@ -48,6 +48,10 @@ pub struct Exchange {
     pub permit: Option<OwnedSemaphorePermit>,
     /// Holds the upstream key's in-flight count until the body is done.
     pub key_lease: Option<crate::keypool::KeyLease>,
+    /// Usage, quota and cache work settled when the exchange ends.
+    pub meter: Option<crate::usage::Meter>,
+    /// `hit_l1`, `hit_l2` or `miss` when the response cache was asked.
+    pub cache: Option<&'static str>,
 }
 
 const NO_UPSTREAM: &str = "-";
@@ -73,6 +77,8 @@ impl Exchange {
             outcome: Outcome::ClientGone,
             permit: None,
             key_lease: None,
+            meter: None,
+            cache: None,
         }
     }
 }
@@ -107,6 +113,17 @@ impl Drop for Exchange {
             upstream_ttfb_ms = self.upstream_ttfb.map(|d| d.as_secs_f64() * 1e3),
             duration_ms = elapsed.as_secs_f64() * 1e3,
             outcome = self.outcome.as_str(),
+            cache = self.cache.unwrap_or("-"),
         );
+        if let Some(meter) = self.meter.take() {
+            crate::usage::Finished {
+                meter,
+                request_id: self.request_id.clone(),
+                region: self.upstream.clone(),
+                key_id: self.key_lease.as_ref().map(|l| l.id().to_owned()),
+                complete: self.outcome == Outcome::Complete,
+            }
+            .spawn();
+        }
     }
 }

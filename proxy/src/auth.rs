@@ -36,6 +36,10 @@ pub struct Client {
     pub signing_secrets: Vec<SigningSecret>,
     /// Requests per window, shared by all replicas through the store.
     pub rate_limit: Option<(u32, Duration)>,
+    /// Token budgets and concurrency cap, shared through the store.
+    pub quota: Option<crate::usage::Quota>,
+    /// Whether the response cache is on for this client's requests.
+    pub cache_enabled: bool,
 }
 
 impl Clients {
@@ -59,6 +63,11 @@ impl Clients {
                 signature_allowed: client.allows(AuthMethod::Signature),
                 signing_secrets,
                 rate_limit: client.rate_limit.map(|r| (r.requests, r.per.duration())),
+                quota: client
+                    .quota
+                    .filter(|q| q.is_active())
+                    .map(|q| crate::usage::Quota::from_config(&q)),
+                cache_enabled: client.cache.is_some_and(|c| c.enabled),
             });
             for (k, source) in client.relay_keys.iter().enumerate() {
                 let where_ = || format!("clients[{index}].relay_keys[{k}]");

@@ -118,6 +118,16 @@ impl Body for RelayBody {
                 {
                     *boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
                 }
+                // Usage is read as the bytes pass; they go on unchanged.
+                if let (Some(tap), Some(data)) = (
+                    this.exchange
+                        .as_mut()
+                        .and_then(|e| e.meter.as_mut())
+                        .and_then(|m| m.tap.as_mut()),
+                    frame.data_ref(),
+                ) {
+                    tap.feed(data);
+                }
                 if stream.body.is_end_stream() {
                     // NB: with a known length hyper stops polling after the last
                     // byte, so the end must be noticed here.

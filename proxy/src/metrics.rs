@@ -62,6 +62,22 @@ pub struct ClientLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub client: Name,
+    /// A bounded set of model names (see `usage::Accounting`).
+    pub model: Name,
+    /// input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub client: Name,
+    /// tokens_per_minute, tokens_per_day or max_concurrent
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TransitionLabels {
     pub upstream: Name,
     pub from: &'static str,
@@ -103,6 +119,12 @@ pub struct Metrics {
     pub store_errors: Family<ResultLabels, Counter>,
     pub replay_unprotected: Counter,
     pub rate_limited: Family<ClientLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub quota_rejected: Family<QuotaLabels, Counter>,
+    pub quota_unchecked: Family<ResultLabels, Counter>,
+    pub cache_requests: Family<ResultLabels, Counter>,
+    pub cache_memory_bytes: Gauge,
+    pub cache_memory_entries: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -220,6 +242,42 @@ impl Metrics {
             "Requests refused by the client's rate limit",
             rate_limited.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens the upstream reported, by client, model and kind",
+            tokens.clone(),
+        );
+        let quota_rejected = Family::<QuotaLabels, Counter>::default();
+        registry.register(
+            "quota_rejected",
+            "Requests refused by the client's quota, by reason",
+            quota_rejected.clone(),
+        );
+        let quota_unchecked = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "quota_store_unavailable",
+            "Quota checks the store could not answer: let through (fail_open, within quota.fail_open_grace) or decided by this replica alone (local)",
+            quota_unchecked.clone(),
+        );
+        let cache_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Response cache events: hit_l1, hit_l2, miss, stored, too_large, l2_unavailable, l2_store_failed",
+            cache_requests.clone(),
+        );
+        let cache_memory_bytes = Gauge::default();
+        registry.register(
+            "cache_memory_bytes",
+            "Bytes of responses in the level-1 (process memory) cache",
+            cache_memory_bytes.clone(),
+        );
+        let cache_memory_entries = Gauge::default();
+        registry.register(
+            "cache_memory_entries",
+            "Responses in the level-1 (process memory) cache",
+            cache_memory_entries.clone(),
+        );
         let breaker_state = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "breaker_state",
@@ -282,6 +340,12 @@ impl Metrics {
             store_errors,
             replay_unprotected,
             rate_limited,
+            tokens,
+            quota_rejected,
+            quota_unchecked,
+            cache_requests,
+            cache_memory_bytes,
+            cache_memory_entries,
         }
     }
 

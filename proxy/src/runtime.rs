@@ -15,6 +15,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::auth::Clients;
 use crate::breaker::{Breakers, RegionBreaker};
+use crate::cache::{CachePolicy, ResponseCache};
 use crate::keypool::{KeyPool, KeyPools};
 use crate::metrics::{Metrics, Name};
 use crate::routing::Router;
@@ -23,6 +24,7 @@ use crate::secrets;
 use crate::store::AnyStore;
 use crate::tls;
 use crate::upstream::{EgressProxy, Transport, TransportKey};
+use crate::usage::Accounting;
 
 pub struct Region {
     pub name: Name,
@@ -36,11 +38,14 @@ pub struct Region {
     pub keys: Arc<KeyPool>,
 }
 
-/// What outlives a reload: metrics, breakers, key cooldowns.
+/// What outlives a reload: metrics, breakers, key cooldowns, accounting
+/// state and the level-1 response cache.
 pub struct Services {
     pub metrics: Arc<Metrics>,
     pub breakers: Arc<Breakers>,
     pub keypools: Arc<KeyPools>,
+    pub accounting: Arc<Accounting>,
+    pub cache: Arc<ResponseCache>,
 }
 
 impl Services {
@@ -55,15 +60,21 @@ impl Services {
                 redis.clone(),
                 metrics.clone(),
             ),
-            keypools: KeyPools::new(&config.relay_name, redis, metrics.clone()),
+            keypools: KeyPools::new(&config.relay_name, redis.clone(), metrics.clone()),
+            accounting: Accounting::new(metrics.clone()),
+            cache: ResponseCache::new(&config.cache, &config.relay_name, redis, metrics.clone()),
             metrics,
         }
     }
 
-    /// Starts the background sync with Redis; call inside the control runtime.
+    /// Starts the background sync with Redis and the renewal of concurrency
+    /// slot leases; call inside the control runtime.
     pub fn spawn_sync(&self) {
         self.breakers.spawn_sync();
         self.keypools.spawn_sync();
+        self.cache.spawn_sync();
+        self.accounting.spawn_renewal();
+        self.accounting.spawn_flush();
     }
 }
 
@@ -80,6 +91,8 @@ pub struct Snapshot {
     pub router: Router,
     /// 0..regions.len(), so one region can be a route of its own.
     pub region_indices: Vec<usize>,
+    /// Which requests the response cache takes, and under which key.
+    pub cache: CachePolicy,
 }
 
 impl Snapshot {
@@ -182,7 +195,9 @@ impl Snapshot {
             return Err("server.tls cannot be turned on or off without a restart".into());
         }
         let region_indices = (0..regions.len()).collect();
+        let cache = CachePolicy::new(&config.cache);
         Ok(Self {
+            cache,
             config,
             clients,
             regions,
@@ -275,6 +290,11 @@ impl App {
         if let Some(days) = snapshot.cert_expiry_days {
             self.metrics.tls_cert_expiry_days.set(days);
         }
+        // Entries of cache routes that changed are dropped here (and out of
+        // reach in Redis, whose keys carry the route's generation).
+        self.services
+            .cache
+            .reconfigure(&snapshot.config.cache, &snapshot.cache.generations());
         self.snapshot.store(Arc::new(snapshot));
     }
 

@@ -147,6 +147,12 @@ pub fn run(
         })
         .await;
         admin_task.abort();
+        // What the last requests owe the store (usage, budgets, slots).
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            app.services.accounting.flush_once(),
+        )
+        .await;
         joined.map_err(anyhow::Error::from)
     })
 }
@@ -250,8 +256,8 @@ async fn serve_admin(app: Arc<App>, listener: TcpListener) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = admin::handle(&app, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(admin::handle(&app, &request).await) }
             });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)

@@ -15,9 +15,16 @@
 //!    the failed check). Then a JSON body must parse (400), so garbage never
 //!    spends an upstream call.
 //! 7. **admit** — one store round trip, only when there is something to ask:
-//!    the nonce claimed once across replicas (401 on replay) and the client's
-//!    rate window (429 with retry-after). Store down: signed requests 503
-//!    (unless `replay.fail_open`), rate limits fail open.
+//!    the nonce claimed once across replicas (401 on replay), the client's
+//!    rate window (429 with retry-after) and its quota: token budgets of the
+//!    minute and the day (429 with retry-after at the window's end) and a
+//!    concurrency slot (429). Store down: signed requests 503 (unless
+//!    `replay.fail_open`), rate limits fail open, quotas fail open for
+//!    `quota.fail_open_grace`, then this replica's own budgets decide.
+//!    A request the response cache takes ([`crate::cache`]) is admitted in
+//!    two steps around the lookup: nonce and rate first, then, on a miss,
+//!    the quota; a hit costs no quota and no upstream call.
+//!    → [`crate::usage::Meter`] on the exchange (client, quota, slot, cache fill).
 //! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
@@ -25,7 +32,10 @@
 //!    egress proxy refusing the tunnel among them) 502.
 //! 9. **respond** — status, headers (hop-by-hop dropped) and body passed
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
-//!    added and `X-Accel-Buffering: no` on event streams.
+//!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
+//!    answer gets a [`crate::usage::UsageTap`] that reads its usage as it
+//!    passes; when the exchange ends the meter settles in the background
+//!    (metrics, budgets, usage counters, slot release, cache fill).
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.
@@ -46,14 +56,18 @@ use crate::access::Exchange;
 use crate::auth::Client;
 use crate::body::RelayBody;
 use crate::breaker::{FailureKind, Outcome, retry_after};
+use crate::cache::{Fill, RELAY_CACHE};
 use crate::error::RelayError;
 use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING, X_API_KEY};
 use crate::keypool::KeyLease;
 use crate::metrics::Name;
+use crate::metrics::QuotaLabels;
 use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
 use crate::runtime::{App, Region, Snapshot};
 use crate::signing::{self, SignatureError, SignatureHeaders};
+use crate::store::{BudgetPeriod, QuotaDecision};
 use crate::upstream::{SendFailure, classify};
+use crate::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
 pub fn route_of(path: &str) -> &'static str {
@@ -165,27 +179,99 @@ async fn relay(
     let nonce = signed
         .as_ref()
         .map(|s| (s.stamp.nonce, signing::nonce_ttl(*replay.window)));
-    if nonce.is_some() || client.rate_limit.is_some() {
-        admit(app, snapshot, client, nonce, exchange).await?;
-    }
+    let cache_plan = snapshot.cache.plan(
+        &client.id.0,
+        client.cache_enabled,
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        &body,
+    )?;
+    let first_asks = nonce.is_some() || client.rate_limit.is_some();
+    let slot = match &cache_plan {
+        Some(plan) => {
+            // Replays and rate limits first: a cached answer is not for them.
+            if first_asks {
+                admit(
+                    app,
+                    snapshot,
+                    client,
+                    nonce,
+                    client.rate_limit,
+                    None,
+                    exchange,
+                )
+                .await?;
+            }
+            if let Some(hit) = app.services.cache.lookup(plan, &snapshot.store).await {
+                exchange.cache = Some(if hit.level == "l1" {
+                    "hit_l1"
+                } else {
+                    "hit_l2"
+                });
+                return Ok(hit.into_response(&exchange.request_id));
+            }
+            exchange.cache = Some("miss");
+            match client.quota {
+                // The rate was counted in the first step.
+                Some(quota) => {
+                    admit(app, snapshot, client, None, None, Some(quota), exchange).await?
+                }
+                None => None,
+            }
+        }
+        None if first_asks || client.quota.is_some() => {
+            admit(
+                app,
+                snapshot,
+                client,
+                nonce,
+                client.rate_limit,
+                client.quota,
+                exchange,
+            )
+            .await?
+        }
+        None => None,
+    };
+    exchange.meter = Some(Meter {
+        accounting: app.services.accounting.clone(),
+        store: snapshot.store.clone(),
+        client: client.id.clone(),
+        quota: client.quota,
+        slot: slot.map(|held| (exchange.request_id.clone(), held)),
+        retention: *snapshot.config.usage.retention,
+        usage_enabled: snapshot.config.usage.enabled,
+        tap: None,
+        cache_fill: cache_plan.map(|plan| Fill {
+            cache: app.services.cache.clone(),
+            plan,
+        }),
+    });
 
     forward(app, snapshot, route, parts, body, exchange).await
 }
 
 /// Asks the store, in one round trip, whether a signed request's nonce is
-/// fresh and whether the client is within its rate limit. A store that
-/// cannot answer fails a signed request closed (503) unless
-/// `replay.fail_open`; a rate limit fails open.
+/// fresh, whether the client is within its rate limit and within its quota
+/// (taking a concurrency slot). A store that cannot answer fails a signed
+/// request closed (503) unless `replay.fail_open`; a rate limit fails open;
+/// a quota fails open for `quota.fail_open_grace`, then this replica's own
+/// budgets decide. Where the slot is held, if one was taken.
 async fn admit(
     app: &App,
     snapshot: &Snapshot,
     client: &Client,
     nonce: Option<(&str, Duration)>,
+    rate: Option<(u32, Duration)>,
+    quota: Option<Quota>,
     exchange: &Exchange,
-) -> Result<(), RelayError> {
+) -> Result<Option<SlotHeld>, RelayError> {
+    let ask = quota.map(|q| q.ask(&exchange.request_id));
+    let accounting = &app.services.accounting;
     match snapshot
         .store
-        .admit(&client.id.0, nonce, client.rate_limit)
+        .admit(&client.id.0, nonce, rate, ask.as_ref())
         .await
     {
         Ok(admission) => {
@@ -201,14 +287,29 @@ async fn admit(
                         })
                         .inc();
                     let (limit, window) = client.rate_limit.unwrap_or_default();
-                    Err(RelayError::RateLimited {
+                    return Err(RelayError::RateLimited {
                         message: format!(
                             "rate limit of {limit} requests per {window:?} reached for this client"
                         ),
                         retry_after: decision.retry_after.unwrap_or(window),
-                    })
+                    });
                 }
-                _ => Ok(()),
+                _ => {}
+            }
+            match (quota, admission.quota) {
+                (Some(quota), Some(decision)) => {
+                    accounting.store_ok();
+                    decide_quota(
+                        app,
+                        snapshot,
+                        client,
+                        quota,
+                        decision,
+                        SlotHeld::Store,
+                        exchange,
+                    )
+                }
+                _ => Ok(None),
             }
         }
         Err(error) => {
@@ -218,11 +319,12 @@ async fn admit(
                     result: error.label(),
                 })
                 .inc();
-            if nonce.is_none() {
-                tracing::warn!(request_id = %exchange.request_id, %error, "rate limit not checked: the store is unavailable");
-                return Ok(());
-            }
-            if snapshot.config.replay.fail_open {
+            if nonce.is_some() {
+                if !snapshot.config.replay.fail_open {
+                    return Err(RelayError::Unavailable(
+                        "replay protection is unavailable (the shared store cannot be reached); signed requests are refused until it is back, retry shortly".into(),
+                    ));
+                }
                 app.metrics.replay_unprotected.inc();
                 tracing::error!(
                     request_id = %exchange.request_id,
@@ -230,12 +332,84 @@ async fn admit(
                     %error,
                     "REPLAY PROTECTION OFF: signed request let through without its nonce check (replay.fail_open)"
                 );
-                return Ok(());
+            } else if rate.is_some() {
+                tracing::warn!(request_id = %exchange.request_id, %error, "rate limit not checked: the store is unavailable");
             }
-            Err(RelayError::Unavailable(
-                "replay protection is unavailable (the shared store cannot be reached); signed requests are refused until it is back, retry shortly".into(),
-            ))
+            let (Some(quota), Some(ask)) = (quota, ask) else {
+                return Ok(None);
+            };
+            let grace = *snapshot.config.quota.fail_open_grace;
+            match accounting.unchecked(&client.id.0, &ask, grace).await {
+                Unchecked::FailOpen => {
+                    tracing::warn!(request_id = %exchange.request_id, client = &*client.id.0, %error, "quota not checked: the store is unavailable (within quota.fail_open_grace)");
+                    Ok(None)
+                }
+                Unchecked::Local(decision) => decide_quota(
+                    app,
+                    snapshot,
+                    client,
+                    quota,
+                    decision,
+                    SlotHeld::Local,
+                    exchange,
+                ),
+            }
         }
+    }
+}
+
+/// A quota decision as the client sees it: on, or a 429 saying when to retry.
+fn decide_quota(
+    app: &App,
+    snapshot: &Snapshot,
+    client: &Client,
+    quota: Quota,
+    decision: QuotaDecision,
+    held: SlotHeld,
+    exchange: &Exchange,
+) -> Result<Option<SlotHeld>, RelayError> {
+    let refuse = |reason: &'static str, message: String, retry_after: Duration| {
+        app.metrics
+            .quota_rejected
+            .get_or_create(&QuotaLabels {
+                client: client.id.clone(),
+                reason,
+            })
+            .inc();
+        Err(RelayError::RateLimited {
+            message,
+            retry_after,
+        })
+    };
+    match decision {
+        QuotaDecision::Allowed if quota.max_concurrent > 0 => {
+            app.services.accounting.hold_slot(
+                exchange.request_id.clone(),
+                client.id.clone(),
+                (held == SlotHeld::Store).then(|| snapshot.store.clone()),
+            );
+            Ok(Some(held))
+        }
+        QuotaDecision::Allowed => Ok(None),
+        QuotaDecision::OverBudget { per, retry_after } => {
+            let (limit, period) = match per {
+                BudgetPeriod::Minute => (quota.tokens_per_minute, "minute"),
+                BudgetPeriod::Day => (quota.tokens_per_day, "day (UTC)"),
+            };
+            refuse(
+                per.label(),
+                format!("token quota of {limit} tokens per {period} used up for this client"),
+                retry_after,
+            )
+        }
+        QuotaDecision::OverConcurrency => refuse(
+            "max_concurrent",
+            format!(
+                "quota of {} concurrent requests reached for this client",
+                quota.max_concurrent
+            ),
+            Duration::from_secs(1),
+        ),
     }
 }
 
@@ -558,6 +732,26 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
         parts
             .headers
             .insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+    }
+    if let Some(meter) = &mut exchange.meter {
+        if meter.cache_fill.is_some() {
+            parts
+                .headers
+                .insert(RELAY_CACHE, HeaderValue::from_static("miss"));
+            // Only a complete 200 JSON answer is stored.
+            if parts.status != http::StatusCode::OK || sse {
+                meter.cache_fill = None;
+            }
+        }
+        // The tap also keeps the JSON body a cache fill stores.
+        let wanted = meter.usage_enabled || meter.cache_fill.is_some();
+        if wanted && exchange.route == "messages" && parts.status.is_success() {
+            meter.tap = Some(if sse {
+                UsageTap::sse()
+            } else {
+                UsageTap::json()
+            });
+        }
     }
     let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
     Response::from_parts(parts, body)

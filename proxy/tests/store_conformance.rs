@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claude_relay_crds::config::RedisStoreConfig;
-use claude_relay_proxy::store::{MemoryStore, RateDecision, RedisStore, Store};
+use claude_relay_proxy::store::{
+    BudgetPeriod, Charges, MemoryStore, QuotaAsk, QuotaDecision, RateDecision, RedisStore,
+    Settlement, Store, Usage, day_of, unix_ms,
+};
 use claude_relay_testkit::redis::RedisServer;
 use futures_util::future::join_all;
 
@@ -157,6 +160,213 @@ async fn rate_limit_holds_under_concurrency<S: Store + 'static>(store: Arc<S>) {
     assert_eq!(allowed, 10);
 }
 
+/// A minute boundary 45 s ago at the latest: windows are calendar minutes.
+fn at_second_45() -> u64 {
+    let now = unix_ms();
+    now - now % 60_000 + 45_000
+}
+
+fn ask<'a>(slot: &'a str, now_ms: u64, tpm: u64, tpd: u64, max_concurrent: u32) -> QuotaAsk<'a> {
+    QuotaAsk {
+        tokens_per_minute: tpm,
+        tokens_per_day: tpd,
+        max_concurrent,
+        slot,
+        now_ms,
+        lease_until_ms: now_ms + 60_000,
+    }
+}
+
+fn settlement(tokens: u64, now_ms: u64) -> Settlement<'static> {
+    Settlement {
+        quota_tokens: tokens,
+        usage: None,
+        slot: None,
+        now_ms,
+        retention: Duration::from_secs(86_400 * 30),
+    }
+}
+
+fn charge(tokens: u64, now_ms: u64) -> Charges {
+    Charges::of(&settlement(tokens, now_ms))
+}
+
+async fn budgets_refuse_once_spent_until_the_window_ends<S: Store>(store: Arc<S>) {
+    let now = at_second_45();
+    let check = |now: u64| {
+        let store = store.clone();
+        async move {
+            store
+                .check_quota("app", &ask("s", now, 100, 150, 0))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(check(now).await, QuotaDecision::Allowed);
+    store.settle("app", &charge(60, now)).await.unwrap();
+    assert_eq!(check(now).await, QuotaDecision::Allowed, "60 of 100 spent");
+    store.settle("app", &charge(50, now)).await.unwrap();
+    assert_eq!(
+        check(now).await,
+        QuotaDecision::OverBudget {
+            per: BudgetPeriod::Minute,
+            retry_after: Duration::from_secs(15)
+        }
+    );
+    // Another client has its own budget.
+    assert_eq!(
+        store
+            .check_quota("other", &ask("s", now, 100, 150, 0))
+            .await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // The next minute has a fresh minute budget, but the day's 150 is spent after 50 more.
+    let next_minute = now + 20_000;
+    assert_eq!(check(next_minute).await, QuotaDecision::Allowed);
+    store.settle("app", &charge(50, next_minute)).await.unwrap();
+    let (_, day_left) = day_of(next_minute);
+    assert_eq!(
+        check(next_minute).await,
+        QuotaDecision::OverBudget {
+            per: BudgetPeriod::Day,
+            retry_after: day_left
+        }
+    );
+}
+
+async fn concurrency_cap_holds_and_slots_come_back<S: Store + 'static>(store: Arc<S>) {
+    let now = unix_ms();
+    let asks = (0..20).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let slot = format!("slot-{i}");
+            let decision = store.check_quota("busy", &ask(&slot, now, 0, 0, 5)).await;
+            (slot, decision.unwrap())
+        })
+    });
+    let results: Vec<(String, QuotaDecision)> = join_all(asks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let allowed: Vec<&String> = results
+        .iter()
+        .filter(|(_, d)| *d == QuotaDecision::Allowed)
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(allowed.len(), 5, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|(_, d)| matches!(d, QuotaDecision::Allowed | QuotaDecision::OverConcurrency))
+    );
+    // Releasing one slot lets exactly one more in.
+    let release = Charges::of(&Settlement {
+        slot: Some(allowed[0].as_str()),
+        ..settlement(0, now)
+    });
+    store.settle("busy", &release).await.unwrap();
+    assert_eq!(
+        store
+            .check_quota("busy", &ask("late-1", now, 0, 0, 5))
+            .await,
+        Ok(QuotaDecision::Allowed)
+    );
+    assert_eq!(
+        store
+            .check_quota("busy", &ask("late-2", now, 0, 0, 5))
+            .await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+}
+
+async fn slot_leases_lapse_unless_renewed<S: Store>(store: Arc<S>) {
+    let now = unix_ms();
+    let short = |slot, now: u64| QuotaAsk {
+        lease_until_ms: now + 300,
+        ..ask(slot, now, 0, 0, 1)
+    };
+    assert_eq!(
+        store.check_quota("lease", &short("crashed", now)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    assert_eq!(
+        store
+            .check_quota("lease", &short("second", now + 100))
+            .await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+    // The holder never released it (its replica died): the lease lapses.
+    assert_eq!(
+        store.check_quota("lease", &short("third", now + 400)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // A renewed lease holds.
+    store
+        .renew_slots("lease", &["third".to_string()], now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .check_quota("lease", &short("fourth", now + 1_000))
+            .await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+}
+
+async fn usage_adds_up_per_client_per_day<S: Store>(store: Arc<S>) {
+    let now = unix_ms();
+    let (today, _) = day_of(now);
+    let usage = |i, o, c, r| Usage {
+        input_tokens: i,
+        output_tokens: o,
+        cache_creation_input_tokens: c,
+        cache_read_input_tokens: r,
+    };
+    // Requests settle one by one, or several in one batch, alike.
+    let mut batch = Charges::default();
+    for (client, model, u) in [
+        ("app", "claude-a", usage(10, 20, 3, 4)),
+        ("app", "claude-b", usage(1, 2, 0, 0)),
+        ("app", "claude-a", usage(100, 200, 0, 40)),
+        ("other", "claude-a", usage(7, 7, 7, 7)),
+    ] {
+        let one = Settlement {
+            usage: Some((model, u)),
+            ..settlement(0, now)
+        };
+        if client == "app" && model == "claude-a" {
+            batch.add(&one);
+        } else {
+            store.settle(client, &Charges::of(&one)).await.unwrap();
+        }
+    }
+    store.settle("app", &batch).await.unwrap();
+    let mut counters = store.usage("app", &today).await.unwrap();
+    counters.sort();
+    let get = |name: &str| {
+        counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {name} in {counters:?}"))
+    };
+    assert_eq!(get("requests"), 3);
+    assert_eq!(get("input_tokens"), 111);
+    assert_eq!(get("output_tokens"), 222);
+    assert_eq!(get("cache_creation_input_tokens"), 3);
+    assert_eq!(get("cache_read_input_tokens"), 44);
+    assert_eq!(get("claude-a/requests"), 2);
+    assert_eq!(get("claude-a/input_tokens"), 110);
+    assert_eq!(get("claude-b/output_tokens"), 2);
+    assert_eq!(store.usage("app", "2001-01-01").await.unwrap(), vec![]);
+    let other = store.usage("other", &today).await.unwrap();
+    assert!(
+        other.contains(&("input_tokens".to_string(), 7)),
+        "{other:?}"
+    );
+}
+
 /// Instantiates each property as a test for the memory store and for Redis.
 macro_rules! conformance {
     ($($property:ident),* $(,)?) => {
@@ -187,7 +397,120 @@ conformance!(
     nonce_is_forgotten_after_its_ttl,
     rate_limit_window_and_retry_after,
     rate_limit_holds_under_concurrency,
+    budgets_refuse_once_spent_until_the_window_ends,
+    concurrency_cap_holds_and_slots_come_back,
+    slot_leases_lapse_unless_renewed,
+    usage_adds_up_per_client_per_day,
 );
+
+// Level 2 of the response cache lives in Redis only (level 1 is the
+// process's own memory), so these run against Redis alone.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_entries_live_for_their_ttl_and_purge_by_scope() {
+    let server = RedisServer::start().unwrap();
+    let store = redis_store(&server).await;
+    let key = |scope: &str, n: u8| format!("claude-relay:test/relay:cache:{scope}:{n:064x}");
+    let body = bytes::Bytes::from_static(b"{\"type\":\"message\"}");
+    store
+        .cache_put(
+            &key("client:app", 1),
+            body.clone(),
+            Duration::from_millis(400),
+        )
+        .await
+        .unwrap();
+    store
+        .cache_put(&key("client:app", 2), body.clone(), TTL)
+        .await
+        .unwrap();
+    store
+        .cache_put(&key("client:other", 1), body.clone(), TTL)
+        .await
+        .unwrap();
+    store
+        .cache_put(&key("shared", 1), body.clone(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cache_get(&key("client:app", 1)).await,
+        Ok(Some(body.clone()))
+    );
+    assert_eq!(store.cache_get(&key("client:app", 9)).await, Ok(None));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store.cache_get(&key("client:app", 1)).await,
+        Ok(None),
+        "past its TTL"
+    );
+    assert_eq!(store.cache_purge(Some("client:app")).await, Ok(1));
+    assert_eq!(store.cache_get(&key("client:app", 2)).await, Ok(None));
+    assert_eq!(
+        store.cache_get(&key("client:other", 1)).await,
+        Ok(Some(body.clone()))
+    );
+    assert_eq!(store.cache_purge(None).await, Ok(2));
+    assert_eq!(store.cache_get(&key("shared", 1)).await, Ok(None));
+    // Other keys of the relay are not cache entries.
+    assert!(store.hit_rate_limit("app", 5, TTL).await.unwrap().allowed);
+    assert_eq!(store.cache_purge(None).await, Ok(0));
+    assert_eq!(
+        store.hit_rate_limit("app", 5, TTL).await.unwrap().remaining,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_budgets_slots_and_usage() {
+    let server = RedisServer::start().unwrap();
+    let a = redis_store(&server).await;
+    let b = redis_store(&server).await;
+    let now = at_second_45();
+    a.settle("app", &charge(80, now)).await.unwrap();
+    b.settle("app", &charge(30, now)).await.unwrap();
+    assert!(matches!(
+        a.check_quota("app", &ask("x", now, 100, 0, 0)).await,
+        Ok(QuotaDecision::OverBudget {
+            per: BudgetPeriod::Minute,
+            ..
+        })
+    ));
+    assert_eq!(
+        a.check_quota("app", &ask("s1", now, 0, 0, 2)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    assert_eq!(
+        b.check_quota("app", &ask("s2", now, 0, 0, 2)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    assert_eq!(
+        a.check_quota("app", &ask("s3", now, 0, 0, 2)).await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+    // One admission script carries nonce, rate and quota together.
+    let admission = b
+        .admit(
+            "app",
+            Some(("quota-nonce-0000001", TTL)),
+            Some((10, TTL)),
+            Some(&ask("s4", now, 0, 0, 2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(admission.nonce_fresh, Some(true));
+    assert_eq!(admission.rate.map(|r| r.allowed), Some(true));
+    assert_eq!(admission.quota, Some(QuotaDecision::OverConcurrency));
+    let replay = a
+        .admit(
+            "app",
+            Some(("quota-nonce-0000001", TTL)),
+            Some((10, TTL)),
+            Some(&ask("s5", now, 0, 0, 2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!((replay.nonce_fresh, replay.quota), (Some(false), None));
+}
 
 /// Waits until the store answers again after Redis came back.
 async fn until_it_works(store: &RedisStore, nonce: &str) -> Duration {

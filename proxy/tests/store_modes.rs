@@ -191,7 +191,9 @@ async fn rate_limit_holds_under_concurrency(a: &Arc<RedisStore>, b: &Arc<RedisSt
 
 async fn admit_claims_and_counts_in_one_step(a: &RedisStore, b: &RedisStore) {
     let limit = Some((2, TTL));
-    let first = a.admit("adm", ("adm-nonce-000000001", TTL), limit).await;
+    let first = a
+        .admit("adm", Some(("adm-nonce-000000001", TTL)), limit, None)
+        .await;
     let first = first.unwrap();
     assert_eq!(first.nonce_fresh, Some(true));
     assert_eq!(
@@ -204,7 +206,7 @@ async fn admit_claims_and_counts_in_one_step(a: &RedisStore, b: &RedisStore) {
     );
     // A replay, on the other replica: refused and not counted.
     let replay = b
-        .admit("adm", ("adm-nonce-000000001", TTL), limit)
+        .admit("adm", Some(("adm-nonce-000000001", TTL)), limit, None)
         .await
         .unwrap();
     assert_eq!(replay.nonce_fresh, Some(false));
@@ -213,7 +215,7 @@ async fn admit_claims_and_counts_in_one_step(a: &RedisStore, b: &RedisStore) {
     let hit = b.hit_rate_limit("adm", 2, TTL).await.unwrap();
     assert!(hit.allowed && hit.remaining == 0, "{hit:?}");
     let over = a
-        .admit("adm", ("adm-nonce-000000002", TTL), limit)
+        .admit("adm", Some(("adm-nonce-000000002", TTL)), limit, None)
         .await
         .unwrap();
     assert_eq!(over.nonce_fresh, Some(true));
@@ -225,7 +227,7 @@ async fn admit_claims_and_counts_in_one_step(a: &RedisStore, b: &RedisStore) {
     );
     // Without a limit: the nonce only, the same key `claim_nonce` uses.
     let unlimited = a
-        .admit("adm", ("adm-nonce-000000003", TTL), None)
+        .admit("adm", Some(("adm-nonce-000000003", TTL)), None, None)
         .await
         .unwrap();
     assert_eq!(unlimited.nonce_fresh, Some(true));
@@ -248,7 +250,7 @@ async fn concurrent_admits_have_one_winner(a: &Arc<RedisStore>, b: &Arc<RedisSto
             let nonce = nonce.clone();
             tokio::spawn(async move {
                 store
-                    .admit("adm-race", (&nonce, TTL), Some((1000, TTL)))
+                    .admit("adm-race", Some((&nonce, TTL)), Some((1000, TTL)), None)
                     .await
             })
         });
@@ -325,7 +327,12 @@ async fn sentinel_failover_keeps_nonces_and_windows() {
     );
     assert_eq!(b.hit_rate_limit("app", 5, TTL).await.unwrap().remaining, 3);
     let admission = a
-        .admit("app", ("after-failover-02", TTL), Some((5, TTL)))
+        .admit(
+            "app",
+            Some(("after-failover-02", TTL)),
+            Some((5, TTL)),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(admission.nonce_fresh, Some(true));
@@ -365,8 +372,9 @@ async fn cluster_keeps_the_keys_of_a_client_in_one_slot() {
         let admission = a
             .admit(
                 &format!("client-{i}"),
-                ("spread-nonce-00000001", TTL),
+                Some(("spread-nonce-00000001", TTL)),
                 Some((10, TTL)),
+                None,
             )
             .await
             .unwrap_or_else(|e| panic!("client-{i}: {e}"));

@@ -4,19 +4,25 @@
 //!
 //! | `x-mock` | answer |
 //! |---|---|
-//! | (none), `json` | 200, a ~1 KB Messages response, `request-id` and `anthropic-ratelimit-*` headers |
+//! | (none), `json` | 200, a ~1 KB Messages response, `request-id` and `anthropic-ratelimit-*` headers; after `x-mock-delay-ms` (generation time) |
 //! | `stream` | 200 SSE: message_start, ping, content blocks, message_delta, message_stop; `x-mock-delay-ms` between events |
 //! | `stream-gated` | like `stream`, but waits after message_start until [`MockUpstream::open_gate`] |
 //! | `stream-error` | 200 SSE, then an `error` event (overloaded_error) after message_start |
 //! | `stream-endless` | an event every `x-mock-delay-ms` (default 50) until the client goes away |
 //! | `stream-stall` | 200 SSE, message_start, then silence |
 //! | `stream-unknown-event` | a stream with an event type the relay cannot know |
+//! | `stream-cut` | message_start, two text deltas, then the connection breaks (no message_delta) |
 //! | `status-429` | 429 rate_limit_error, `retry-after: 7` |
 //! | `status-529` | 529 overloaded_error |
 //! | `status-500` | 500 api_error |
 //! | `status-NNN:VALUE` | as `status-NNN`, with `retry-after: VALUE` (seconds or an HTTP-date) |
 //! | `status-401` | 401 authentication_error (a bad upstream key) |
 //! | `stall` | never answers |
+//!
+//! `x-mock-usage: INPUT,OUTPUT,CACHE_CREATION,CACHE_READ` sets the usage a
+//! Messages answer reports (JSON `usage`; in a stream, `message_start` has
+//! all but OUTPUT, which it reports as 1, and `message_delta` reports OUTPUT).
+//! [`MockUpstream::messages_answered`] counts `/v1/messages` calls.
 //!
 //! Paths: `/v1/messages`, `/v1/messages/count_tokens`, `/v1/models`; any
 //! other path answers 404 not_found_error, as the API does.
@@ -98,6 +104,20 @@ impl MockUpstream {
 
     pub fn request_count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// `/v1/messages` requests received.
+    pub fn messages_answered(&self) -> usize {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r.path_and_query.starts_with("/v1/messages")
+                    && !r.path_and_query.starts_with("/v1/messages/")
+            })
+            .count()
     }
 
     /// Streams whose client went away before the stream ended.
@@ -219,6 +239,11 @@ async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
     );
+    let usage = parts
+        .headers
+        .get("x-mock-usage")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_usage);
     let path = parts.uri.path();
     let model = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
@@ -286,8 +311,22 @@ async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr)
             tokio::time::sleep(Duration::from_secs(3600)).await;
             json(StatusCode::OK, message_json(&model))
         }
-        m if m.starts_with("stream") => stream(state, m.to_string(), model, delay),
-        _ => json(StatusCode::OK, message_json(&model)),
+        m if m.starts_with("stream") => stream(
+            state,
+            m.to_string(),
+            model,
+            delay,
+            usage.unwrap_or(DEFAULT_STREAM_USAGE),
+        ),
+        _ => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            json(
+                StatusCode::OK,
+                message_json_with(&model, usage.unwrap_or(DEFAULT_USAGE)),
+            )
+        }
     }
 }
 
@@ -325,8 +364,27 @@ pub fn error_body(kind: &str, message: &str) -> String {
     serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string()
 }
 
+/// Usage a Messages answer reports unless `x-mock-usage` says otherwise:
+/// input, output, cache creation, cache read.
+pub const DEFAULT_USAGE: [u64; 4] = [25, 180, 0, 0];
+/// What a default stream reports: message_start's input and message_delta's output.
+pub const DEFAULT_STREAM_USAGE: [u64; 4] = [25, 15, 0, 0];
+
+fn parse_usage(text: &str) -> Option<[u64; 4]> {
+    let numbers: Vec<u64> = text
+        .split(',')
+        .map(|n| n.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    numbers.try_into().ok()
+}
+
 /// A Messages API response of about 1 KB.
 pub fn message_json(model: &str) -> String {
+    message_json_with(model, DEFAULT_USAGE)
+}
+
+/// A Messages API response of about 1 KB reporting `usage`.
+pub fn message_json_with(model: &str, usage: [u64; 4]) -> String {
     let text = "The relay passes every byte through unchanged. ".repeat(16);
     serde_json::json!({
         "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
@@ -337,10 +395,10 @@ pub fn message_json(model: &str) -> String {
         "stop_reason": "end_turn",
         "stop_sequence": null,
         "usage": {
-            "input_tokens": 25,
-            "output_tokens": 180,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0
+            "input_tokens": usage[0],
+            "output_tokens": usage[1],
+            "cache_creation_input_tokens": usage[2],
+            "cache_read_input_tokens": usage[3]
         }
     })
     .to_string()
@@ -360,11 +418,16 @@ fn event(name: &str, data: serde_json::Value) -> Bytes {
 
 /// The events of a short streamed message.
 pub fn stream_events(model: &str) -> Vec<Bytes> {
+    stream_events_with(model, DEFAULT_STREAM_USAGE)
+}
+
+/// The events of a short streamed message reporting `usage`.
+pub fn stream_events_with(model: &str, usage: [u64; 4]) -> Vec<Bytes> {
     use serde_json::json;
     let mut events = vec![
         event(
             "message_start",
-            json!({"type": "message_start", "message": {"id": "msg_stream_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+            json!({"type": "message_start", "message": {"id": "msg_stream_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": usage[0], "output_tokens": 1, "cache_creation_input_tokens": usage[2], "cache_read_input_tokens": usage[3]}}}),
         ),
         event(
             "content_block_start",
@@ -384,14 +447,20 @@ pub fn stream_events(model: &str) -> Vec<Bytes> {
     ));
     events.push(event(
         "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 15}}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": usage[1]}}),
     ));
     events.push(event("message_stop", json!({"type": "message_stop"})));
     events
 }
 
-fn stream(state: Arc<State>, mode: String, model: String, delay: Duration) -> MockResponse {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
+fn stream(
+    state: Arc<State>,
+    mode: String,
+    model: String,
+    delay: Duration,
+    usage: [u64; 4],
+) -> MockResponse {
+    let (tx, rx) = mpsc::channel::<Chunk>(4);
     let mut response = Response::new(MockBody::channel(rx));
     response.headers_mut().insert(
         "content-type",
@@ -403,8 +472,16 @@ fn stream(state: Arc<State>, mode: String, model: String, delay: Duration) -> Mo
     with_api_headers(&mut response);
 
     tokio::spawn(async move {
-        let events = stream_events(&model);
+        let events = stream_events_with(&model, usage);
         let completed = match mode.as_str() {
+            "stream-cut" => {
+                // The connection breaks: the body ends with an error, so
+                // hyper drops it without the final chunk.
+                if send_all(&tx, events[..4].iter().cloned(), delay).await {
+                    let _ = tx.send(Err(BrokenOff)).await;
+                }
+                false
+            }
             "stream-error" => {
                 send_all(&tx, [
                     events[0].clone(),
@@ -453,19 +530,34 @@ fn stream(state: Arc<State>, mode: String, model: String, delay: Duration) -> Mo
     response
 }
 
+/// A chunk of a streamed body, or the break of the connection.
+type Chunk = Result<Bytes, BrokenOff>;
+
+/// What ends a `stream-cut` body.
+#[derive(Debug)]
+pub struct BrokenOff;
+
+impl std::fmt::Display for BrokenOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the mock upstream broke the stream off")
+    }
+}
+
+impl std::error::Error for BrokenOff {}
+
 /// Sends after `delay`; false when the client has gone away.
-async fn send(tx: &mpsc::Sender<Bytes>, bytes: Bytes, delay: Duration) -> bool {
+async fn send(tx: &mpsc::Sender<Chunk>, bytes: Bytes, delay: Duration) -> bool {
     if !delay.is_zero() {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = tx.closed() => return false,
         }
     }
-    tx.send(bytes).await.is_ok()
+    tx.send(Ok(bytes)).await.is_ok()
 }
 
 async fn send_all(
-    tx: &mpsc::Sender<Bytes>,
+    tx: &mpsc::Sender<Chunk>,
     events: impl IntoIterator<Item = Bytes>,
     delay: Duration,
 ) -> bool {
@@ -481,7 +573,7 @@ async fn send_all(
 /// A whole body, or chunks as a task sends them.
 pub struct MockBody {
     full: Option<Bytes>,
-    rx: Option<mpsc::Receiver<Bytes>>,
+    rx: Option<mpsc::Receiver<Chunk>>,
 }
 
 impl MockBody {
@@ -491,7 +583,7 @@ impl MockBody {
             rx: None,
         }
     }
-    fn channel(rx: mpsc::Receiver<Bytes>) -> Self {
+    fn channel(rx: mpsc::Receiver<Chunk>) -> Self {
         Self {
             full: None,
             rx: Some(rx),
@@ -501,17 +593,17 @@ impl MockBody {
 
 impl Body for MockBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BrokenOff;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BrokenOff>>> {
         if let Some(bytes) = self.full.take() {
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
         }
         match &mut self.rx {
-            Some(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+            Some(rx) => rx.poll_recv(cx).map(|b| b.map(|b| b.map(Frame::data))),
             None => Poll::Ready(None),
         }
     }

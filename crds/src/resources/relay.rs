@@ -115,6 +115,64 @@ pub struct ClaudeRelaySpec {
     pub service: Option<ServiceSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<LogSettings>,
+    /// What token quotas do while Redis is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSettings>,
+    /// The response cache (off unless a client, a route or a request enables it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSettings>,
+}
+
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSettings {
+    /// While Redis is unreachable, quotas are not checked for this long
+    /// (default 5m); after that each pod enforces them from what it saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open_grace: Option<HumanDuration>,
+}
+
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSettings {
+    /// Bytes of responses each pod keeps in memory (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub memory_bytes: Option<i64>,
+    /// Largest response cached (default 1 MiB, at most 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 67108864))]
+    pub max_entry_bytes: Option<i64>,
+    /// Entry lifetime unless a route says otherwise (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<HumanDuration>,
+    /// Keep entries in Redis too, shared by the pods (default true, when
+    /// `redis` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<bool>,
+    /// Per-model settings; the first route matching the request's model applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub routes: Option<Vec<CacheRoute>>,
+}
+
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheRoute {
+    #[schemars(pattern(NAME_PATTERN))]
+    pub name: String,
+    /// Model names, or prefixes ending in `*`; empty: every model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub models: Option<Vec<String>>,
+    /// Cache these requests for every client.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<HumanDuration>,
+    /// One entry serves every client (otherwise entries are per client).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,6 +294,39 @@ pub struct RelayClient {
     pub signing_secret_refs: Option<Vec<SecretKeyRef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Token budgets and a concurrency cap, shared by the pods through Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<ClientQuota>,
+    /// The response cache for this client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ClientCache>,
+}
+
+/// Input plus output tokens (cache writes included; cache reads when
+/// `countCacheReads`) per UTC minute and day, and requests in flight.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[x_kube(validation = Rule::new("has(self.tokensPerMinute) || has(self.tokensPerDay) || has(self.maxConcurrent)")
+    .message("a quota needs tokensPerMinute, tokensPerDay or maxConcurrent"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClientQuota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_day: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent: Option<i32>,
+    #[serde(default)]
+    pub count_cache_reads: bool,
+}
+
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCache {
+    /// Cache this client's non-streaming Messages requests.
+    pub enabled: bool,
 }
 
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]

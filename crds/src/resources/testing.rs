@@ -35,6 +35,8 @@ impl ClaudeRelay {
                 relay_key_secret_ref: Some(SecretKeyRef::new("app-key", "key")),
                 signing_secret_refs: None,
                 rate_limit: None,
+                quota: None,
+                cache: None,
             }],
             breaker: None,
             key_pool: None,
@@ -45,6 +47,8 @@ impl ClaudeRelay {
             tls: None,
             service: None,
             log: None,
+            quota: None,
+            cache: None,
         };
         let mut relay = ClaudeRelay::new("main", spec);
         relay.metadata = ObjectMeta {
@@ -79,6 +83,8 @@ impl ClaudeRelay {
             relay_key_secret_ref: Some(SecretKeyRef::new(secret, key)),
             signing_secret_refs: None,
             rate_limit: None,
+            quota: None,
+            cache: None,
         });
         self
     }

@@ -56,6 +56,17 @@ pub fn render_config(
                 };
                 c["rate_limit"] = json!({ "requests": limit.requests, "per": per });
             }
+            if let Some(quota) = &client.quota {
+                c["quota"] = json!({
+                    "tokens_per_minute": quota.tokens_per_minute,
+                    "tokens_per_day": quota.tokens_per_day,
+                    "max_concurrent": quota.max_concurrent,
+                    "count_cache_reads": quota.count_cache_reads,
+                });
+            }
+            if let Some(cache) = &client.cache {
+                c["cache"] = json!({ "enabled": cache.enabled });
+            }
             c
         })
         .collect();
@@ -127,6 +138,12 @@ pub fn render_config(
             r.insert("fail_open".into(), fail_open.into());
         }
         doc["replay"] = Value::Object(r);
+    }
+    if let Some(grace) = spec.quota.as_ref().and_then(|q| q.fail_open_grace) {
+        doc["quota"] = json!({ "fail_open_grace": grace });
+    }
+    if let Some(cache) = &spec.cache {
+        doc["cache"] = cache_block(cache);
     }
 
     let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
@@ -252,6 +269,39 @@ fn timeouts(region: Option<&Timeouts>, relay: Option<&Timeouts>) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// The `cache` section; unset fields keep the proxy's defaults (the JSON
+/// nulls of unset options are dropped).
+fn cache_block(cache: &claude_relay_crds::resources::CacheSettings) -> Value {
+    let routes: Vec<Value> = cache
+        .routes
+        .iter()
+        .flatten()
+        .map(|route| {
+            without_nulls(json!({
+                "name": route.name,
+                "models": route.models,
+                "enabled": route.enabled,
+                "ttl": route.ttl,
+                "shared": route.shared,
+            }))
+        })
+        .collect();
+    without_nulls(json!({
+        "memory_bytes": cache.memory_bytes,
+        "max_entry_bytes": cache.max_entry_bytes,
+        "ttl": cache.ttl,
+        "redis": cache.redis,
+        "routes": routes,
+    }))
+}
+
+fn without_nulls(mut value: Value) -> Value {
+    if let Value::Object(map) = &mut value {
+        map.retain(|_, v| !v.is_null());
+    }
+    value
 }
 
 fn redis_store(redis: &claude_relay_crds::resources::RedisConnection) -> Value {

@@ -629,3 +629,71 @@ fn egress_proxies_are_rendered_with_mounted_credentials() {
     let err = render(&ClaudeRelay::test(), &[tls_proxy], &defaults()).unwrap_err();
     assert!(err.0.contains("regions[0].egress_proxy.url"), "{err}");
 }
+
+#[test]
+fn quotas_and_cache_are_rendered() {
+    use claude_relay_crds::resources::{
+        CacheRoute, CacheSettings, ClientCache, ClientQuota, QuotaSettings,
+    };
+    let mut relay = ClaudeRelay::test().with_client("batch", "batch-key", "key");
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        tokens_per_minute: Some(100_000),
+        tokens_per_day: Some(5_000_000),
+        max_concurrent: Some(20),
+        count_cache_reads: true,
+    });
+    relay.spec.clients[0].cache = Some(ClientCache { enabled: true });
+    relay.spec.clients[1].quota = Some(ClientQuota {
+        max_concurrent: Some(4),
+        ..ClientQuota::default()
+    });
+    relay.spec.quota = Some(QuotaSettings {
+        fail_open_grace: Some(HumanDuration::from_secs(60)),
+    });
+    relay.spec.cache = Some(CacheSettings {
+        max_entry_bytes: Some(2 * 1024 * 1024),
+        ttl: Some(HumanDuration::from_secs(600)),
+        routes: Some(vec![CacheRoute {
+            name: "haiku".into(),
+            models: Some(vec!["claude-haiku-*".into()]),
+            enabled: true,
+            ttl: Some(HumanDuration::from_secs(3600)),
+            shared: true,
+        }]),
+        ..CacheSettings::default()
+    });
+    let rendered = render(&relay, &regions(), &defaults()).unwrap();
+    let config = parse_config_map(&rendered);
+
+    let quota = config.clients[0].quota.unwrap();
+    assert_eq!(quota.tokens_per_minute, Some(100_000));
+    assert_eq!(quota.tokens_per_day, Some(5_000_000));
+    assert_eq!(quota.max_concurrent, Some(20));
+    assert!(quota.count_cache_reads);
+    assert!(config.clients[0].cache.unwrap().enabled);
+    let quota = config.clients[1].quota.unwrap();
+    assert_eq!(
+        (quota.tokens_per_minute, quota.max_concurrent),
+        (None, Some(4))
+    );
+    assert_eq!(config.clients[1].cache, None);
+    assert_eq!(config.quota.fail_open_grace, HumanDuration::from_secs(60));
+    assert_eq!(config.cache.max_entry_bytes, 2 * 1024 * 1024);
+    assert_eq!(config.cache.ttl, HumanDuration::from_secs(600));
+    // Unset: the proxy's defaults.
+    assert_eq!(config.cache.memory_bytes, 64 * 1024 * 1024);
+    assert!(config.cache.redis);
+    let route = &config.cache.routes[0];
+    assert_eq!(route.name, "haiku");
+    assert_eq!(route.models, ["claude-haiku-*"]);
+    assert!(route.enabled && route.shared);
+    assert_eq!(route.ttl, Some(HumanDuration::from_secs(3600)));
+
+    // Without them, nothing is rendered and the defaults hold.
+    let plain = parse_config_map(&render(&ClaudeRelay::test(), &regions(), &defaults()).unwrap());
+    assert_eq!(plain.clients[0].quota, None);
+    assert_eq!(
+        plain.cache,
+        claude_relay_crds::config::CacheConfig::default()
+    );
+}

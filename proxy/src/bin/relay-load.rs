@@ -4,6 +4,10 @@
 //! relay-load --url http://127.0.0.1:8080/v1/messages --connections 64 --seconds 10 \
 //!     --mode signed --key-id bench-signer --secret-file secret
 //!
+//! `--header NAME:VALUE` (repeatable) and `--body JSON` change the request;
+//! `--first-byte` times each request to the first chunk of its response
+//! body (the first event of a stream) instead of to its end.
+//!
 //! Prints one line: `requests=N seconds=S rps=R p50_us=A p99_us=B errors=E`.
 
 use std::path::PathBuf;
@@ -45,6 +49,15 @@ struct Args {
     /// The signing secret's file (signed mode).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// More request headers, `NAME:VALUE`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// The request body (JSON).
+    #[arg(long, default_value = BODY)]
+    body: String,
+    /// Time to the first body chunk instead of to the end of the response.
+    #[arg(long)]
+    first_byte: bool,
 }
 
 const BODY: &str = r#"{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}"#;
@@ -117,6 +130,13 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
         .map_or("/", |pq| pq.as_str())
         .to_string();
     let nonce_prefix = signing::generate_nonce().expect("random nonce prefix")[..16].to_string();
+    let body = Bytes::from(args.body.clone());
+    let extra: Vec<(&str, &str)> = args
+        .headers
+        .iter()
+        .filter_map(|h| h.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
     let mut sent_count = 0u64;
     while Instant::now() < deadline {
         let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
@@ -137,6 +157,9 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
                 .header("host", addr.as_str())
                 .header("content-type", "application/json")
                 .header("anthropic-version", "2023-06-01");
+            for (name, value) in &extra {
+                request = request.header(*name, *value);
+            }
             match args.mode {
                 Mode::RelayKey => request = request.header("x-api-key", &args.relay_key),
                 Mode::Signed => {
@@ -152,7 +175,7 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
                     let to_sign = signing::Request {
                         method: "POST",
                         path_and_query: &path,
-                        body: BODY.as_bytes(),
+                        body: &body,
                     };
                     let secret = secret.as_ref().expect("checked in main");
                     for (name, value) in signing::signature_headers(secret, &stamp, &to_sign) {
@@ -161,7 +184,7 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
                 }
             }
             let request = request
-                .body(Full::new(Bytes::from_static(BODY.as_bytes())))
+                .body(Full::new(body.clone()))
                 .expect("valid request");
             let sent = Instant::now();
             if sender.ready().await.is_err() {
@@ -171,9 +194,28 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
             match sender.send_request(request).await {
                 Ok(response) => {
                     let ok = response.status().is_success();
-                    let body = response.into_body().collect().await;
-                    if ok && body.is_ok() {
-                        latencies.push(sent.elapsed().as_micros() as u64);
+                    let mut answer = response.into_body();
+                    let mut first = None;
+                    let mut failed = false;
+                    while let Some(frame) = answer.frame().await {
+                        match frame {
+                            Ok(frame) if frame.is_data() => {
+                                first.get_or_insert_with(|| sent.elapsed());
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    let took = if args.first_byte {
+                        first.unwrap_or_else(|| sent.elapsed())
+                    } else {
+                        sent.elapsed()
+                    };
+                    if ok && !failed {
+                        latencies.push(took.as_micros() as u64);
                     } else {
                         errors += 1;
                     }

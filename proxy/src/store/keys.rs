@@ -42,6 +42,57 @@ impl Keys {
         format!("{}{}:rate", self.prefix, client_tag(client))
     }
 
+    /// `claude-relay:{relay}:{{client}}:tokens:m:{minute}`: tokens the
+    /// client spent in one calendar minute (minutes since the epoch, UTC);
+    /// expires two minutes after it starts.
+    pub fn tokens_minute(&self, client: &str, minute: u64) -> String {
+        format!("{}{}:tokens:m:{minute}", self.prefix, client_tag(client))
+    }
+
+    /// `claude-relay:{relay}:{{client}}:tokens:d:{YYYY-MM-DD}`: tokens the
+    /// client spent in one calendar day (UTC); expires two days after.
+    pub fn tokens_day(&self, client: &str, day: &str) -> String {
+        format!("{}{}:tokens:d:{day}", self.prefix, client_tag(client))
+    }
+
+    /// `claude-relay:{relay}:{{client}}:inflight`: a sorted set of the
+    /// client's requests in flight across replicas (member: a request's slot,
+    /// score: unix milliseconds when its lease lapses unless renewed).
+    pub fn in_flight(&self, client: &str) -> String {
+        format!("{}{}:inflight", self.prefix, client_tag(client))
+    }
+
+    /// `claude-relay:{relay}:{{client}}:usage:{YYYY-MM-DD}`: a hash of the
+    /// client's usage counters of one day (UTC): `requests`, `input_tokens`,
+    /// `output_tokens`, `cache_creation_input_tokens`,
+    /// `cache_read_input_tokens`, and the same per model as
+    /// `{model}/{counter}`; expires after `usage.retention`.
+    pub fn usage(&self, client: &str, day: &str) -> String {
+        format!("{}{}:usage:{day}", self.prefix, client_tag(client))
+    }
+
+    /// `claude-relay:{relay}:cache:{scope}:{hash}`: a cached response (a
+    /// string: 16 bytes of header, then the body), with its TTL. `scope` is
+    /// `client:{id}` or `shared`; `hash` the hex SHA-256 of the request.
+    pub fn cache_entry(&self, scope: &str, hash: &str) -> String {
+        format!("{}cache:{scope}:{hash}", self.prefix)
+    }
+
+    /// The SCAN pattern of the cache entries of one scope, or of all.
+    pub fn cache_pattern(&self, scope: Option<&str>) -> String {
+        match scope {
+            Some(scope) => format!("{}cache:{scope}:*", self.prefix),
+            None => format!("{}cache:*", self.prefix),
+        }
+    }
+
+    /// `claude-relay:{relay}:cache-purges`: a hash from a cache scope
+    /// (`client:{id}`, or `*` for all) to the unix milliseconds of its last
+    /// purge; replicas drop older level-1 entries of that scope.
+    pub fn cache_purges(&self) -> String {
+        format!("{}cache-purges", self.prefix)
+    }
+
     /// `claude-relay:{relay}:breaker:{region}`: a hash with the breaker state
     /// of one region (fields in `docs/redis-keys.md`).
     pub fn breaker(&self, region: &str) -> String {
@@ -83,6 +134,18 @@ mod tests {
         assert_eq!(keys.breaker("us"), "claude-relay:team-a/relay:breaker:us");
         assert_ne!(Keys::new("b").rate("app"), keys.rate("app"));
         assert_eq!(
+            keys.usage("app", "2026-11-26"),
+            "claude-relay:team-a/relay:{app}:usage:2026-11-26"
+        );
+        assert_eq!(
+            keys.cache_entry("client:app", "ab12"),
+            "claude-relay:team-a/relay:cache:client:app:ab12"
+        );
+        assert_eq!(
+            keys.cache_pattern(Some("client:app")),
+            "claude-relay:team-a/relay:cache:client:app:*"
+        );
+        assert_eq!(
             keys.breaker_probes("us"),
             "claude-relay:team-a/relay:breaker:us:probes"
         );
@@ -112,6 +175,11 @@ mod tests {
             let tag = hashed_part(&keys.rate(client)).to_owned();
             assert_eq!(tag, client);
             assert_eq!(hashed_part(&keys.nonce(client, "n0123456789abcdef")), tag);
+            // The admission and settlement scripts touch these with the rate key.
+            assert_eq!(hashed_part(&keys.tokens_minute(client, 7)), tag);
+            assert_eq!(hashed_part(&keys.tokens_day(client, "2026-11-26")), tag);
+            assert_eq!(hashed_part(&keys.in_flight(client)), tag);
+            assert_eq!(hashed_part(&keys.usage(client, "2026-11-26")), tag);
         }
         // Other clients, other tags: they spread over the slots.
         assert_ne!(

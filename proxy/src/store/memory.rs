@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{RateDecision, Store, StoreError};
+use super::{
+    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, day_of,
+    minute_of,
+};
 
 /// Independent locks, so concurrent requests rarely wait on each other.
 const SHARDS: usize = 16;
@@ -27,6 +30,18 @@ pub struct MemoryStore {
     max_per_shard: usize,
     hasher: RandomState,
     rates: Mutex<HashMap<String, RateWindow>>,
+    budgets: Mutex<HashMap<String, Budget>>,
+    /// (client, day) → counter → count.
+    usage: Mutex<HashMap<(String, String), HashMap<String, u64>>>,
+}
+
+/// A client's spending in the current minute and day, and its slots.
+#[derive(Default)]
+struct Budget {
+    minute: (u64, u64),
+    day: (String, u64),
+    /// Slot → unix ms when its lease lapses.
+    slots: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -48,6 +63,89 @@ impl MemoryStore {
             max_per_shard: max_entries.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
             rates: Mutex::default(),
+            budgets: Mutex::default(),
+            usage: Mutex::default(),
+        }
+    }
+
+    fn quota(&self, client: &str, ask: &QuotaAsk<'_>) -> QuotaDecision {
+        let (minute, minute_left) = minute_of(ask.now_ms);
+        let (day, day_left) = day_of(ask.now_ms);
+        let mut budgets = lock(&self.budgets);
+        let budget = budgets.entry(client.to_owned()).or_default();
+        let spent_minute = if budget.minute.0 == minute {
+            budget.minute.1
+        } else {
+            0
+        };
+        let spent_day = if budget.day.0 == day { budget.day.1 } else { 0 };
+        if ask.tokens_per_minute > 0 && spent_minute >= ask.tokens_per_minute {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::Minute,
+                retry_after: minute_left,
+            };
+        }
+        if ask.tokens_per_day > 0 && spent_day >= ask.tokens_per_day {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::Day,
+                retry_after: day_left,
+            };
+        }
+        if ask.max_concurrent > 0 {
+            budget.slots.retain(|_, until| *until > ask.now_ms);
+            if budget.slots.len() >= ask.max_concurrent as usize {
+                return QuotaDecision::OverConcurrency;
+            }
+            budget.slots.insert(ask.slot.to_owned(), ask.lease_until_ms);
+        }
+        QuotaDecision::Allowed
+    }
+
+    /// Settles at once (the store is in this process).
+    pub fn apply(&self, client: &str, charges: &Charges) {
+        {
+            let mut budgets = lock(&self.budgets);
+            let budget = budgets.entry(client.to_owned()).or_default();
+            for slot in &charges.release {
+                budget.slots.remove(slot);
+            }
+            // Only the current minute and day are kept: older charges are moot.
+            for (&minute, &tokens) in &charges.minutes {
+                if budget.minute.0 < minute {
+                    budget.minute = (minute, 0);
+                }
+                if budget.minute.0 == minute {
+                    budget.minute.1 = budget.minute.1.saturating_add(tokens);
+                }
+            }
+            for (&day, &tokens) in &charges.days {
+                let day = super::civil_date(day);
+                if budget.day.0 < day {
+                    budget.day = (day.clone(), 0);
+                }
+                if budget.day.0 == day {
+                    budget.day.1 = budget.day.1.saturating_add(tokens);
+                }
+            }
+        }
+        if charges.usage.is_empty() {
+            return;
+        }
+        let mut all = lock(&self.usage);
+        let retention_days = charges.retention.as_secs().div_ceil(86_400);
+        let today = super::unix_ms() / 86_400_000;
+        for (day, models) in &charges.usage {
+            let key = (client.to_owned(), super::civil_date(*day));
+            if !all.contains_key(&key) {
+                // A new day: forget the days past retention.
+                all.retain(|(_, d), _| {
+                    super::days_of(d).is_some_and(|d| d + retention_days > today)
+                });
+            }
+            let mine = all.entry(key).or_default();
+            for (field, n) in Charges::usage_fields(models) {
+                *mine.entry(field).or_default() += n;
+            }
         }
     }
 
@@ -159,6 +257,42 @@ impl Store for MemoryStore {
         window: Duration,
     ) -> Result<RateDecision, StoreError> {
         Ok(self.hit(client, limit, window))
+    }
+
+    async fn check_quota(
+        &self,
+        client: &str,
+        ask: &QuotaAsk<'_>,
+    ) -> Result<QuotaDecision, StoreError> {
+        Ok(self.quota(client, ask))
+    }
+
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
+        self.apply(client, charges);
+        Ok(())
+    }
+
+    async fn renew_slots(
+        &self,
+        client: &str,
+        slots: &[String],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        if let Some(budget) = lock(&self.budgets).get_mut(client) {
+            for slot in slots {
+                if let Some(until) = budget.slots.get_mut(slot) {
+                    *until = until_ms;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, client: &str, day: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(lock(&self.usage)
+            .get(&(client.to_owned(), day.to_owned()))
+            .map(|c| c.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default())
     }
 }
 

@@ -1,5 +1,7 @@
-//! State shared by the proxy replicas: once-only nonces (replay protection)
-//! and per-client rate-limit windows.
+//! State shared by the proxy replicas: once-only nonces (replay protection),
+//! per-client rate-limit windows, token budgets and concurrency slots
+//! (quotas), usage counters per client per day, and level 2 of the
+//! response cache (Redis only).
 //!
 //! One trait, [`Store`], with two backends: [`MemoryStore`] (one process; the
 //! standalone default) and [`RedisStore`] (every replica). [`AnyStore`] picks
@@ -9,6 +11,7 @@
 //! Errors carry a `transient` flag: an unreachable or overloaded store is
 //! transient, and the caller decides whether to fail closed (503) or open.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use claude_relay_crds::config::{MemoryStoreConfig, StoreConfig};
@@ -86,6 +89,331 @@ pub trait Store: Send + Sync {
         limit: u32,
         window: Duration,
     ) -> impl Future<Output = Result<RateDecision, StoreError>> + Send;
+
+    /// Checks a client's token budgets and, when they allow the request and
+    /// it caps concurrency, takes a slot named `ask.slot` (held until
+    /// [`Store::settle`] releases it, or its lease lapses). Budgets are only
+    /// read here; [`Store::settle`] charges them.
+    fn check_quota(
+        &self,
+        client: &str,
+        ask: &QuotaAsk<'_>,
+    ) -> impl Future<Output = Result<QuotaDecision, StoreError>> + Send;
+
+    /// After responses: charges their tokens to the client's budgets, adds
+    /// their usage to the client's counters of the day and releases their
+    /// slots, in one atomic step (the requests of a flush interval together).
+    fn settle(
+        &self,
+        client: &str,
+        charges: &Charges,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extends the leases of concurrency slots still in use (long streams).
+    fn renew_slots(
+        &self,
+        client: &str,
+        slots: &[String],
+        until_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The usage counters of `client` on `day` (`YYYY-MM-DD`, UTC): field
+    /// name to count, empty when nothing was recorded.
+    fn usage(
+        &self,
+        client: &str,
+        day: &str,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
+}
+
+/// Token counts the upstream reported for one response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+}
+
+impl Usage {
+    /// The counter names, in the order of [`Usage::counts`].
+    pub const KINDS: [&'static str; 4] = [
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ];
+
+    pub fn counts(&self) -> [u64; 4] {
+        [
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_read_input_tokens,
+        ]
+    }
+
+    /// What a quota charges: input, output and cache writes; cache reads
+    /// when the client's quota says so.
+    pub fn quota_tokens(&self, count_cache_reads: bool) -> u64 {
+        let reads = if count_cache_reads {
+            self.cache_read_input_tokens
+        } else {
+            0
+        };
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(reads)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts() == [0; 4]
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+    }
+}
+
+/// A client's limits, asked before a request goes upstream; 0 means no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaAsk<'a> {
+    pub tokens_per_minute: u64,
+    pub tokens_per_day: u64,
+    pub max_concurrent: u32,
+    /// Unique per request: the name of its concurrency slot.
+    pub slot: &'a str,
+    /// The replica's clock, unix milliseconds: picks the minute and the day.
+    pub now_ms: u64,
+    /// Until when a slot is held without renewal, unix milliseconds.
+    pub lease_until_ms: u64,
+}
+
+/// The answer to a [`QuotaAsk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaDecision {
+    /// Within every limit; a slot was taken when concurrency is capped.
+    Allowed,
+    /// The minute's or the day's budget is spent; it frees up after `retry_after`.
+    OverBudget {
+        per: BudgetPeriod,
+        retry_after: Duration,
+    },
+    /// `max_concurrent` requests are in flight already.
+    OverConcurrency,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Minute,
+    Day,
+}
+
+impl BudgetPeriod {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Minute => "tokens_per_minute",
+            Self::Day => "tokens_per_day",
+        }
+    }
+}
+
+/// What one finished request leaves in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settlement<'a> {
+    /// Tokens charged to the budgets (0 when the client has none).
+    pub quota_tokens: u64,
+    /// The usage the upstream reported, by model; absent: no usage (errors).
+    pub usage: Option<(&'a str, Usage)>,
+    /// The concurrency slot to release.
+    pub slot: Option<&'a str>,
+    pub now_ms: u64,
+    /// How long the day's usage counters are kept.
+    pub retention: Duration,
+}
+
+/// What finished requests of one client leave in the store, gathered over
+/// a flush interval so that the store sees one call per client, not one per
+/// request. Kept compact (numbers, one entry per model) so that adding a
+/// request allocates nothing in the usual case.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Charges {
+    /// Tokens per calendar minute (minutes since the epoch).
+    pub minutes: BTreeMap<u64, u64>,
+    /// Tokens per calendar day (days since the epoch).
+    pub days: BTreeMap<u64, u64>,
+    /// Usage per day (days since the epoch) and model.
+    pub usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
+    /// Concurrency slots to release.
+    pub release: Vec<String>,
+    /// How long a day's usage counters are kept.
+    pub retention: Duration,
+}
+
+/// Requests that reported usage, and the sum of what they reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelUsage {
+    pub requests: u64,
+    pub usage: Usage,
+}
+
+impl ModelUsage {
+    fn add(&mut self, other: &ModelUsage) {
+        self.requests += other.requests;
+        self.usage.add(&other.usage);
+    }
+}
+
+impl Charges {
+    /// Adds one finished request.
+    pub fn add(&mut self, settlement: &Settlement<'_>) {
+        self.retention = settlement.retention;
+        let day = settlement.now_ms / DAY_MS;
+        if settlement.quota_tokens > 0 {
+            *self
+                .minutes
+                .entry(settlement.now_ms / MINUTE_MS)
+                .or_default() += settlement.quota_tokens;
+            *self.days.entry(day).or_default() += settlement.quota_tokens;
+        }
+        if let Some((model, usage)) = settlement.usage {
+            let models = self.usage.entry(day).or_default();
+            let one = ModelUsage { requests: 1, usage };
+            match models.get_mut(model) {
+                Some(counts) => counts.add(&one),
+                None => {
+                    models.insert(model.to_owned(), one);
+                }
+            }
+        }
+        if let Some(slot) = settlement.slot {
+            self.release.push(slot.to_owned());
+        }
+    }
+
+    /// Adds what an earlier flush could not write.
+    pub fn merge(&mut self, other: Charges) {
+        for (minute, n) in other.minutes {
+            *self.minutes.entry(minute).or_default() += n;
+        }
+        for (day, n) in other.days {
+            *self.days.entry(day).or_default() += n;
+        }
+        for (day, models) in other.usage {
+            let mine = self.usage.entry(day).or_default();
+            for (model, counts) in models {
+                mine.entry(model).or_default().add(&counts);
+            }
+        }
+        self.release.extend(other.release);
+        self.retention = self.retention.max(other.retention);
+    }
+
+    /// The same without what no longer matters after `now_ms`: minutes past
+    /// their window (days are kept, usage and day budgets still count).
+    pub fn still_due(mut self, now_ms: u64) -> Self {
+        let minute = now_ms / MINUTE_MS;
+        self.minutes.retain(|m, _| *m + 1 >= minute);
+        self
+    }
+
+    pub fn of(settlement: &Settlement<'_>) -> Self {
+        let mut charges = Self::default();
+        charges.add(settlement);
+        charges
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+            && self.days.is_empty()
+            && self.usage.is_empty()
+            && self.release.is_empty()
+    }
+
+    /// One day's usage as the fields of its usage hash: `requests` and the
+    /// token counts in total, and the same per model as `{model}/{field}`.
+    pub fn usage_fields(models: &BTreeMap<String, ModelUsage>) -> Vec<(String, u64)> {
+        let mut total = ModelUsage::default();
+        let mut fields = Vec::with_capacity((models.len() + 1) * 5);
+        for (model, counts) in models {
+            total.add(counts);
+            fields.push((format!("{model}/requests"), counts.requests));
+            for (kind, n) in Usage::KINDS.iter().zip(counts.usage.counts()) {
+                fields.push((format!("{model}/{kind}"), n));
+            }
+        }
+        fields.push(("requests".into(), total.requests));
+        for (kind, n) in Usage::KINDS.iter().zip(total.usage.counts()) {
+            fields.push(((*kind).to_owned(), n));
+        }
+        fields
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+const MINUTE_MS: u64 = 60_000;
+const DAY_MS: u64 = 86_400_000;
+
+/// The calendar minute (UTC) of `now_ms`, as minutes since the epoch, and
+/// the time left in it.
+pub fn minute_of(now_ms: u64) -> (u64, Duration) {
+    (
+        now_ms / MINUTE_MS,
+        Duration::from_millis(MINUTE_MS - now_ms % MINUTE_MS),
+    )
+}
+
+/// The calendar day (UTC) of `now_ms` as `YYYY-MM-DD`, and the time left in it.
+pub fn day_of(now_ms: u64) -> (String, Duration) {
+    (
+        civil_date(now_ms / DAY_MS),
+        Duration::from_millis(DAY_MS - now_ms % DAY_MS),
+    )
+}
+
+/// `YYYY-MM-DD` of a count of days since 1970-01-01 (proleptic Gregorian).
+pub fn civil_date(days: u64) -> String {
+    // Howard Hinnant's days-to-civil, on eras of 400 years.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date; `None` when it is not one.
+pub fn days_of(date: &str) -> Option<u64> {
+    let mut parts = date.splitn(3, '-');
+    let year: i64 = parts.next()?.parse().ok()?;
+    let month: i64 = parts.next()?.parse().ok()?;
+    let day: i64 = parts.next()?.parse().ok()?;
+    if date.len() != 10 || !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
+        return None;
+    }
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    // 2026-02-31 is not a date: it does not come back the same.
+    (civil_date(days) == date).then_some(days)
 }
 
 /// What the store says of a request before it goes upstream.
@@ -96,6 +424,9 @@ pub struct Admission {
     /// For a rate-limited client: the decision (absent for a replayed nonce,
     /// which is refused anyway and not counted).
     pub rate: Option<RateDecision>,
+    /// For a client with a quota: the decision (absent for a replayed nonce
+    /// or a request refused by the rate limit).
+    pub quota: Option<QuotaDecision>,
 }
 
 /// The store the config asks for.
@@ -135,21 +466,23 @@ impl AnyStore {
     }
 
     /// Everything the hot path asks of the store for one request, in at most
-    /// one round trip: the nonce claim of a signed request and the client's
-    /// rate-limit hit. Nothing to ask: no call at all.
+    /// one round trip: the nonce claim of a signed request, the client's
+    /// rate-limit hit and its quota check. Nothing to ask: no call at all.
     pub async fn admit(
         &self,
         client: &str,
         nonce: Option<(&str, Duration)>,
         rate: Option<(u32, Duration)>,
+        quota: Option<&QuotaAsk<'_>>,
     ) -> Result<Admission, StoreError> {
-        match (self, nonce) {
-            // Both at once: one script. A nonce alone is a plain SET NX below,
-            // which costs Redis less than a script.
-            (Self::Redis(redis), Some(nonce)) if rate.is_some() => {
-                redis.admit(client, nonce, rate).await
+        let asks = usize::from(nonce.is_some()) + usize::from(rate.is_some());
+        match self {
+            // Several at once: one script. One alone is a single command
+            // below (a nonce is a plain SET NX, which costs Redis less).
+            Self::Redis(redis) if asks + usize::from(quota.is_some()) > 1 => {
+                redis.admit(client, nonce, rate, quota).await
             }
-            (_, nonce) => {
+            _ => {
                 let nonce_fresh = match nonce {
                     Some((nonce, ttl)) => Some(self.claim_nonce(client, nonce, ttl).await?),
                     None => None,
@@ -160,8 +493,26 @@ impl AnyStore {
                     }
                     _ => None,
                 };
-                Ok(Admission { nonce_fresh, rate })
+                let quota = match quota {
+                    Some(ask) if nonce_fresh != Some(false) && rate.is_none_or(|r| r.allowed) => {
+                        Some(self.check_quota(client, ask).await?)
+                    }
+                    _ => None,
+                };
+                Ok(Admission {
+                    nonce_fresh,
+                    rate,
+                    quota,
+                })
             }
+        }
+    }
+
+    /// Level 2 of the response cache: Redis only.
+    pub fn cache(&self) -> Option<&RedisStore> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(redis) => Some(redis),
         }
     }
 
@@ -205,5 +556,129 @@ impl Store for AnyStore {
             Self::Memory(store) => store.hit_rate_limit(client, limit, window).await,
             Self::Redis(store) => store.hit_rate_limit(client, limit, window).await,
         }
+    }
+
+    async fn check_quota(
+        &self,
+        client: &str,
+        ask: &QuotaAsk<'_>,
+    ) -> Result<QuotaDecision, StoreError> {
+        match self {
+            Self::Memory(store) => store.check_quota(client, ask).await,
+            Self::Redis(store) => store.check_quota(client, ask).await,
+        }
+    }
+
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
+        match self {
+            Self::Memory(store) => store.settle(client, charges).await,
+            Self::Redis(store) => store.settle(client, charges).await,
+        }
+    }
+
+    async fn renew_slots(
+        &self,
+        client: &str,
+        slots: &[String],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Memory(store) => store.renew_slots(client, slots, until_ms).await,
+            Self::Redis(store) => store.renew_slots(client, slots, until_ms).await,
+        }
+    }
+
+    async fn usage(&self, client: &str, day: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        match self {
+            Self::Memory(store) => store.usage(client, day).await,
+            Self::Redis(store) => store.usage(client, day).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_dates_round_trip() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(20_418), "2025-11-26");
+        assert_eq!(civil_date(19_782), "2024-02-29");
+        for days in [0, 59, 365, 10_000, 20_418, 30_000] {
+            assert_eq!(days_of(&civil_date(days)), Some(days));
+        }
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "26-01-01",
+            "2026-1-1",
+            "yesterday",
+        ] {
+            assert_eq!(days_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn windows_end_on_calendar_boundaries() {
+        let now = 20_418 * DAY_MS + 3_600_000 + 59_000; // 01:00:59 UTC
+        let (minute, left) = minute_of(now);
+        assert_eq!(minute, now / 60_000);
+        assert_eq!(left, Duration::from_secs(1));
+        let (day, left) = day_of(now);
+        assert_eq!(day, "2025-11-26");
+        assert_eq!(left, Duration::from_millis(DAY_MS - 3_659_000));
+    }
+
+    #[test]
+    fn charges_gather_requests_and_drop_past_minutes() {
+        let now = 20_418 * DAY_MS + 30_000;
+        let one = |tokens, slot| Settlement {
+            quota_tokens: tokens,
+            usage: Some((
+                "m",
+                Usage {
+                    input_tokens: tokens,
+                    ..Usage::default()
+                },
+            )),
+            slot,
+            now_ms: now,
+            retention: Duration::from_secs(86_400),
+        };
+        let mut charges = Charges::of(&one(10, Some("a")));
+        charges.add(&one(5, None));
+        let mut later = Charges::default();
+        later.add(&Settlement {
+            now_ms: now + 120_000,
+            ..one(1, Some("b"))
+        });
+        charges.merge(later);
+        assert_eq!(charges.days[&20_418], 16);
+        assert_eq!(charges.minutes.len(), 2);
+        let fields = Charges::usage_fields(&charges.usage[&20_418]);
+        let field = |name: &str| fields.iter().find(|(f, _)| f == name).unwrap().1;
+        assert_eq!(field("input_tokens"), 16);
+        assert_eq!(field("requests"), 3);
+        assert_eq!(field("m/requests"), 3);
+        assert_eq!(field("m/output_tokens"), 0);
+        assert_eq!(charges.release, ["a", "b"]);
+        // Three minutes on, the first minute's budget no longer matters.
+        let due = charges.still_due(now + 180_000);
+        assert_eq!(due.minutes.len(), 1);
+        assert_eq!(due.days[&20_418], 16);
+        assert!(!due.is_empty() && Charges::default().is_empty());
+    }
+
+    #[test]
+    fn quota_tokens_count_cache_reads_only_when_asked() {
+        let usage = Usage {
+            input_tokens: 10,
+            output_tokens: 20,
+            cache_creation_input_tokens: 5,
+            cache_read_input_tokens: 100,
+        };
+        assert_eq!(usage.quota_tokens(false), 35);
+        assert_eq!(usage.quota_tokens(true), 135);
     }
 }

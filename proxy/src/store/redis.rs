@@ -24,8 +24,16 @@ use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping, UnresponsiveC
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+use bytes::Bytes;
+use fred::prelude::HashesInterface;
+use fred::types::FromValue;
+use futures_util::StreamExt;
+
 use super::keys::Keys;
-use super::{RateDecision, Store, StoreError};
+use super::{
+    BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, civil_date,
+    day_of, minute_of,
+};
 use crate::secrets;
 
 /// Counts one hit in the client's window. KEYS[1]: the counter; ARGV[1]: the
@@ -41,24 +49,109 @@ end
 return {count, ttl}
 ";
 
-/// A signed request's admission in one round trip: claims the nonce
-/// (KEYS[1], ARGV[1] ms) and, when KEYS[2] is given, counts one hit in the
-/// rate window (ARGV[2] ms). A replayed nonce is not counted. Returns
-/// {fresh (1/0), count, milliseconds left in the window} (count -1: no limit).
+/// A request's admission in one round trip; each part is optional.
+/// KEYS, in this order, for the parts asked: the nonce (ARGV[1] ms, '0':
+/// none), the rate window (ARGV[2] ms, '0': none; ARGV[3] its limit), and
+/// for a quota (ARGV[12] = '1') the minute's and the day's token counters
+/// and the in-flight set. Quota ARGV: [4] tokens per minute, [5] per day,
+/// [6] max concurrent (0: no limit), [7] now ms, [8] lease end ms, [9] the
+/// slot, [10] ms left in the minute, [11] in the day.
+/// Returns {fresh (1, 0, -1 not asked), count (-1: no limit), ms left in the
+/// rate window, quota (-1 not asked, 0 allowed, 1 minute, 2 day, 3
+/// concurrency), ms until it frees up}. A replayed nonce or a request over
+/// its rate limit stops the script before anything else is counted.
 pub(crate) const ADMIT_LUA: &str = "\
-if not redis.call('SET', KEYS[1], 1, 'NX', 'PX', ARGV[1]) then
-  return {0, -1, -1}
+local k = 1
+local fresh = -1
+if ARGV[1] ~= '0' then
+  if not redis.call('SET', KEYS[k], 1, 'NX', 'PX', ARGV[1]) then
+    return {0, -1, -1, -1, -1}
+  end
+  fresh = 1
+  k = k + 1
 end
-if #KEYS < 2 then
-  return {1, -1, -1}
+local count, ttl = -1, -1
+if ARGV[2] ~= '0' then
+  count = redis.call('INCR', KEYS[k])
+  ttl = redis.call('PTTL', KEYS[k])
+  if ttl < 0 then
+    redis.call('PEXPIRE', KEYS[k], ARGV[2])
+    ttl = tonumber(ARGV[2])
+  end
+  k = k + 1
+  if count > tonumber(ARGV[3]) then
+    return {fresh, count, ttl, -1, -1}
+  end
 end
-local count = redis.call('INCR', KEYS[2])
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  ttl = tonumber(ARGV[2])
+if ARGV[12] ~= '1' then
+  return {fresh, count, ttl, -1, -1}
 end
-return {1, count, ttl}
+local tpm, tpd, maxc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if tpm > 0 and tonumber(redis.call('GET', KEYS[k]) or '0') >= tpm then
+  return {fresh, count, ttl, 1, tonumber(ARGV[10])}
+end
+if tpd > 0 and tonumber(redis.call('GET', KEYS[k + 1]) or '0') >= tpd then
+  return {fresh, count, ttl, 2, tonumber(ARGV[11])}
+end
+if maxc > 0 then
+  local set = KEYS[k + 2]
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[7])
+  if redis.call('ZCARD', set) >= maxc then
+    return {fresh, count, ttl, 3, 1000}
+  end
+  redis.call('ZADD', set, ARGV[8], ARGV[9])
+  local lease = tonumber(ARGV[8]) - tonumber(ARGV[7])
+  if redis.call('PTTL', set) < lease then
+    redis.call('PEXPIRE', set, lease)
+  end
+end
+return {fresh, count, ttl, 0, 0}
+";
+
+/// Settles the finished requests of one client. KEYS[1]: its in-flight
+/// set; then ARGV[1] minute counters, ARGV[2] day counters and ARGV[3] usage
+/// hashes, in that order; ARGV[4] the usage hashes' TTL (ms). Then ARGV
+/// holds the tokens of each minute and day counter, then for each usage
+/// hash the number of its fields followed by field and increment pairs,
+/// then the slots to release.
+pub(crate) const SETTLE_LUA: &str = "\
+local m, d, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a, k = 5, 2
+for i = 1, m do
+  redis.call('INCRBY', KEYS[k], ARGV[a])
+  redis.call('PEXPIRE', KEYS[k], 120000)
+  k, a = k + 1, a + 1
+end
+for i = 1, d do
+  redis.call('INCRBY', KEYS[k], ARGV[a])
+  redis.call('PEXPIRE', KEYS[k], 172800000)
+  k, a = k + 1, a + 1
+end
+for i = 1, u do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for j = 1, n do
+    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  redis.call('PEXPIRE', KEYS[k], ARGV[4])
+  k = k + 1
+end
+while a <= #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[a])
+  a = a + 1
+end
+return 1
+";
+
+/// Renews slots still in use. KEYS[1]: the in-flight set; ARGV[1]: the new
+/// lease end (ms), then the slots. Only slots still present are renewed.
+pub(crate) const RENEW_LUA: &str = "\
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
+end
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+return 1
 ";
 
 /// SHA-1 of [`RATE_LIMIT_LUA`], as `SCRIPT LOAD` answers it (checked by a
@@ -161,61 +254,170 @@ impl RedisStore {
             RATE_LIMIT_LUA,
             RATE_LIMIT_SHA1,
             vec![key.to_string()],
-            vec![window_ms],
+            vec![window_ms.to_string()],
         )
         .await
     }
 
     /// EVALSHA, or EVAL when the script cache is empty (after a Redis
     /// restart), which runs the script and caches it again: one round trip.
-    async fn run_script(
+    async fn run_script<R: FromValue + Send>(
         &self,
         script: &'static str,
         sha1: &'static str,
         keys: Vec<String>,
-        args: Vec<i64>,
-    ) -> Result<Vec<i64>, StoreError> {
+        args: Vec<String>,
+    ) -> Result<R, StoreError> {
         let client = self.pool.with_options(&self.options);
         let result = self
-            .bounded(client.evalsha::<Vec<i64>, _, _, _>(sha1, keys.clone(), args.clone()))
+            .bounded(client.evalsha::<R, _, _, _>(sha1, keys.clone(), args.clone()))
             .await;
         match result {
             Err(e) if e.to_string().contains("NOSCRIPT") => {
-                self.bounded(client.eval::<Vec<i64>, _, _, _>(script, keys, args))
+                self.bounded(client.eval::<R, _, _, _>(script, keys, args))
                     .await
             }
             other => other,
         }
     }
 
-    /// See [`super::AnyStore::admit`]: nonce and rate window in one script.
+    /// See [`super::AnyStore::admit`]: nonce, rate window and quota in one script.
     pub async fn admit(
         &self,
         client: &str,
-        nonce: (&str, Duration),
+        nonce: Option<(&str, Duration)>,
         rate: Option<(u32, Duration)>,
+        quota: Option<&QuotaAsk<'_>>,
     ) -> Result<super::Admission, StoreError> {
-        let (nonce, ttl) = nonce;
-        let mut keys = vec![self.keys.nonce(client, nonce)];
-        let mut args = vec![millis_i64(ttl)];
-        if let Some((_, window)) = rate {
-            keys.push(self.keys.rate(client));
-            args.push(millis_i64(window));
+        let mut keys = Vec::with_capacity(5);
+        let mut args = Vec::with_capacity(12);
+        match nonce {
+            Some((nonce, ttl)) => {
+                keys.push(self.keys.nonce(client, nonce));
+                args.push(millis_i64(ttl).to_string());
+            }
+            None => args.push("0".into()),
         }
-        let reply = self.run_script(ADMIT_LUA, ADMIT_SHA1, keys, args).await?;
-        let [fresh, count, left_ms] = reply[..] else {
+        match rate {
+            Some((limit, window)) => {
+                keys.push(self.keys.rate(client));
+                args.push(millis_i64(window).to_string());
+                args.push(limit.to_string());
+            }
+            None => args.extend(["0".into(), "0".into()]),
+        }
+        match quota {
+            Some(ask) => {
+                let (minute, minute_left) = minute_of(ask.now_ms);
+                let (day, day_left) = day_of(ask.now_ms);
+                keys.push(self.keys.tokens_minute(client, minute));
+                keys.push(self.keys.tokens_day(client, &day));
+                keys.push(self.keys.in_flight(client));
+                args.extend([
+                    ask.tokens_per_minute.to_string(),
+                    ask.tokens_per_day.to_string(),
+                    ask.max_concurrent.to_string(),
+                    ask.now_ms.to_string(),
+                    ask.lease_until_ms.to_string(),
+                    ask.slot.to_string(),
+                    minute_left.as_millis().to_string(),
+                    day_left.as_millis().to_string(),
+                    "1".into(),
+                ]);
+            }
+            None => args.extend(std::iter::repeat_n(String::from("0"), 9)),
+        }
+        let reply: Vec<i64> = self.run_script(ADMIT_LUA, ADMIT_SHA1, keys, args).await?;
+        let [fresh, count, left_ms, quota_code, quota_ms] = reply[..] else {
             return Err(StoreError::permanent(format!(
-                "redis: the admission script answered {} values, not 3",
+                "redis: the admission script answered {} values, not 5",
                 reply.len()
             )));
         };
+        let ms = |n: i64| Duration::from_millis(u64::try_from(n.max(1)).unwrap_or(1));
         Ok(super::Admission {
-            nonce_fresh: Some(fresh == 1),
+            nonce_fresh: nonce.map(|_| fresh == 1),
             rate: match rate {
-                Some((limit, _)) if fresh == 1 => Some(decision(limit, count, left_ms)),
+                Some((limit, _)) if fresh != 0 => Some(decision(limit, count, left_ms)),
+                _ => None,
+            },
+            quota: match quota_code {
+                0 => Some(QuotaDecision::Allowed),
+                1 => Some(QuotaDecision::OverBudget {
+                    per: BudgetPeriod::Minute,
+                    retry_after: ms(quota_ms),
+                }),
+                2 => Some(QuotaDecision::OverBudget {
+                    per: BudgetPeriod::Day,
+                    retry_after: ms(quota_ms),
+                }),
+                3 => Some(QuotaDecision::OverConcurrency),
                 _ => None,
             },
         })
+    }
+
+    /// Level 2 of the response cache: the entry under `key`, if any.
+    pub async fn cache_get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.bounded(self.pool.with_options(&self.options).get(key))
+            .await
+    }
+
+    /// Stores a cache entry for `ttl`; written in the background, so errors
+    /// only matter to metrics.
+    pub async fn cache_put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.bounded(self.pool.with_options(&self.options).set::<(), _, _>(
+            key,
+            value,
+            Some(Expiration::PX(millis_i64(ttl))),
+            None,
+            false,
+        ))
+        .await
+    }
+
+    /// Deletes the cache entries of one scope, or all of them; how many.
+    /// SCAN walks the keyspace (every primary in a cluster), so this is an
+    /// admin operation, never one on the request path.
+    pub async fn cache_purge(&self, scope: Option<&str>) -> Result<u64, StoreError> {
+        let pattern = self.keys.cache_pattern(scope);
+        let client = self.pool.next();
+        let mut keys = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern, Some(500), None)
+                .boxed()
+        } else {
+            client.scan_buffered(pattern, Some(500), None).boxed()
+        };
+        let unlinker = self.pool.with_options(&self.options);
+        let mut deleted = 0u64;
+        let mut batch = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), keys.next())
+                .await
+                .map_err(|_| StoreError::transient("redis: SCAN took too long"))?;
+            let done = next.is_none();
+            if let Some(key) = next {
+                batch.push(key.map_err(store_error)?);
+            }
+            if batch.len() >= 100 || (done && !batch.is_empty()) {
+                // One key per UNLINK: keys of a batch may live on different cluster slots.
+                let unlinks = batch
+                    .drain(..)
+                    .map(|key| self.bounded(unlinker.unlink::<u64, _>(key)));
+                for result in futures_util::future::join_all(unlinks).await {
+                    deleted += result?;
+                }
+            }
+            if done {
+                return Ok(deleted);
+            }
+        }
     }
 }
 
@@ -258,6 +460,84 @@ impl Store for RedisStore {
         };
         Ok(decision(limit, count, left_ms))
     }
+
+    async fn check_quota(
+        &self,
+        client: &str,
+        ask: &QuotaAsk<'_>,
+    ) -> Result<QuotaDecision, StoreError> {
+        let admission = self.admit(client, None, None, Some(ask)).await?;
+        admission.quota.ok_or_else(|| {
+            StoreError::permanent("redis: the admission script gave no quota decision")
+        })
+    }
+
+    async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
+        if charges.is_empty() {
+            return Ok(());
+        }
+        let mut keys = vec![self.keys.in_flight(client)];
+        let mut args = vec![
+            charges.minutes.len().to_string(),
+            charges.days.len().to_string(),
+            charges.usage.len().to_string(),
+            millis_i64(charges.retention).to_string(),
+        ];
+        for (minute, tokens) in &charges.minutes {
+            keys.push(self.keys.tokens_minute(client, *minute));
+            args.push(tokens.to_string());
+        }
+        for (day, tokens) in &charges.days {
+            keys.push(self.keys.tokens_day(client, &civil_date(*day)));
+            args.push(tokens.to_string());
+        }
+        for (day, models) in &charges.usage {
+            keys.push(self.keys.usage(client, &civil_date(*day)));
+            let fields = Charges::usage_fields(models);
+            args.push(fields.len().to_string());
+            for (field, n) in fields {
+                args.push(field);
+                args.push(n.to_string());
+            }
+        }
+        args.extend(charges.release.iter().cloned());
+        self.run_script::<i64>(SETTLE_LUA, SETTLE_SHA1, keys, args)
+            .await
+            .map(drop)
+    }
+
+    async fn renew_slots(
+        &self,
+        client: &str,
+        slots: &[String],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(slots.len() + 1);
+        args.push(until_ms.to_string());
+        args.extend(slots.iter().cloned());
+        self.run_script::<i64>(
+            RENEW_LUA,
+            RENEW_SHA1,
+            vec![self.keys.in_flight(client)],
+            args,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn usage(&self, client: &str, day: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let all: std::collections::HashMap<String, u64> = self
+            .bounded(
+                self.pool
+                    .with_options(&self.options)
+                    .hgetall(self.keys.usage(client, day)),
+            )
+            .await?;
+        Ok(all.into_iter().collect())
+    }
 }
 
 /// A script's {count, ms left} as a decision against `limit`.
@@ -276,8 +556,11 @@ fn millis_i64(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
-/// SHA-1 of [`ADMIT_LUA`] (checked by a test against a real Redis).
-pub(crate) const ADMIT_SHA1: &str = "664fb4e603cea888a03fa0ac2ab6553ccadbf1e9";
+/// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`] and [`RENEW_LUA`] (checked by a
+/// test against a real Redis).
+pub(crate) const ADMIT_SHA1: &str = "5326341333f95d819bd644827979a79ebc1efcac";
+pub(crate) const SETTLE_SHA1: &str = "2389f98047c17417b085df96770cd59d8678aab3";
+pub(crate) const RENEW_SHA1: &str = "0eb98f3fbcf9783295329878d8799622b9bd2af6";
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
@@ -555,5 +838,9 @@ mod tests {
         assert_eq!(sha, RATE_LIMIT_SHA1);
         let sha: String = store.pool.script_load(ADMIT_LUA).await.unwrap();
         assert_eq!(sha, ADMIT_SHA1);
+        let sha: String = store.pool.script_load(SETTLE_LUA).await.unwrap();
+        assert_eq!(sha, SETTLE_SHA1);
+        let sha: String = store.pool.script_load(RENEW_LUA).await.unwrap();
+        assert_eq!(sha, RENEW_SHA1);
     }
 }

@@ -1,0 +1,854 @@
+//! Usage accounting and quotas.
+//!
+//! [`UsageTap`] reads the usage the upstream reports as the response passes:
+//! on a stream, the `usage` of `message_start` and of every (cumulative)
+//! `message_delta`, parsed from those lines only, while the bytes go on
+//! unchanged; on a JSON answer, the body's chunks are kept by reference and
+//! parsed once the response is over, off the response path.
+//!
+//! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
+//! exchange ends (complete, cut off or abandoned) what was reported is
+//! counted in metrics and put in an outbox. Every 100 ms the outbox is
+//! written to the store, one script per client for all its finished
+//! requests: tokens charged to its budgets, usage added to its day's
+//! counters, concurrency slots released. No request waits for it; a store
+//! that is down gets it when it is back.
+//!
+//! [`Accounting`] outlives reloads: the slots in flight (their leases are
+//! renewed in the background), the state of a store outage, and the local
+//! budgets quotas fall back to once the outage outlasts its grace.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::metrics::{Metrics, Name, TokenLabels};
+use crate::store::{
+    AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
+    unix_ms,
+};
+
+/// How long a concurrency slot is held without renewal: a replica that dies
+/// with requests in flight frees their slots within this.
+pub const SLOT_LEASE: Duration = Duration::from_secs(60);
+/// How often the leases of slots in use are renewed.
+const RENEW_EVERY: Duration = Duration::from_secs(20);
+/// How often finished requests are written to the store (one call per
+/// client): the delay before a budget sees a response's tokens.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Slot releases kept for retry while the store is down (their leases lapse anyway).
+const MAX_RETRIED_RELEASES: usize = 10_000;
+/// The largest JSON answer whose usage is read (a Messages answer is far smaller).
+const JSON_CAP: usize = 16 * 1024 * 1024;
+/// A stream line longer than this cannot be a usage event; it is skipped.
+const SSE_LINE_CAP: usize = 64 * 1024;
+/// Distinct model label values before new ones are counted as `other`.
+const MODEL_LABELS: usize = 64;
+
+/// The `usage` object of the Messages API; absent fields stay as they were.
+#[derive(Debug, Default, Deserialize)]
+struct ReportedUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl ReportedUsage {
+    fn apply_to(&self, usage: &mut Usage) {
+        let fields = [
+            (self.input_tokens, &mut usage.input_tokens),
+            (self.output_tokens, &mut usage.output_tokens),
+            (
+                self.cache_creation_input_tokens,
+                &mut usage.cache_creation_input_tokens,
+            ),
+            (
+                self.cache_read_input_tokens,
+                &mut usage.cache_read_input_tokens,
+            ),
+        ];
+        for (reported, kept) in fields {
+            if let Some(n) = reported {
+                *kept = n;
+            }
+        }
+    }
+}
+
+/// A Messages answer, or the `message` of `message_start`: only what
+/// accounting needs; serde skips the rest without building it.
+#[derive(Debug, Default, Deserialize)]
+struct MessageUsage {
+    model: Option<String>,
+    usage: Option<ReportedUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamEvent<'a> {
+    /// Borrowed from the line: no allocation for the events of every stream.
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    message: Option<MessageUsage>,
+    usage: Option<ReportedUsage>,
+}
+
+/// What a response reported, so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub model: Option<String>,
+    pub usage: Usage,
+    /// Whether any usage was seen at all.
+    pub seen: bool,
+}
+
+/// Reads usage out of a response body as it passes.
+pub enum UsageTap {
+    Sse(SseUsage),
+    Json(JsonChunks),
+}
+
+impl UsageTap {
+    pub fn sse() -> Self {
+        Self::Sse(SseUsage::default())
+    }
+
+    pub fn json() -> Self {
+        Self::Json(JsonChunks::default())
+    }
+
+    /// Looks at one chunk of the body on its way to the client.
+    pub fn feed(&mut self, chunk: &Bytes) {
+        match self {
+            Self::Sse(sse) => sse.feed(chunk),
+            Self::Json(json) => json.feed(chunk),
+        }
+    }
+
+    /// The whole body when it was kept (JSON, within the cap).
+    pub fn body(&self) -> Option<Bytes> {
+        match self {
+            Self::Sse(_) => None,
+            Self::Json(json) => json.whole(),
+        }
+    }
+
+    /// What the body reported; parses a JSON body (call off the response path).
+    pub fn reported(&self) -> Reported {
+        match self {
+            Self::Sse(sse) => sse.reported.clone(),
+            Self::Json(json) => json
+                .whole()
+                .and_then(|body| serde_json::from_slice::<MessageUsage>(&body).ok())
+                .map(|message| {
+                    let mut reported = Reported {
+                        model: message.model,
+                        ..Reported::default()
+                    };
+                    if let Some(usage) = message.usage {
+                        usage.apply_to(&mut reported.usage);
+                        reported.seen = true;
+                    }
+                    reported
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The usage events of a stream, found line by line. Only the current
+/// unfinished line is kept, and only while it may be a usage event.
+#[derive(Default)]
+pub struct SseUsage {
+    partial: Vec<u8>,
+    /// Inside a line known not to matter, until its end.
+    skipping: bool,
+    /// The current event was named `message_start` or `message_delta`.
+    usage_event: bool,
+    pub reported: Reported,
+}
+
+impl SseUsage {
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    let line = &chunk[..end];
+                    if self.skipping {
+                        self.skipping = false;
+                    } else if self.partial.is_empty() {
+                        self.line(line);
+                    } else {
+                        let mut whole = std::mem::take(&mut self.partial);
+                        whole.extend_from_slice(line);
+                        self.line(&whole);
+                        whole.clear();
+                        self.partial = whole;
+                    }
+                    chunk = &chunk[end + 1..];
+                }
+                None => {
+                    if !self.skipping {
+                        self.partial.extend_from_slice(chunk);
+                        let decided = self.partial.len() >= PREFIX_WINDOW;
+                        let wanted = self.usage_event || may_carry_usage(&self.partial);
+                        if (decided && !wanted) || self.partial.len() > SSE_LINE_CAP {
+                            self.partial.clear();
+                            self.skipping = true;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(name) = line.strip_prefix(b"event:") {
+            let name = name.strip_prefix(b" ").unwrap_or(name);
+            self.usage_event = name == b"message_start" || name == b"message_delta";
+            return;
+        }
+        if line.is_empty() {
+            self.usage_event = false;
+            return;
+        }
+        if !(line.starts_with(b"data:") && (self.usage_event || may_carry_usage(line))) {
+            return;
+        }
+        let data = line[5..].strip_prefix(b" ").unwrap_or(&line[5..]);
+        let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
+            return;
+        };
+        match &*event.kind {
+            "message_start" => {
+                if let Some(message) = event.message {
+                    if message.model.is_some() {
+                        self.reported.model = message.model;
+                    }
+                    if let Some(usage) = message.usage {
+                        usage.apply_to(&mut self.reported.usage);
+                        self.reported.seen = true;
+                    }
+                }
+            }
+            "message_delta" => {
+                // Cumulative: each count reported replaces the one before.
+                if let Some(usage) = event.usage {
+                    usage.apply_to(&mut self.reported.usage);
+                    self.reported.seen = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Bytes of a line enough to tell a usage event (`data: {"type":"message_start"`).
+const PREFIX_WINDOW: usize = 64;
+
+/// A `data:` line whose start names `message_start` or `message_delta` (for
+/// a stream without `event:` lines; the API writes `type` first). Text
+/// deltas, most of a stream, are dismissed by their first bytes.
+fn may_carry_usage(line: &[u8]) -> bool {
+    if !line.starts_with(b"data:") {
+        return false;
+    }
+    let head = &line[..line.len().min(PREFIX_WINDOW)];
+    head.windows(13)
+        .any(|w| w == b"message_start" || w == b"message_delta")
+}
+
+/// A JSON body's chunks, kept by reference (no copy) up to a cap.
+#[derive(Default)]
+pub struct JsonChunks {
+    chunks: Vec<Bytes>,
+    len: usize,
+    over: bool,
+}
+
+impl JsonChunks {
+    fn feed(&mut self, chunk: &Bytes) {
+        if self.over {
+            return;
+        }
+        self.len += chunk.len();
+        if self.len > JSON_CAP {
+            self.over = true;
+            self.chunks.clear();
+        } else {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    fn whole(&self) -> Option<Bytes> {
+        if self.over {
+            return None;
+        }
+        match &self.chunks[..] {
+            [one] => Some(one.clone()),
+            chunks => Some(Bytes::from(chunks.concat())),
+        }
+    }
+}
+
+/// Where a request's concurrency slot is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotHeld {
+    /// In the shared store (released there; its lease renewed meanwhile).
+    Store,
+    /// In this replica's fallback budgets (the store was down).
+    Local,
+}
+
+/// A client's quota as the hot path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub tokens_per_minute: u64,
+    pub tokens_per_day: u64,
+    pub max_concurrent: u32,
+    pub count_cache_reads: bool,
+}
+
+impl Quota {
+    pub fn from_config(quota: &claude_relay_crds::config::ClientQuota) -> Self {
+        Self {
+            tokens_per_minute: quota.tokens_per_minute.unwrap_or(0),
+            tokens_per_day: quota.tokens_per_day.unwrap_or(0),
+            max_concurrent: quota.max_concurrent.unwrap_or(0),
+            count_cache_reads: quota.count_cache_reads,
+        }
+    }
+
+    /// The admission question for request `slot`, now.
+    pub fn ask<'a>(&self, slot: &'a str) -> QuotaAsk<'a> {
+        let now_ms = unix_ms();
+        QuotaAsk {
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            max_concurrent: self.max_concurrent,
+            slot,
+            now_ms,
+            lease_until_ms: now_ms + SLOT_LEASE.as_millis() as u64,
+        }
+    }
+}
+
+/// What is settled when a request ends: attached to its exchange.
+pub struct Meter {
+    pub accounting: Arc<Accounting>,
+    pub store: Arc<AnyStore>,
+    pub client: Name,
+    pub quota: Option<Quota>,
+    /// The slot (the request id) and where it is held.
+    pub slot: Option<(Arc<str>, SlotHeld)>,
+    pub retention: Duration,
+    /// `usage.enabled`: whether responses get a tap at all.
+    pub usage_enabled: bool,
+    /// Reads the response's usage; set when the response may report some.
+    pub tap: Option<UsageTap>,
+    /// Stores the response in the cache when it completes.
+    pub cache_fill: Option<crate::cache::Fill>,
+}
+
+/// Everything a finished request leaves for the background task.
+pub struct Finished {
+    pub meter: Meter,
+    pub request_id: Arc<str>,
+    pub region: Option<Name>,
+    pub key_id: Option<String>,
+    pub complete: bool,
+}
+
+impl Finished {
+    /// Accounts for the request: at once when nothing needs parsing (a
+    /// stream's usage is known by now), else in a spawned task that parses
+    /// the JSON body and writes the cache fill off the response path. With
+    /// no runtime (a test dropping an exchange outside one) a deferred
+    /// request is not accounted and its slot lapses.
+    pub fn spawn(self) {
+        let meter = &self.meter;
+        if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
+            return;
+        }
+        let deferred = matches!(meter.tap, Some(UsageTap::Json(_))) || meter.cache_fill.is_some();
+        if !deferred {
+            self.account();
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.settle());
+        }
+    }
+
+    async fn settle(mut self) {
+        if let (Some(fill), true, Some(body)) = (
+            self.meter.cache_fill.take(),
+            self.complete,
+            self.meter.tap.as_ref().and_then(UsageTap::body),
+        ) {
+            fill.store(body, &self.meter.store).await;
+        }
+        self.account();
+    }
+
+    /// Metrics and the usage log line now; budgets, usage counters and the
+    /// slot release go to the outbox, which the store sees at the next flush.
+    fn account(self) {
+        let Finished {
+            meter,
+            request_id,
+            region,
+            key_id,
+            complete,
+        } = self;
+        let reported = match &meter.tap {
+            Some(tap) if meter.usage_enabled => tap.reported(),
+            _ => Reported::default(),
+        };
+        let accounting = &meter.accounting;
+        let model = reported.model.as_deref().unwrap_or("unknown");
+        if reported.seen {
+            accounting.count_tokens(&meter.client, model, &reported.usage);
+            tracing::info!(
+                target: "usage",
+                request_id = %request_id,
+                client = &*meter.client.0,
+                region = region.as_ref().map_or("-", |r| &r.0),
+                upstream_key = key_id.as_deref().unwrap_or("-"),
+                model,
+                input_tokens = reported.usage.input_tokens,
+                output_tokens = reported.usage.output_tokens,
+                cache_creation_input_tokens = reported.usage.cache_creation_input_tokens,
+                cache_read_input_tokens = reported.usage.cache_read_input_tokens,
+                complete,
+            );
+        }
+        let quota_tokens = meter
+            .quota
+            .filter(|q| q.tokens_per_minute > 0 || q.tokens_per_day > 0)
+            .map_or(0, |q| reported.usage.quota_tokens(q.count_cache_reads));
+        let (slot, held) = match &meter.slot {
+            Some((slot, held)) => (Some(&**slot), Some(*held)),
+            None => (None, None),
+        };
+        if let Some(slot) = slot {
+            accounting.forget_slot(slot);
+        }
+        let now_ms = unix_ms();
+        if let (Some(slot), Some(SlotHeld::Local)) = (slot, held) {
+            // A slot taken from this replica's budgets goes back there.
+            accounting.fallback.apply(
+                &meter.client.0,
+                &Charges {
+                    release: vec![slot.to_owned()],
+                    ..Charges::default()
+                },
+            );
+        }
+        let settlement = Settlement {
+            quota_tokens,
+            usage: reported.seen.then_some((model, reported.usage)),
+            slot: slot.filter(|_| held == Some(SlotHeld::Store)),
+            now_ms,
+            retention: meter.retention,
+        };
+        if quota_tokens > 0 || settlement.usage.is_some() || settlement.slot.is_some() {
+            accounting.enqueue(&meter.client, &meter.store, &settlement);
+        }
+    }
+}
+
+/// What finished requests of one client owe the store.
+struct Pending {
+    store: Arc<AnyStore>,
+    /// Not yet tried.
+    fresh: Charges,
+    /// Tried and failed (the store was down): already charged to the
+    /// fallback budgets, retried until the store takes it.
+    retry: Charges,
+}
+
+/// Accounting state that outlives reloads.
+pub struct Accounting {
+    metrics: Arc<Metrics>,
+    /// Slots held in the store by this replica: slot → (client, store).
+    slots: Mutex<HashMap<Arc<str>, HeldSlot>>,
+    /// Since when the store has failed quota checks, if it does now.
+    outage_since: Mutex<Option<Instant>>,
+    /// This replica's own budgets, used once an outage outlasts its grace.
+    pub fallback: MemoryStore,
+    /// Model label values in use, to bound the metric's cardinality.
+    models: Mutex<HashSet<Arc<str>>>,
+    /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
+    token_counters: Mutex<HashMap<TokenKey, [Counter; 4]>>,
+    /// Per client, what the next flush writes to the store.
+    outbox: Mutex<HashMap<Name, Pending>>,
+}
+
+/// The client holding a slot, and the store it is held in (`None`: this
+/// replica's fallback budgets).
+type HeldSlot = (Name, Option<Arc<AnyStore>>);
+/// Client, model label.
+type TokenKey = (Name, Arc<str>);
+
+/// How a quota was checked when the store could not answer.
+pub enum Unchecked {
+    /// Within the grace period: let through.
+    FailOpen,
+    /// Past it: decided by this replica's own budgets.
+    Local(QuotaDecision),
+}
+
+impl Accounting {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            slots: Mutex::default(),
+            outage_since: Mutex::default(),
+            fallback: MemoryStore::new(1),
+            models: Mutex::default(),
+            token_counters: Mutex::default(),
+            outbox: Mutex::default(),
+        })
+    }
+
+    fn enqueue(&self, client: &Name, store: &Arc<AnyStore>, settlement: &Settlement<'_>) {
+        let mut outbox = lock(&self.outbox);
+        let pending = outbox.entry(client.clone()).or_insert_with(|| Pending {
+            store: store.clone(),
+            fresh: Charges::default(),
+            retry: Charges::default(),
+        });
+        if !Arc::ptr_eq(&pending.store, store) {
+            // The store changed with the config: what is owed goes to the new one.
+            pending.store = store.clone();
+        }
+        pending.fresh.add(settlement);
+    }
+
+    /// Writes the outbox every [`FLUSH_EVERY`]: one store call per client
+    /// with requests finished since the last flush, all in parallel.
+    pub fn spawn_flush(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        crate::breaker::spawn_periodic(FLUSH_EVERY, move || {
+            let this = this.clone();
+            async move { this.flush_once().await }
+        })
+    }
+
+    pub async fn flush_once(&self) {
+        let batch: Vec<(Name, Pending)> = lock(&self.outbox).drain().collect();
+        if batch.is_empty() {
+            return;
+        }
+        let mut owed = Vec::with_capacity(batch.len());
+        for (client, pending) in batch {
+            let mut all = pending.retry;
+            all.merge(pending.fresh.clone());
+            owed.push((client, pending.store, pending.fresh, all));
+        }
+        let calls = owed
+            .iter()
+            .map(|(client, store, _, all)| store.settle(&client.0, all));
+        let results = futures_util::future::join_all(calls).await;
+        let now_ms = unix_ms();
+        for ((client, store, fresh, all), result) in owed.into_iter().zip(results) {
+            let Err(error) = result else {
+                continue;
+            };
+            self.store_error(&error);
+            // What the outage hides from the store, this replica's budgets see.
+            self.fallback.apply(
+                &client.0,
+                &Charges {
+                    usage: Default::default(),
+                    release: Vec::new(),
+                    ..fresh
+                },
+            );
+            if !error.transient {
+                tracing::error!(client = &*client.0, %error, "usage and quota charges dropped: the store refused them");
+                continue;
+            }
+            tracing::warn!(client = &*client.0, %error, "usage and quota charges not written yet: the store is unavailable; retrying");
+            let mut retry = all.still_due(now_ms);
+            retry.release.truncate(MAX_RETRIED_RELEASES);
+            let mut outbox = lock(&self.outbox);
+            let pending = outbox.entry(client).or_insert_with(|| Pending {
+                store,
+                fresh: Charges::default(),
+                retry: Charges::default(),
+            });
+            pending.retry.merge(retry);
+        }
+    }
+
+    /// Keeps the lease of a slot renewed until the request ends.
+    pub fn hold_slot(&self, slot: Arc<str>, client: Name, store: Option<Arc<AnyStore>>) {
+        lock(&self.slots).insert(slot, (client, store));
+    }
+
+    fn forget_slot(&self, slot: &str) {
+        lock(&self.slots).remove(slot);
+    }
+
+    /// The store answered: any outage is over.
+    pub fn store_ok(&self) {
+        let mut since = lock(&self.outage_since);
+        if since.take().is_some() {
+            tracing::info!("the store answers quota checks again");
+        }
+    }
+
+    pub fn store_error(&self, error: &StoreError) {
+        self.metrics
+            .store_errors
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: error.label(),
+            })
+            .inc();
+    }
+
+    /// The store failed a quota check: within `grace` of the outage's start
+    /// the request passes; after that this replica's own budgets decide.
+    pub async fn unchecked(&self, client: &str, ask: &QuotaAsk<'_>, grace: Duration) -> Unchecked {
+        let started = *lock(&self.outage_since).get_or_insert_with(Instant::now);
+        let result = if started.elapsed() < grace {
+            Unchecked::FailOpen
+        } else {
+            match self.fallback.check_quota(client, ask).await {
+                Ok(decision) => Unchecked::Local(decision),
+                Err(_) => Unchecked::FailOpen,
+            }
+        };
+        let label = match result {
+            Unchecked::FailOpen => "fail_open",
+            Unchecked::Local(_) => "local",
+        };
+        self.metrics
+            .quota_unchecked
+            .get_or_create(&crate::metrics::ResultLabels { result: label })
+            .inc();
+        result
+    }
+
+    fn count_tokens(&self, client: &Name, model: &str, usage: &Usage) {
+        let model = self.model_label(model);
+        let mut counters = lock(&self.token_counters);
+        let kinds = counters
+            .entry((client.clone(), model.clone()))
+            .or_insert_with(|| {
+                Usage::KINDS.map(|kind| {
+                    self.metrics
+                        .tokens
+                        .get_or_create(&TokenLabels {
+                            client: client.clone(),
+                            model: Name(model.clone()),
+                            kind,
+                        })
+                        .clone()
+                })
+            });
+        for (counter, count) in kinds.iter().zip(usage.counts()) {
+            if count > 0 {
+                counter.inc_by(count);
+            }
+        }
+    }
+
+    /// The model as a label value: a plausible model name among the first
+    /// [`MODEL_LABELS`] seen, else `other`.
+    fn model_label(&self, model: &str) -> Arc<str> {
+        let plausible = !model.is_empty()
+            && model.len() <= 64
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:@".contains(&b));
+        let mut models = lock(&self.models);
+        if let Some(known) = models.get(model) {
+            return known.clone();
+        }
+        if !plausible || models.len() >= MODEL_LABELS {
+            return Arc::from("other");
+        }
+        let label: Arc<str> = Arc::from(model);
+        models.insert(label.clone());
+        label
+    }
+
+    /// Renews the leases of the slots this replica holds, every
+    /// [`RENEW_EVERY`], so long streams keep theirs.
+    pub fn spawn_renewal(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        crate::breaker::spawn_periodic(RENEW_EVERY, move || {
+            let this = this.clone();
+            async move { this.renew_once().await }
+        })
+    }
+
+    pub async fn renew_once(&self) {
+        type Group = (Option<Arc<AnyStore>>, Vec<String>);
+        let mut by_client: HashMap<(Name, usize), Group> = HashMap::new();
+        for (slot, (client, store)) in lock(&self.slots).iter() {
+            let store_id = store.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
+            by_client
+                .entry((client.clone(), store_id))
+                .or_insert_with(|| (store.clone(), Vec::new()))
+                .1
+                .push(slot.to_string());
+        }
+        let until = unix_ms() + SLOT_LEASE.as_millis() as u64;
+        for ((client, _), (store, slots)) in by_client {
+            let renewed = match store {
+                Some(store) => store.renew_slots(&client.0, &slots, until).await,
+                None => self.fallback.renew_slots(&client.0, &slots, until).await,
+            };
+            if let Err(error) = renewed {
+                tracing::debug!(client = &*client.0, %error, "slot leases not renewed");
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream_of(model: &str) -> Vec<u8> {
+        let events = [
+            format!(
+                r#"{{"type":"message_start","message":{{"id":"m","model":"{model}","usage":{{"input_tokens":25,"output_tokens":1,"cache_creation_input_tokens":7,"cache_read_input_tokens":3}}}}}}"#
+            ),
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"message_delta is just text here"}}"#.into(),
+            r#"{"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":10}}"#.into(),
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15,"input_tokens":26}}"#.into(),
+        ];
+        let mut out = Vec::new();
+        for data in events {
+            let name = data.split('"').nth(3).unwrap().to_string();
+            out.extend(format!("event: {name}\ndata: {data}\n\n").into_bytes());
+        }
+        out
+    }
+
+    fn expected() -> Usage {
+        Usage {
+            input_tokens: 26,
+            output_tokens: 15,
+            cache_creation_input_tokens: 7,
+            cache_read_input_tokens: 3,
+        }
+    }
+
+    #[test]
+    fn stream_usage_is_the_same_however_the_bytes_are_split() {
+        let body = stream_of("claude-x");
+        for size in [1, 2, 3, 7, 13, 64, 100, body.len()] {
+            let mut tap = SseUsage::default();
+            for chunk in body.chunks(size) {
+                tap.feed(chunk);
+            }
+            assert_eq!(tap.reported.usage, expected(), "chunks of {size}");
+            assert_eq!(tap.reported.model.as_deref(), Some("claude-x"));
+            assert!(tap.partial.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_midway_keeps_what_was_reported() {
+        let body = stream_of("claude-x");
+        let cut = body
+            .windows(13)
+            .position(|w| w == b"message_delta")
+            .unwrap();
+        let mut tap = SseUsage::default();
+        tap.feed(&body[..cut + 40]);
+        assert!(tap.reported.seen);
+        assert_eq!(tap.reported.usage.input_tokens, 25);
+        assert_eq!(tap.reported.usage.output_tokens, 1);
+    }
+
+    #[test]
+    fn event_names_find_usage_whatever_the_key_order() {
+        let sorted = concat!(
+            "event: message_start\n",
+            r#"data: {"message":{"content":[],"id":"m","model":"claude-z","role":"assistant","usage":{"input_tokens":9,"output_tokens":1}},"type":"message_start"}"#,
+            "\n\nevent: message_delta\n",
+            r#"data: {"delta":{"stop_reason":"end_turn"},"type":"message_delta","usage":{"output_tokens":4}}"#,
+            "\n\n"
+        );
+        let mut tap = SseUsage::default();
+        for chunk in sorted.as_bytes().chunks(5) {
+            tap.feed(chunk);
+        }
+        assert_eq!(tap.reported.usage.input_tokens, 9);
+        assert_eq!(tap.reported.usage.output_tokens, 4);
+        assert_eq!(tap.reported.model.as_deref(), Some("claude-z"));
+        // Without event names, a data line naming its type first still counts.
+        let mut bare = SseUsage::default();
+        bare.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\n\n");
+        assert_eq!(bare.reported.usage.output_tokens, 3);
+    }
+
+    #[test]
+    fn long_text_lines_are_not_kept() {
+        let mut tap = SseUsage::default();
+        let mut line = b"data: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 10_000));
+        for chunk in line.chunks(512) {
+            tap.feed(chunk);
+            assert!(tap.partial.len() < 1024, "kept {}", tap.partial.len());
+        }
+        tap.feed(b"\"}}\n\n");
+        tap.feed(&stream_of("m"));
+        assert_eq!(tap.reported.usage, expected());
+    }
+
+    #[test]
+    fn json_usage_is_read_from_the_whole_body() {
+        let body = br#"{"id":"m","model":"claude-y","content":[{"type":"text","text":"\"usage\": {\"input_tokens\": 999}"}],"usage":{"input_tokens":12,"output_tokens":34,"cache_creation_input_tokens":0,"cache_read_input_tokens":5}}"#;
+        let mut tap = UsageTap::json();
+        for chunk in body.chunks(10) {
+            tap.feed(&Bytes::copy_from_slice(chunk));
+        }
+        let reported = tap.reported();
+        assert_eq!(reported.model.as_deref(), Some("claude-y"));
+        assert_eq!(
+            reported.usage,
+            Usage {
+                input_tokens: 12,
+                output_tokens: 34,
+                cache_creation_input_tokens: 0,
+                cache_read_input_tokens: 5
+            }
+        );
+        assert_eq!(tap.body().unwrap().as_ref(), &body[..]);
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let accounting = Accounting::new(Arc::new(Metrics::new()));
+        assert_eq!(
+            &*accounting.model_label("claude-sonnet-4-5"),
+            "claude-sonnet-4-5"
+        );
+        assert_eq!(&*accounting.model_label("bad model {}"), "other");
+        for i in 0..MODEL_LABELS * 2 {
+            accounting.model_label(&format!("m-{i}"));
+        }
+        assert_eq!(&*accounting.model_label("one-too-many"), "other");
+        assert_eq!(
+            &*accounting.model_label("claude-sonnet-4-5"),
+            "claude-sonnet-4-5"
+        );
+    }
+}

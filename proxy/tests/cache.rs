@@ -1,0 +1,318 @@
+//! The response cache: real proxy replicas, a real Redis (level 2), the
+//! upstream double counting the calls that reach it.
+
+mod common;
+
+use std::time::Duration;
+
+use claude_relay_testkit::http::{Answer, request, send};
+use claude_relay_testkit::proxy::ProxyProcess;
+use common::*;
+use http::Method;
+
+const CACHED: &str = "    cache: {enabled: true}";
+
+fn cache_header(answer: &Answer) -> &str {
+    answer
+        .headers
+        .get("x-relay-cache")
+        .map_or("-", |v| v.to_str().unwrap())
+}
+
+/// Waits until `proxy` has stored `n` responses (the fill runs after the
+/// response, in the background).
+async fn stored(proxy: &ProxyProcess, n: f64) {
+    eventually(Duration::from_secs(5), "response stored", || async {
+        (proxy
+            .metric(r#"claude_relay_cache_requests_total{result="stored"}"#)
+            .await
+            >= Some(n))
+        .then_some(())
+    })
+    .await;
+}
+
+async fn purge(setup: &Setup, proxy: &ProxyProcess, query: &str) -> serde_json::Value {
+    let answer = send(
+        &setup.client,
+        request(
+            Method::POST,
+            &proxy.admin_url(&format!("/cache/purge{query}")),
+            &[],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    answer.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_are_served_from_the_cache_and_others_miss() {
+    let setup = Setup::with_redis().await;
+    let a = setup.proxy(&setup.config(CACHED, CACHED, ""));
+
+    let first = setup
+        .messages(&a, APP_KEY, BODY, &[("x-mock-usage", "10,20,0,0")])
+        .await;
+    assert_eq!((first.status.as_u16(), cache_header(&first)), (200, "miss"));
+    stored(&a, 1.0).await;
+    let calls = setup.upstream.messages_answered();
+
+    let second = setup.messages(&a, APP_KEY, BODY, &[]).await;
+    assert_eq!(
+        (second.status.as_u16(), cache_header(&second)),
+        (200, "hit")
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.headers["content-type"], "application/json");
+    // Formatting and key order do not make another request.
+    let reordered = r#"{ "messages": [{"content": "Hi", "role": "user"}], "max_tokens": 8, "model": "claude-test" }"#;
+    assert_eq!(
+        cache_header(&setup.messages(&a, APP_KEY, reordered, &[]).await),
+        "hit"
+    );
+    assert_eq!(
+        setup.upstream.messages_answered(),
+        calls,
+        "hits cost no upstream call"
+    );
+
+    // A different beta header, body or client: misses.
+    let beta = setup
+        .messages(
+            &a,
+            APP_KEY,
+            BODY,
+            &[("anthropic-beta", "prompt-caching-2024-07-31")],
+        )
+        .await;
+    assert_eq!(cache_header(&beta), "miss");
+    let other_body = BODY.replace("Hi", "Hello");
+    assert_eq!(
+        cache_header(&setup.messages(&a, APP_KEY, &other_body, &[]).await),
+        "miss"
+    );
+    assert_eq!(
+        cache_header(&setup.messages(&a, OTHER_KEY, BODY, &[]).await),
+        "miss"
+    );
+    assert_eq!(setup.upstream.messages_answered(), calls + 3);
+
+    // Hits cost no quota: only the upstream calls are in the usage.
+    settled(&setup, &a, "app", 3).await;
+    assert_eq!(
+        a.metric(r#"claude_relay_cache_requests_total{result="hit_l1"}"#)
+            .await,
+        Some(2.0)
+    );
+    assert!(a.log().contains("cache=\"hit_l1\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_two_serves_other_replicas_and_survives_a_restart() {
+    let setup = Setup::with_redis().await;
+    let config = setup.config(CACHED, "", "");
+    let a = setup.proxy(&config);
+    assert_eq!(
+        cache_header(&setup.messages(&a, APP_KEY, BODY, &[]).await),
+        "miss"
+    );
+    stored(&a, 1.0).await;
+    let calls = setup.upstream.messages_answered();
+
+    let b = setup.proxy(&config);
+    let from_b = setup.messages(&b, APP_KEY, BODY, &[]).await;
+    assert_eq!(cache_header(&from_b), "hit");
+    assert_eq!(
+        b.metric(r#"claude_relay_cache_requests_total{result="hit_l2"}"#)
+            .await,
+        Some(1.0)
+    );
+    // The level-2 hit filled level 1.
+    setup.messages(&b, APP_KEY, BODY, &[]).await;
+    assert_eq!(
+        b.metric(r#"claude_relay_cache_requests_total{result="hit_l1"}"#)
+            .await,
+        Some(1.0)
+    );
+
+    drop(a);
+    let restarted = setup.proxy(&config);
+    let answer = setup.messages(&restarted, APP_KEY, BODY, &[]).await;
+    assert_eq!(cache_header(&answer), "hit");
+    assert_eq!(
+        restarted
+            .metric(r#"claude_relay_cache_requests_total{result="hit_l2"}"#)
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(setup.upstream.messages_answered(), calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_and_purges_reach_every_replica() {
+    let setup = Setup::with_redis().await;
+    let config = setup.config(CACHED, CACHED, "cache: {ttl: 1s}");
+    let a = setup.proxy(&config);
+    let b = setup.proxy(&config);
+
+    // TTL: a hit within it, a miss after it.
+    setup.messages(&a, APP_KEY, BODY, &[]).await;
+    stored(&a, 1.0).await;
+    assert_eq!(
+        cache_header(&setup.messages(&a, APP_KEY, BODY, &[]).await),
+        "hit"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Gone from both levels (b has never seen it; a's own copy expired).
+    assert_eq!(
+        cache_header(&setup.messages(&a, APP_KEY, BODY, &[]).await),
+        "miss"
+    );
+
+    // Purge by client, on one replica: gone from both levels everywhere,
+    // and the other client's entries stay.
+    let config = setup.config(CACHED, CACHED, "cache: {ttl: 10m}");
+    a.rewrite_config(&config);
+    b.rewrite_config(&config);
+    for proxy in [&a, &b] {
+        eventually(Duration::from_secs(5), "config reloaded", || async {
+            (proxy
+                .metric(r#"claude_relay_config_reloads_total{result="ok"}"#)
+                .await
+                >= Some(1.0))
+            .then_some(())
+        })
+        .await;
+    }
+    let other_body = BODY.replace("Hi", "Other");
+    for (proxy, key, body) in [(&a, APP_KEY, BODY), (&a, OTHER_KEY, other_body.as_str())] {
+        assert_eq!(
+            cache_header(&setup.messages(proxy, key, body, &[]).await),
+            "miss"
+        );
+    }
+    stored(&a, 4.0).await;
+    // b takes both into its level 1.
+    assert_eq!(
+        cache_header(&setup.messages(&b, APP_KEY, BODY, &[]).await),
+        "hit"
+    );
+    assert_eq!(
+        cache_header(&setup.messages(&b, OTHER_KEY, &other_body, &[]).await),
+        "hit"
+    );
+    let purged = purge(&setup, &a, "?client=app").await;
+    // The new entry, and maybe the one of the 1 s TTL not yet expired.
+    assert!(
+        purged["purged_redis_entries"].as_u64() >= Some(1),
+        "{purged}"
+    );
+    assert_eq!(purged["purged_memory_entries"], 1, "{purged}");
+    eventually(Duration::from_secs(3), "b forgets app's entry", || async {
+        (cache_header(&setup.messages(&b, APP_KEY, BODY, &[]).await) == "miss").then_some(())
+    })
+    .await;
+    assert_eq!(
+        cache_header(&setup.messages(&b, OTHER_KEY, &other_body, &[]).await),
+        "hit"
+    );
+    purge(&setup, &b, "").await;
+    eventually(Duration::from_secs(3), "a forgets everything", || async {
+        (cache_header(&setup.messages(&a, OTHER_KEY, &other_body, &[]).await) == "miss")
+            .then_some(())
+    })
+    .await;
+    let unknown = send(
+        &setup.client,
+        request(
+            Method::POST,
+            &a.admin_url("/cache/purge?client=nobody"),
+            &[],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_headers_and_config_changes() {
+    let setup = Setup::standalone().await;
+    // Accounting off: the cache still stores (and nothing is counted).
+    let route = |ttl: &str| {
+        format!(
+            "usage: {{enabled: false}}\ncache:\n  routes:\n    - {{name: test-models, models: ['claude-test*'], enabled: true, shared: true, ttl: {ttl}}}"
+        )
+    };
+    let proxy = setup.proxy(&setup.config("", "", &route("10m")));
+
+    // A shared route: one client's answer serves the other; standalone,
+    // level 1 alone.
+    assert_eq!(
+        cache_header(&setup.messages(&proxy, APP_KEY, BODY, &[]).await),
+        "miss"
+    );
+    stored(&proxy, 1.0).await;
+    assert_eq!(
+        cache_header(&setup.messages(&proxy, OTHER_KEY, BODY, &[]).await),
+        "hit"
+    );
+    // Off for one request; never for streams or other models.
+    let off = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-relay-cache", "off")])
+        .await;
+    assert_eq!(cache_header(&off), "-");
+    let stream = setup
+        .messages(&proxy, APP_KEY, STREAM_BODY, &[("x-mock", "stream")])
+        .await;
+    assert_eq!(cache_header(&stream), "-");
+    let other_model = BODY.replace("claude-test", "claude-other");
+    assert_eq!(
+        cache_header(&setup.messages(&proxy, APP_KEY, &other_model, &[]).await),
+        "-"
+    );
+    // ... unless the request asks.
+    let asked = setup
+        .messages(&proxy, APP_KEY, &other_model, &[("x-relay-cache", "on")])
+        .await;
+    assert_eq!(cache_header(&asked), "miss");
+    let bad = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-relay-cache", "maybe")])
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["type"], "invalid_request_error");
+    // Errors are not stored.
+    let failed = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            &BODY.replace("Hi", "fail"),
+            &[("x-mock", "status-500")],
+        )
+        .await;
+    assert_eq!(
+        (failed.status.as_u16(), cache_header(&failed)),
+        (500, "miss")
+    );
+    let again = setup
+        .messages(&proxy, APP_KEY, &BODY.replace("Hi", "fail"), &[])
+        .await;
+    assert_eq!((again.status.as_u16(), cache_header(&again)), (200, "miss"));
+
+    assert_eq!(setup.totals(&proxy, "app").await["requests"], 0);
+    assert!(!proxy.metrics().await.contains("claude_relay_tokens_total{"));
+
+    // A change of the route empties its entries.
+    proxy.rewrite_config(&setup.config("", "", &route("20m")));
+    eventually(
+        Duration::from_secs(5),
+        "the new route is in force",
+        || async {
+            (cache_header(&setup.messages(&proxy, OTHER_KEY, BODY, &[]).await) == "miss")
+                .then_some(())
+        },
+    )
+    .await;
+}

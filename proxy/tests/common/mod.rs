@@ -1,0 +1,213 @@
+//! Helpers shared by the usage, quota and cache tests: one upstream double,
+//! one Redis, and proxy replicas started on a config with two clients.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use claude_relay_testkit::http::{self as th, Answer, TestClient, request, send};
+use claude_relay_testkit::proxy::ProxyProcess;
+use claude_relay_testkit::redis::RedisServer;
+use claude_relay_testkit::upstream::MockUpstream;
+use http::Method;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
+pub const APP_KEY: &str = "relay-key-app";
+pub const OTHER_KEY: &str = "relay-key-other";
+pub const BODY: &str =
+    r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+pub const STREAM_BODY: &str = r#"{"model":"claude-test","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+
+pub struct Setup {
+    pub upstream: MockUpstream,
+    pub redis: Option<RedisServer>,
+    pub client: TestClient,
+}
+
+impl Setup {
+    pub async fn with_redis() -> Self {
+        Self {
+            upstream: MockUpstream::start().await,
+            redis: Some(RedisServer::start().unwrap()),
+            client: th::client(),
+        }
+    }
+
+    pub async fn standalone() -> Self {
+        Self {
+            upstream: MockUpstream::start().await,
+            redis: None,
+            client: th::client(),
+        }
+    }
+
+    /// A config with clients `app` and `other`; `app_extra` and
+    /// `other_extra` are more lines of each client (indented by 4),
+    /// `extra` more top-level sections.
+    pub fn config(&self, app_extra: &str, other_extra: &str, extra: &str) -> String {
+        let store = match &self.redis {
+            Some(redis) => format!(
+                "store:\n  redis: {{url: \"{}\", command_timeout: 200ms}}\n",
+                redis.url()
+            ),
+            None => String::new(),
+        };
+        format!(
+            r#"
+relay_name: usage-test
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", reload_interval: 50ms}}
+{store}clients:
+  - id: app
+    relay_keys: [{{env: TEST_APP_KEY}}]
+{app_extra}
+  - id: other
+    relay_keys: [{{env: TEST_OTHER_KEY}}]
+{other_extra}
+regions:
+  - name: local
+    base_url: {upstream}
+    api_keys: [{{env: TEST_UPSTREAM_KEY}}]
+{extra}
+"#,
+            upstream = self.upstream.base_url(),
+        )
+    }
+
+    pub fn proxy(&self, config: &str) -> ProxyProcess {
+        ProxyProcess::start(
+            BIN.as_ref(),
+            config,
+            &[
+                ("TEST_APP_KEY", APP_KEY),
+                ("TEST_OTHER_KEY", OTHER_KEY),
+                ("TEST_UPSTREAM_KEY", "sk-ant-up"),
+            ],
+        )
+    }
+
+    /// `POST /v1/messages` with `key`, `body` and more headers.
+    pub async fn messages(
+        &self,
+        proxy: &ProxyProcess,
+        key: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut all = vec![
+            ("x-api-key", key),
+            ("content-type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+        ];
+        all.extend_from_slice(headers);
+        send(
+            &self.client,
+            request(
+                Method::POST,
+                &proxy.url("/v1/messages"),
+                &all,
+                body.to_string(),
+            ),
+        )
+        .await
+    }
+
+    /// `GET /usage?{query}` on the admin port.
+    pub async fn usage(&self, proxy: &ProxyProcess, query: &str) -> serde_json::Value {
+        let answer = send(
+            &self.client,
+            request(
+                Method::GET,
+                &proxy.admin_url(&format!("/usage?{query}")),
+                &[],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        answer.json()
+    }
+
+    /// The usage totals of `client` today.
+    pub async fn totals(&self, proxy: &ProxyProcess, client: &str) -> serde_json::Value {
+        let usage = self.usage(proxy, &format!("client={client}")).await;
+        usage["clients"][0]["total"].clone()
+    }
+}
+
+/// Polls `check` every 20 ms until it gives `Some`, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `client`'s usage shows `requests` settled requests.
+pub async fn settled(setup: &Setup, proxy: &ProxyProcess, client: &str, requests: u64) {
+    // Generous: after a Redis restart the store reconnects with backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = send(
+            &setup.client,
+            request(
+                Method::GET,
+                &proxy.admin_url(&format!("/usage?client={client}")),
+                &[],
+                "",
+            ),
+        )
+        .await;
+        // 503 while the store reconnects.
+        let totals = match answer.status.as_u16() {
+            200 => answer.json()["clients"][0]["total"].clone(),
+            503 => serde_json::Value::Null,
+            other => panic!("/usage answered {other}: {:?}", answer.body),
+        };
+        if totals["requests"] == requests {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{client}: not {requests} requests settled: {totals}\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks a relay-made 429 in the Claude API envelope.
+pub fn assert_rate_limited(answer: &Answer, says: &str) -> u64 {
+    assert_eq!(answer.status, 429, "{:?}", answer.body);
+    let json = answer.json();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains(says), "{says:?} not in {message:?}");
+    answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// If the current minute is nearly over, waits for the next one, so that a
+/// test of a per-minute budget is not split by a minute boundary.
+pub async fn not_near_a_minute_boundary(seconds_needed: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into_minute = now.as_secs() % 60;
+    if into_minute + seconds_needed >= 60 {
+        tokio::time::sleep(Duration::from_secs(60 - into_minute) + Duration::from_millis(200))
+            .await;
+    }
+}
