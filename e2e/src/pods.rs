@@ -181,6 +181,7 @@ pub async fn start(
             .map(|a| expand(a, &env))
             .collect();
 
+        let proxy_binary = binary("claude-relay-proxy");
         let mut script = String::from("set -e\n");
         let mut scratch_roots: Vec<PathBuf> = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
@@ -190,6 +191,16 @@ pub async fn start(
                 .flatten()
                 .find(|v| v.name == mount.name)
                 .ok_or_else(|| anyhow::anyhow!("volumeMount {} names no volume", mount.name))?;
+            // An emptyDir over a directory that holds the harness's own files
+            // (the pod's `/tmp` when the target directory is under /tmp) would
+            // hide the volumes, the kubeconfig and the binary from the pod: the
+            // host directory stands in for that scratch space instead.
+            let mount_path = Path::new(&mount.mount_path);
+            if volume.empty_dir.is_some()
+                && (dir.starts_with(mount_path) || proxy_binary.starts_with(mount_path))
+            {
+                continue;
+            }
             let source = pod_dir.join("volumes").join(&volume.name);
             std::fs::create_dir_all(&source)?;
             if let Some(secret) = &volume.secret {
@@ -239,7 +250,7 @@ pub async fn start(
         }
         script.push_str("exec \"$@\"\n");
 
-        let proxy_binary = binary("claude-relay-proxy").display().to_string();
+        let proxy_binary = proxy_binary.display().to_string();
         let mut command: Vec<&str> = vec![
             "--mount",
             "--propagation",
