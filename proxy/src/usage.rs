@@ -367,21 +367,22 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// Accounts for the request: at once when nothing needs parsing (a
-    /// stream's usage is known by now), else in a spawned task that parses
-    /// the JSON body and writes the cache fill off the response path. With
-    /// no runtime (a test dropping an exchange outside one) a deferred
-    /// request is not accounted and its slot lapses.
+    /// Accounts for the request. The response has gone out by now, so a
+    /// JSON body's usage is parsed here: a spawned task for it cost three
+    /// times the parse (the task moves the whole state into its cell). Only
+    /// a cache fill, which waits for the store, goes to a task, boxed so the
+    /// task stays small. With no runtime (a test dropping an exchange
+    /// outside one) a cache fill is skipped and the request accounted here.
     pub fn spawn(self) {
         let meter = &self.meter;
         if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
             return;
         }
-        let deferred = matches!(meter.tap, Some(UsageTap::Json(_))) || meter.cache_fill.is_some();
-        if !deferred {
-            self.account();
-        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(self.settle());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if meter.cache_fill.is_some() => {
+                runtime.spawn(Box::pin(self.settle()));
+            }
+            _ => self.account(),
         }
     }
 
