@@ -19,52 +19,23 @@ root=$(dirname "$here")
 SECONDS_OF_LOAD=${REQUESTS_SECONDS:-8}
 out=${OUT:-$root/bench/out}
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. "$here/common.sh"
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh (and apt-get install valgrind)" >&2; exit 1; }; }
 need wrk
 need redis-server
-need valgrind
-need callgrind_control
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
+need valgrind "and apt-get install valgrind"
+need callgrind_control "and apt-get install valgrind"
 
 echo "building release binaries..."
 (cd "$root" && cargo build --release --locked -q -p claude-relay-proxy --bin claude-relay-proxy --bin relay-load)
 RELAY="$root/target/release/claude-relay-proxy"
 LOAD="$root/target/release/relay-load"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); RD=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
-body='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"'$(printf 'The relay passes every byte through unchanged. %.0s' $(seq 1 16))'"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":25,"output_tokens":180}}'
-mkdir -p "$work/up" "$work/ng"
-cat > "$work/up/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '$body'; }
-  }
-}
-NGINX
+mkdir -p "$work/ng"
 # master_process off: the one process under callgrind is the one that works.
 cat > "$work/ng/nginx.conf" <<NGINX
 worker_processes 1;
@@ -102,15 +73,8 @@ clients:
 regions:
   - {name: local, base_url: "http://127.0.0.1:$UP", api_keys: [{file: $work/upstream.key}]}
 YAML
-cat > "$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
-wrk.headers["content-type"] = "application/json"
-wrk.headers["anthropic-version"] = "2023-06-01"
-wrk.headers["x-api-key"] = "bench-relay-key"
-LUA
 
-"$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+start_upstream "$UP"
 wait_port "$UP"; wait_port "$RD"
 
 grind() { # name: starts the named proxy under callgrind, counting off

@@ -20,20 +20,10 @@ CONNECTIONS=${CONNECTIONS:-64}
 STREAMS=${STREAMS:-1000}
 out=${OUT:-$root/bench/out}
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. "$here/common.sh"
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh" >&2; exit 1; }; }
 need wrk
 need redis-server
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
 echo "building release binaries..."
@@ -42,39 +32,11 @@ RELAY="$root/target/release/claude-relay-proxy"
 LOAD="$root/target/release/relay-load"
 MOCK="$root/target/release/mock-upstream"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
 UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
-# The upstream: a 1 KB Messages API response, as fast as a server can give it.
-body=$(python3 - <<'PY'
-import json
-text = ("The relay passes every byte through unchanged. " * 16).strip()
-print(json.dumps({"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench",
-  "content":[{"type":"text","text":text}],"stop_reason":"end_turn","stop_sequence":None,
-  "usage":{"input_tokens":25,"output_tokens":180}}, separators=(",",":")))
-PY
-)
-mkdir -p "$work/up" "$work/ng"
-cat > "$work/up/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '$body'; }
-  }
-}
-NGINX
+mkdir -p "$work/ng"
 cat > "$work/ng/nginx.conf" <<NGINX
 worker_processes auto;
 daemon off;
@@ -97,7 +59,7 @@ http {
   }
 }
 NGINX
-"$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+start_upstream "$UP"
 "$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" & pids+=($!)
 "$MOCK" --listen "127.0.0.1:$MK" 2>/dev/null & pids+=($!)
 
@@ -163,13 +125,6 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 idle_rss=$(rss_kb "$relay_pid")
 
-cat > "$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
-wrk.headers["content-type"] = "application/json"
-wrk.headers["anthropic-version"] = "2023-06-01"
-wrk.headers["x-api-key"] = "bench-relay-key"
-LUA
 
 # wrk's latency lines are in us, ms or s; print microseconds.
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }

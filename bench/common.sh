@@ -1,0 +1,60 @@
+# Shared by bench/run.sh and bench/instructions.sh (sourced, not run): a work
+# directory and child processes cleaned up on exit, tool checks, free ports,
+# the upstream (nginx serving a 1 KB Messages response) and wrk's POST script.
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh${2:+ ($2)}" >&2; exit 1; }; }
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "missing nginx: run scripts/install-test-deps.sh" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# start_upstream PORT: one nginx worker answering every request with a 1 KB
+# Messages API response, as fast as a server can give it.
+start_upstream() {
+  local body
+  body=$(python3 - <<'PY'
+import json
+text = ("The relay passes every byte through unchanged. " * 16).strip()
+print(json.dumps({"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench",
+  "content":[{"type":"text","text":text}],"stop_reason":"end_turn","stop_sequence":None,
+  "usage":{"input_tokens":25,"output_tokens":180}}, separators=(",",":")))
+PY
+)
+  mkdir -p "$work/up"
+  cat > "$work/up/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
+  server {
+    listen 127.0.0.1:$1;
+    location / { default_type application/json; return 200 '$body'; }
+  }
+}
+NGINX
+  "$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+}
+
+# wrk's request: a Messages API POST with the bench relay key.
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.headers["x-api-key"] = "bench-relay-key"
+LUA
