@@ -114,16 +114,25 @@ load_count() { # mode
     awk '{for (i = 1; i <= NF; i++) if ($i ~ /^requests=/) {sub(/requests=/, "", $i); print $i}}'
 }
 
+# Every request after the first answered from the response cache (level 1).
+hit_count() {
+  "$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections 8 --seconds "$SECONDS_OF_LOAD" --threads 1 \
+    --relay-key bench-relay-key --header "x-relay-cache:on" |
+    awk '{for (i = 1; i <= NF; i++) if ($i ~ /^requests=/) {sub(/requests=/, "", $i); print $i}}'
+}
+
 echo "instructions per request (callgrind; wrk -t1 -c8 -d${SECONDS_OF_LOAD}s, 1 KB responses)"
 res=$( { measure nginx "$NG" wrk_count "$NG"
          measure relay "$RL" wrk_count "$RL"
          measure relay-key "$RL" load_count relay-key
-         measure signed "$RL" load_count signed; } )
+         measure signed "$RL" load_count signed
+         measure cache-hit "$RL" hit_count; } )
 echo "$res" | tee "$out/instructions.txt"
 echo "$res" | awk '{ir[$1]=$6} END {
   printf "relay / nginx instructions per request: %.2f (below 1: the relay does less work)\n", ir["relay"]/ir["nginx"]
-  printf "signed / relay-key instructions per request: %.2f\n", ir["signed"]/ir["relay-key"] }'
+  printf "signed / relay-key instructions per request: %.2f\n", ir["signed"]/ir["relay-key"]
+  printf "relayed (relay-key) / cache hit instructions per request: %.2f\n", ir["relay-key"]/ir["cache-hit"] }'
 
 if [ "${PROFILE:-0}" = 1 ]; then
-  callgrind_annotate --inclusive=no "$out/callgrind-relay.out" 2>/dev/null | sed -n '1,60p'
+  callgrind_annotate --inclusive=no "$out/callgrind-${PROFILE_OF:-relay}.out" 2>/dev/null | sed -n '1,60p'
 fi

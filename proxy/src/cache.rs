@@ -80,17 +80,16 @@ impl CachePolicy {
         client_enabled || self.config.routes.iter().any(|r| r.enabled)
     }
 
-    /// The cache key and settings of a request, or `None` when it is not
-    /// cached. A bad `x-relay-cache` value is a 400.
-    pub fn plan(
+    /// Whether a request may be cached, from its method, path and headers
+    /// alone: `Some(asked)` (`asked`: it sent `x-relay-cache: on`) when its
+    /// body is to be looked at. A bad `x-relay-cache` value is a 400.
+    pub fn wanted(
         &self,
-        client: &str,
         client_enabled: bool,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
-        body: &[u8],
-    ) -> Result<Option<Plan>, RelayError> {
+    ) -> Result<Option<bool>, RelayError> {
         let asked = match headers.get(RELAY_CACHE).map(|v| v.to_str().unwrap_or("")) {
             None => None,
             Some("on") => Some(true),
@@ -108,11 +107,42 @@ impl CachePolicy {
         {
             return Ok(None);
         }
+        Ok(Some(asked == Some(true)))
+    }
+
+    /// The cache key and settings of a request, or `None` when it is not
+    /// cached. A bad `x-relay-cache` value is a 400.
+    pub fn plan(
+        &self,
+        client: &str,
+        client_enabled: bool,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Option<Plan>, RelayError> {
+        let Some(asked) = self.wanted(client_enabled, method, path, headers)? else {
+            return Ok(None);
+        };
         let Ok(serde_json::Value::Object(request)) = serde_json::from_slice(body) else {
             return Ok(None);
         };
+        Ok(self.plan_parsed(client, client_enabled, asked, headers, &request))
+    }
+
+    /// [`Self::plan`] for a request that [`Self::wanted`] let through, its
+    /// body already parsed (the request path parses it once, for both the
+    /// JSON check and the key).
+    pub fn plan_parsed(
+        &self,
+        client: &str,
+        client_enabled: bool,
+        asked: bool,
+        headers: &HeaderMap,
+        request: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<Plan> {
         if request.get("stream").and_then(serde_json::Value::as_bool) == Some(true) {
-            return Ok(None);
+            return None;
         }
         let model = request
             .get("model")
@@ -138,75 +168,106 @@ impl CachePolicy {
                 "default",
             ),
         };
-        if !(asked == Some(true) || enabled) {
-            return Ok(None);
+        if !(asked || enabled) {
+            return None;
         }
         let scope = if shared {
             "shared".to_owned()
         } else {
             format!("client:{client}")
         };
-        let mut hasher = Sha256::new();
-        hasher.update(b"claude-relay cache v1\0");
-        hasher.update(generation.to_be_bytes());
-        hasher.update(scope.as_bytes());
-        for name in ["anthropic-version", "anthropic-beta"] {
-            hasher.update(b"\0");
-            for value in headers.get_all(name) {
-                hasher.update(value.as_bytes());
-                hasher.update(b",");
+        // The key's input is written to one buffer and hashed in one call:
+        // feeding the hasher field by field cost more than the hashing.
+        let hash = CANONICAL.with_borrow_mut(|input| {
+            input.clear();
+            input.extend_from_slice(b"claude-relay cache v1\0");
+            input.extend_from_slice(&generation.to_be_bytes());
+            input.extend_from_slice(scope.as_bytes());
+            for name in ["anthropic-version", "anthropic-beta"] {
+                input.push(0);
+                for value in headers.get_all(name) {
+                    input.extend_from_slice(value.as_bytes());
+                    input.push(b',');
+                }
             }
-        }
-        hasher.update(b"\0");
-        hash_canonical(&mut hasher, &serde_json::Value::Object(request));
-        Ok(Some(Plan {
-            hash: hasher.finalize().into(),
+            input.push(0);
+            write_object(input, request);
+            let hash: [u8; 32] = Sha256::digest(&input[..]).into();
+            if input.capacity() > CANONICAL_KEEP {
+                *input = Vec::new();
+            }
+            hash
+        });
+        Some(Plan {
+            hash,
             scope: Arc::from(scope),
             ttl,
             generation,
             route: Arc::from(route_name),
             max_entry_bytes: self.config.max_entry_bytes,
             redis: self.config.redis,
-        }))
+        })
     }
 }
 
-/// Feeds a JSON value to the hasher with object keys in sorted order and
-/// every value tagged, so that no two different values hash alike.
-fn hash_canonical(hasher: &mut Sha256, value: &serde_json::Value) {
+thread_local! {
+    /// The canonical form of the request being keyed, reused per thread.
+    static CANONICAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+/// A buffer grown past this by a large request is not kept.
+const CANONICAL_KEEP: usize = 256 * 1024;
+
+/// Writes a JSON value in canonical form: object keys in sorted order and
+/// every value tagged and length-prefixed, so that no two different values
+/// write alike.
+fn write_canonical(out: &mut Vec<u8>, value: &serde_json::Value) {
     use serde_json::Value;
     match value {
-        Value::Null => hasher.update(b"n"),
-        Value::Bool(b) => hasher.update(if *b { b"t" } else { b"f" }),
+        Value::Null => out.push(b'n'),
+        Value::Bool(b) => out.push(if *b { b't' } else { b'f' }),
         Value::Number(n) => {
-            hasher.update(b"#");
-            hasher.update(n.to_string().as_bytes());
-            hasher.update(b";");
+            use std::io::Write;
+            out.push(b'#');
+            let _ = write!(out, "{n}");
+            out.push(b';');
         }
         Value::String(s) => {
-            hasher.update(b"s");
-            hasher.update((s.len() as u64).to_be_bytes());
-            hasher.update(s.as_bytes());
+            out.push(b's');
+            out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
         }
         Value::Array(items) => {
-            hasher.update(b"[");
+            out.push(b'[');
             for item in items {
-                hash_canonical(hasher, item);
+                write_canonical(out, item);
             }
-            hasher.update(b"]");
+            out.push(b']');
         }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            hasher.update(b"{");
-            for key in keys {
-                hasher.update((key.len() as u64).to_be_bytes());
-                hasher.update(key.as_bytes());
-                hash_canonical(hasher, &map[key]);
-            }
-            hasher.update(b"}");
+        Value::Object(map) => write_object(out, map),
+    }
+}
+
+fn write_object(out: &mut Vec<u8>, map: &serde_json::Map<String, serde_json::Value>) {
+    let write_member = |out: &mut Vec<u8>, key: &String, value| {
+        out.extend_from_slice(&(key.len() as u64).to_be_bytes());
+        out.extend_from_slice(key.as_bytes());
+        write_canonical(out, value);
+    };
+    out.push(b'{');
+    // serde_json's map is sorted already unless a crate in the build turns
+    // on its `preserve_order` feature; then sort here.
+    if map.keys().is_sorted() {
+        for (key, value) in map {
+            write_member(out, key, value);
+        }
+    } else {
+        let mut members: Vec<_> = map.iter().collect();
+        members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (key, value) in members {
+            write_member(out, key, value);
         }
     }
+    out.push(b'}');
 }
 
 /// A cacheable request: where its answer lives.

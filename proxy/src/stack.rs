@@ -173,20 +173,39 @@ async fn relay(
             *replay.window,
         )?;
     }
-    if parts.method == Method::POST && !body.is_empty() && looks_like_json(&parts.headers) {
-        check_json(&body)?;
-    }
-    let nonce = signed
-        .as_ref()
-        .map(|s| (s.stamp.nonce, signing::nonce_ttl(*replay.window)));
-    let cache_plan = snapshot.cache.plan(
-        &client.id.0,
+    let must_be_json =
+        parts.method == Method::POST && !body.is_empty() && looks_like_json(&parts.headers);
+    let cache_wanted = snapshot.cache.wanted(
         client.cache_enabled,
         &parts.method,
         parts.uri.path(),
         &parts.headers,
-        &body,
     )?;
+    // The body is parsed once: into a value when the cache keys it, else
+    // only checked.
+    let cache_plan = match cache_wanted {
+        Some(asked) => match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(serde_json::Value::Object(request)) => snapshot.cache.plan_parsed(
+                &client.id.0,
+                client.cache_enabled,
+                asked,
+                &parts.headers,
+                &request,
+            ),
+            Ok(_) => None,
+            Err(error) if must_be_json => return Err(not_json(&error)),
+            Err(_) => None,
+        },
+        None => {
+            if must_be_json {
+                check_json(&body)?;
+            }
+            None
+        }
+    };
+    let nonce = signed
+        .as_ref()
+        .map(|s| (s.stamp.nonce, signing::nonce_ttl(*replay.window)));
     let first_asks = nonce.is_some() || client.rate_limit.is_some();
     let slot = match &cache_plan {
         Some(plan) => {
@@ -504,10 +523,12 @@ fn looks_like_json(headers: &http::HeaderMap) -> bool {
 fn check_json(body: &[u8]) -> Result<(), RelayError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
-        .map_err(|e| {
-            // serde_json's syntax errors give a position, never the input.
-            RelayError::InvalidRequest(format!("request body is not valid JSON: {e}"))
-        })
+        .map_err(|e| not_json(&e))
+}
+
+fn not_json(error: &serde_json::Error) -> RelayError {
+    // serde_json's syntax errors give a position, never the input.
+    RelayError::InvalidRequest(format!("request body is not valid JSON: {error}"))
 }
 
 /// Sends to the route's regions in turn. A region whose breaker is open or

@@ -144,7 +144,7 @@ impl UsageTap {
             Self::Sse(sse) => sse.reported.clone(),
             Self::Json(json) => json
                 .whole()
-                .and_then(|body| serde_json::from_slice::<MessageUsage>(&body).ok())
+                .and_then(|body| message_usage(&body))
                 .map(|message| {
                     let mut reported = Reported {
                         model: message.model,
@@ -163,6 +163,61 @@ impl UsageTap {
 
 /// The usage events of a stream, found line by line. Only the current
 /// unfinished line is kept, and only while it may be a usage event.
+/// The `model` and `usage` of a Messages response. The API writes `model`
+/// among the first members, after plain strings (`id`, `type`, `role`), and
+/// `usage` last, so both are read where they stand and the content between
+/// them is not parsed: a third of the relay's work per request went to
+/// parsing it. A body laid out otherwise is parsed whole.
+fn message_usage(body: &[u8]) -> Option<MessageUsage> {
+    if let (Some(usage), Some(model)) = (trailing_usage(body), leading_model(body)) {
+        return Some(MessageUsage {
+            model: Some(model),
+            usage: Some(usage),
+        });
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// `usage` as the last member of the top-level object. The value must run
+/// exactly to the object's closing brace, so a `"usage"` key nested deeper
+/// (whose object more brackets would follow) is never taken for it.
+fn trailing_usage(body: &[u8]) -> Option<ReportedUsage> {
+    let inner = body.trim_ascii_end().strip_suffix(b"}")?;
+    let at = memchr::memmem::rfind(inner, b"\"usage\"")?;
+    if !matches!(inner[..at].trim_ascii_end().last(), Some(b',' | b'{')) {
+        return None;
+    }
+    let value = inner[at + 7..].trim_ascii_start().strip_prefix(b":")?;
+    let value = value.trim_ascii_start();
+    if !value.starts_with(b"{") {
+        return None;
+    }
+    serde_json::from_slice(value).ok()
+}
+
+/// `model` among the leading members of the top-level object, when only
+/// plain strings come before it.
+fn leading_model(body: &[u8]) -> Option<String> {
+    let mut rest = body.trim_ascii_start().strip_prefix(b"{")?;
+    for _ in 0..8 {
+        let (key, after) = plain_string(rest.trim_ascii_start())?;
+        let value = after.trim_ascii_start().strip_prefix(b":")?;
+        let (value, after) = plain_string(value.trim_ascii_start())?;
+        if key == b"model" {
+            return std::str::from_utf8(value).ok().map(str::to_owned);
+        }
+        rest = after.trim_ascii_start().strip_prefix(b",")?;
+    }
+    None
+}
+
+/// A JSON string without escapes at the start of `s`: its content and what follows.
+fn plain_string(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let s = s.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', s)?;
+    (s[end] == b'"').then(|| (&s[..end], &s[end + 1..]))
+}
+
 #[derive(Default)]
 pub struct SseUsage {
     partial: Vec<u8>,
@@ -833,6 +888,48 @@ mod tests {
             }
         );
         assert_eq!(tap.body().unwrap().as_ref(), &body[..]);
+    }
+
+    /// What the whole-body parse finds: the fast path must agree with it
+    /// whenever it answers, and answer for the API's own layout.
+    fn parsed_whole(body: &[u8]) -> Option<(Option<String>, Option<Usage>)> {
+        let message: MessageUsage = serde_json::from_slice(body).ok()?;
+        Some((message.model, message.usage.map(|u| to_usage(&u))))
+    }
+
+    fn to_usage(reported: &ReportedUsage) -> Usage {
+        let mut usage = Usage::default();
+        reported.apply_to(&mut usage);
+        usage
+    }
+
+    #[test]
+    fn json_usage_is_read_where_the_api_puts_it_and_never_from_content() {
+        let api = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-a","content":[{"type":"tool_use","id":"t","name":"f","input":{"usage":{"input_tokens":999}}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":7,"output_tokens":8}}"#;
+        assert!(trailing_usage(api).is_some() && leading_model(api).is_some());
+        let tricky: [&[u8]; 8] = [
+            api,
+            // Pretty-printed, with spaces and a newline at the end.
+            b"{ \"id\" : \"m\" ,\n \"model\" : \"claude-b\", \"content\": [],\n \"usage\" : {\"output_tokens\": 3} }\n",
+            // A nested "usage" last: the real one is elsewhere.
+            br#"{"model":"claude-c","usage":{"input_tokens":1},"content":[{"input":{"usage":{"input_tokens":999}}}]}"#,
+            // A key ending in usage, escaped quote included.
+            br#"{"model":"claude-d","content":[],"usage":{"input_tokens":2},"x"usage":{"input_tokens":999}}"#,
+            // Model after the content, or with an escape in it.
+            br#"{"content":[{"model":"fake"}],"model":"claude-e","usage":{"input_tokens":3}}"#,
+            br#"{"id":"m","model":"claude-f","usage":{"input_tokens":4}}"#,
+            // Usage as an array, or no usage at all.
+            br#"{"model":"claude-g","usage":[5,6,7,8]}"#,
+            br#"{"model":"claude-h","content":[{"text":""usage":{"input_tokens":999}}"}]}"#,
+        ];
+        for body in tricky {
+            let fast = message_usage(body).map(|m| (m.model, m.usage.map(|u| to_usage(&u))));
+            assert_eq!(fast, parsed_whole(body), "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(
+            message_usage(api).unwrap().usage.map(|u| to_usage(&u).input_tokens),
+            Some(7)
+        );
     }
 
     #[test]
