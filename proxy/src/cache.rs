@@ -31,7 +31,7 @@ use crate::error::RelayError;
 use crate::headers::RELAY_REQUEST_ID;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::store::keys::Keys;
-use crate::store::{AnyStore, unix_ms};
+use crate::store::{AnyStore, StoreError, unix_ms};
 
 /// The request header that turns the cache on or off for one request; the
 /// response header that says whether it was a hit.
@@ -489,30 +489,49 @@ impl ResponseCache {
         Some(entry.body.clone())
     }
 
-    /// Level 1, then level 2 (filling level 1 on a hit).
-    pub async fn lookup(&self, plan: &Plan, store: &AnyStore) -> Option<Hit> {
-        if let Some(body) = self.get_local(plan) {
-            self.count("hit_l1");
-            return Some(Hit { body, level: "l1" });
-        }
-        let redis = store.cache().filter(|_| plan.redis);
-        if let Some(redis) = redis {
-            match redis.cache_get(&plan.l2_key(&self.keys)).await {
-                Ok(Some(value)) if value.len() >= HEADER_LEN => {
-                    let stored = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-                    let expires = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
-                    let body = value.slice(HEADER_LEN..);
-                    if expires > unix_ms() {
-                        self.put_local(plan, body.clone(), stored, expires);
-                        self.count("hit_l2");
-                        return Some(Hit { body, level: "l2" });
-                    }
+    /// Level 1: this process's memory. No round trip.
+    pub fn lookup_local(&self, plan: &Plan) -> Option<Hit> {
+        let body = self.get_local(plan)?;
+        Some(Hit { body, level: "l1" })
+    }
+
+    /// Counts a hit once the request is admitted and served from it.
+    pub fn served(&self, hit: &Hit) {
+        self.count(if hit.level == "l1" {
+            "hit_l1"
+        } else {
+            "hit_l2"
+        });
+    }
+
+    /// The level-2 key of a request, when level 2 is in use (a Redis
+    /// store, and `cache.redis` on).
+    pub fn level2_key(&self, plan: &Plan, store: &AnyStore) -> Option<String> {
+        (plan.redis && store.cache().is_some()).then(|| plan.l2_key(&self.keys))
+    }
+
+    /// What level 2 answered for a request that level 1 did not (read with
+    /// the request's admission, [`AnyStore::admit_and_get`]); a hit fills
+    /// level 1. `None` (level 2 not asked) or no entry: a miss.
+    pub fn level2_answer(
+        &self,
+        plan: &Plan,
+        answer: Option<Result<Option<Bytes>, StoreError>>,
+    ) -> Option<Hit> {
+        match answer {
+            Some(Ok(Some(value))) if value.len() >= HEADER_LEN => {
+                let stored = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+                let expires = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
+                let body = value.slice(HEADER_LEN..);
+                if expires > unix_ms() {
+                    self.put_local(plan, body.clone(), stored, expires);
+                    return Some(Hit { body, level: "l2" });
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    self.count("l2_unavailable");
-                    tracing::debug!(%error, "cache level 2 not reachable; treated as a miss");
-                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => {
+                self.count("l2_unavailable");
+                tracing::debug!(%error, "cache level 2 not reachable; treated as a miss");
             }
         }
         self.count("miss");

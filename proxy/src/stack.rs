@@ -21,9 +21,11 @@
 //!    concurrency slot (429). Store down: signed requests 503 (unless
 //!    `replay.fail_open`), rate limits fail open, quotas fail open for
 //!    `quota.fail_open_grace`, then this replica's own budgets decide.
-//!    A request the response cache takes ([`crate::cache`]) is admitted in
-//!    two steps around the lookup: nonce and rate first, then, on a miss,
-//!    the quota; a hit costs no quota and no upstream call.
+//!    A request the response cache takes ([`crate::cache`]) looks in level 1
+//!    first (no round trip); a hit there asks only for the nonce and rate.
+//!    On a level-1 miss the admission and the level-2 read go to the store
+//!    together, one round trip in time; a hit costs no quota (a slot the
+//!    store gave goes back) and no upstream call.
 //!    → [`crate::usage::Meter`] on the exchange (client, quota, slot, cache fill).
 //! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
@@ -209,35 +211,71 @@ async fn relay(
     let first_asks = nonce.is_some() || client.rate_limit.is_some();
     let slot = match &cache_plan {
         Some(plan) => {
-            // Replays and rate limits first: a cached answer is not for them.
-            if first_asks {
-                admit(
-                    app,
-                    snapshot,
-                    client,
+            let cache = &app.services.cache;
+            if let Some(hit) = cache.lookup_local(plan) {
+                // Replays and rate limits first: a cached answer is not for them.
+                if first_asks {
+                    admit(
+                        app,
+                        snapshot,
+                        client,
+                        nonce,
+                        client.rate_limit,
+                        None,
+                        exchange,
+                    )
+                    .await?;
+                }
+                return Ok(cache_hit(app, hit, exchange));
+            }
+            // Level 1 missed: the admission and the level-2 read go together,
+            // one round trip in time.
+            let ask = client.quota.map(|q| q.ask(&exchange.request_id));
+            let (answer, level2) = snapshot
+                .store
+                .admit_and_get(
+                    &client.id.0,
                     nonce,
                     client.rate_limit,
-                    None,
-                    exchange,
+                    ask.as_ref(),
+                    cache.level2_key(plan, &snapshot.store).as_deref(),
                 )
-                .await?;
-            }
-            if let Some(hit) = app.services.cache.lookup(plan, &snapshot.store).await {
-                exchange.cache = Some(if hit.level == "l1" {
-                    "hit_l1"
-                } else {
-                    "hit_l2"
+                .await;
+            let asked = Asked {
+                nonce,
+                rate: client.rate_limit,
+                quota: client.quota,
+            };
+            if let Some(hit) = cache.level2_answer(plan, level2) {
+                // A hit costs no quota: only the nonce and the rate decide,
+                // and a concurrency slot the store gave goes back.
+                let slot_taken = matches!(
+                    &answer,
+                    Ok(admission) if admission.quota == Some(QuotaDecision::Allowed)
+                ) && client.quota.is_some_and(|q| q.max_concurrent > 0);
+                let answer = answer.map(|admission| crate::store::Admission {
+                    quota: None,
+                    ..admission
                 });
-                return Ok(hit.into_response(&exchange.request_id));
+                let without_quota = Asked {
+                    quota: None,
+                    ..asked
+                };
+                judge(app, snapshot, client, without_quota, None, answer, exchange).await?;
+                if slot_taken {
+                    exchange.meter = Some(meter(
+                        app,
+                        snapshot,
+                        client,
+                        exchange,
+                        Some(SlotHeld::Store),
+                        None,
+                    ));
+                }
+                return Ok(cache_hit(app, hit, exchange));
             }
             exchange.cache = Some("miss");
-            match client.quota {
-                // The rate was counted in the first step.
-                Some(quota) => {
-                    admit(app, snapshot, client, None, None, Some(quota), exchange).await?
-                }
-                None => None,
-            }
+            judge(app, snapshot, client, asked, ask.as_ref(), answer, exchange).await?
         }
         None if first_asks || client.quota.is_some() => {
             admit(
@@ -253,7 +291,26 @@ async fn relay(
         }
         None => None,
     };
-    exchange.meter = Some(Meter {
+    let fill = cache_plan.map(|plan| Fill {
+        cache: app.services.cache.clone(),
+        plan,
+    });
+    exchange.meter = Some(meter(app, snapshot, client, exchange, slot, fill));
+
+    forward(app, snapshot, route, parts, body, exchange).await
+}
+
+/// What the request settles when it ends: usage, budgets, its slot, the
+/// cache fill.
+fn meter(
+    app: &App,
+    snapshot: &Snapshot,
+    client: &Client,
+    exchange: &Exchange,
+    slot: Option<SlotHeld>,
+    cache_fill: Option<Fill>,
+) -> Meter {
+    Meter {
         accounting: app.services.accounting.clone(),
         store: snapshot.store.clone(),
         client: client.id.clone(),
@@ -262,13 +319,18 @@ async fn relay(
         retention: *snapshot.config.usage.retention,
         usage_enabled: snapshot.config.usage.enabled,
         tap: None,
-        cache_fill: cache_plan.map(|plan| Fill {
-            cache: app.services.cache.clone(),
-            plan,
-        }),
-    });
+        cache_fill,
+    }
+}
 
-    forward(app, snapshot, route, parts, body, exchange).await
+fn cache_hit(app: &App, hit: crate::cache::Hit, exchange: &mut Exchange) -> Response<RelayBody> {
+    app.services.cache.served(&hit);
+    exchange.cache = Some(if hit.level == "l1" {
+        "hit_l1"
+    } else {
+        "hit_l2"
+    });
+    hit.into_response(&exchange.request_id)
 }
 
 /// Asks the store, in one round trip, whether a signed request's nonce is
@@ -287,12 +349,36 @@ async fn admit(
     exchange: &Exchange,
 ) -> Result<Option<SlotHeld>, RelayError> {
     let ask = quota.map(|q| q.ask(&exchange.request_id));
-    let accounting = &app.services.accounting;
-    match snapshot
+    let answer = snapshot
         .store
         .admit(&client.id.0, nonce, rate, ask.as_ref())
-        .await
-    {
+        .await;
+    let asked = Asked { nonce, rate, quota };
+    judge(app, snapshot, client, asked, ask.as_ref(), answer, exchange).await
+}
+
+/// What a request asked the store at admission.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    nonce: Option<(&'a str, Duration)>,
+    rate: Option<(u32, Duration)>,
+    quota: Option<Quota>,
+}
+
+/// The store's answer to an admission, as the client sees it: on (with
+/// the concurrency slot, if one was taken) or refused.
+async fn judge(
+    app: &App,
+    snapshot: &Snapshot,
+    client: &Client,
+    asked: Asked<'_>,
+    ask: Option<&crate::store::QuotaAsk<'_>>,
+    answer: Result<crate::store::Admission, crate::store::StoreError>,
+    exchange: &Exchange,
+) -> Result<Option<SlotHeld>, RelayError> {
+    let Asked { nonce, rate, quota } = asked;
+    let accounting = &app.services.accounting;
+    match answer {
         Ok(admission) => {
             if admission.nonce_fresh == Some(false) {
                 return Err(SignatureError::ReplayedNonce.into());
@@ -358,7 +444,7 @@ async fn admit(
                 return Ok(None);
             };
             let grace = *snapshot.config.quota.fail_open_grace;
-            match accounting.unchecked(&client.id.0, &ask, grace).await {
+            match accounting.unchecked(&client.id.0, ask, grace).await {
                 Unchecked::FailOpen => {
                     tracing::warn!(request_id = %exchange.request_id, client = &*client.id.0, %error, "quota not checked: the store is unavailable (within quota.fail_open_grace)");
                     Ok(None)

@@ -316,3 +316,93 @@ async fn routes_headers_and_config_changes() {
     )
     .await;
 }
+
+/// DESIGN: at most one round trip to the store per request. A cacheable
+/// request that level 1 does not answer asks the store everything at once
+/// (rate window, quota with a concurrency slot, the level-2 read), so
+/// through a link where each round trip takes `DELAY` it is answered in
+/// about one `DELAY`, where asking one thing after the other took three.
+/// A level-2 hit costs no quota: the slot the store gave goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_level_one_miss_costs_one_round_trip_to_the_store() {
+    const DELAY: Duration = Duration::from_millis(300);
+    let setup = Setup::with_redis().await;
+    let redis = setup.redis.as_ref().unwrap();
+    let link = claude_relay_testkit::redis::SlowLink::start(redis.addr(), DELAY)
+        .await
+        .unwrap();
+    let config = setup
+        .config(
+            "    cache: {enabled: true}\n    rate_limit: {requests: 100, per: minute}\n    quota: {tokens_per_minute: 100000, max_concurrent: 5}",
+            "",
+            "",
+        )
+        .replace(&redis.url(), &link.url())
+        .replace("command_timeout: 200ms", "command_timeout: 3s");
+    assert!(config.contains(&link.url()));
+    let setup = &setup;
+    let timed = |proxy| async move {
+        let started = std::time::Instant::now();
+        let answer = setup.messages(proxy, APP_KEY, BODY, &[]).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        (cache_header(&answer).to_owned(), started.elapsed())
+    };
+
+    let a = setup.proxy(&config);
+    // A fresh Redis has no scripts cached: the first call loads it (EVAL
+    // after NOSCRIPT), a second round trip that later requests never pay.
+    let other_body = BODY.replace("Hi", "Hello");
+    let warm_up = setup.messages(&a, APP_KEY, &other_body, &[]).await;
+    assert_eq!(warm_up.status, 200);
+    let (cache, took) = timed(&a).await;
+    assert_eq!(cache, "miss");
+    assert!(
+        took >= DELAY && took < DELAY * 2,
+        "a miss took {took:?}: not one round trip of {DELAY:?}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "both answers in level 2",
+        || async {
+            let keys = redis
+                .cli(&["KEYS", "claude-relay:usage-test:cache:*"])
+                .unwrap();
+            (keys.lines().count() == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Another replica: level 1 empty, level 2 answers, in one round trip.
+    // Its connections to the store come up through the slow link after it
+    // is ready: until then level 2 is out of reach.
+    let b = setup.proxy(&config);
+    eventually(
+        Duration::from_secs(10),
+        "level 2 reachable from b",
+        || async {
+            let answer = setup.messages(&b, APP_KEY, &other_body, &[]).await;
+            (cache_header(&answer) == "hit").then_some(())
+        },
+    )
+    .await;
+    let calls = setup.upstream.messages_answered();
+    let level2_hits = r#"claude_relay_cache_requests_total{result="hit_l2"}"#;
+    let before = b.metric(level2_hits).await.unwrap_or(0.0);
+    let (cache, took) = timed(&b).await;
+    assert_eq!(cache, "hit");
+    assert!(
+        took >= DELAY && took < DELAY * 2,
+        "a level-2 hit took {took:?}: not one round trip of {DELAY:?}"
+    );
+    assert_eq!(b.metric(level2_hits).await, Some(before + 1.0));
+    // The hit's concurrency slot is released: only the miss's was ever
+    // held, and it too is gone once settled.
+    let in_flight = "claude-relay:usage-test:{app}:inflight";
+    eventually(Duration::from_secs(5), "slots released", || async {
+        (redis.cli(&["ZCARD", in_flight]).unwrap().trim() == "0").then_some(())
+    })
+    .await;
+    // Only misses reached the upstream, and only they are charged.
+    assert_eq!(setup.upstream.messages_answered(), calls);
+    settled(setup, &b, "app", calls as u64).await;
+}

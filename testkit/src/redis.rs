@@ -23,7 +23,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a cluster or a replica may take to become usable.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on one `redis-cli` call.
-const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two polls of a condition.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -632,6 +632,70 @@ fn ping(port: u16) -> bool {
     }
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// A TCP link to a server (Redis) that holds every byte sent to it for a
+/// fixed time, keeping their order; answers come back at once. Each round
+/// trip through it takes `delay`, so a test can tell one round trip from
+/// several whatever else the machine is doing.
+pub struct SlowLink {
+    addr: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl SlowLink {
+    /// Listens on a free loopback port; call inside a Tokio runtime.
+    pub async fn start(target: SocketAddr, delay: Duration) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay_slowly(client, target, delay));
+            }
+        });
+        Ok(Self { addr, accepting })
+    }
+
+    /// `redis://` at the link.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+async fn relay_slowly(client: tokio::net::TcpStream, target: SocketAddr, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+        return;
+    };
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reading = async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from_client.read(&mut buffer).await {
+            let _ = held.send((tokio::time::Instant::now() + delay, buffer[..n].to_vec()));
+        }
+    };
+    let writing = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to_server.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_server.shutdown().await;
+    };
+    let answering = async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+    };
+    tokio::join!(reading, writing, answering);
 }
 
 #[cfg(test)]

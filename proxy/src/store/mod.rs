@@ -508,6 +508,31 @@ impl AnyStore {
         }
     }
 
+    /// [`Self::admit`] and a read of the response cache's level 2 (`key`,
+    /// Redis only) sent together: one round trip in time for a cacheable
+    /// request that level 1 did not answer. The read is `None` with no
+    /// Redis or no key.
+    pub async fn admit_and_get(
+        &self,
+        client: &str,
+        nonce: Option<(&str, Duration)>,
+        rate: Option<(u32, Duration)>,
+        quota: Option<&QuotaAsk<'_>>,
+        cache_key: Option<&str>,
+    ) -> (
+        Result<Admission, StoreError>,
+        Option<Result<Option<bytes::Bytes>, StoreError>>,
+    ) {
+        match (self, cache_key) {
+            (Self::Redis(redis), Some(key)) => {
+                let (admission, cached) =
+                    tokio::join!(self.admit(client, nonce, rate, quota), redis.cache_get(key));
+                (admission, Some(cached))
+            }
+            _ => (self.admit(client, nonce, rate, quota).await, None),
+        }
+    }
+
     /// Level 2 of the response cache: Redis only.
     pub fn cache(&self) -> Option<&RedisStore> {
         match self {
