@@ -924,10 +924,18 @@ mod tests {
         ];
         for body in tricky {
             let fast = message_usage(body).map(|m| (m.model, m.usage.map(|u| to_usage(&u))));
-            assert_eq!(fast, parsed_whole(body), "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                fast,
+                parsed_whole(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         assert_eq!(
-            message_usage(api).unwrap().usage.map(|u| to_usage(&u).input_tokens),
+            message_usage(api)
+                .unwrap()
+                .usage
+                .map(|u| to_usage(&u).input_tokens),
             Some(7)
         );
     }
