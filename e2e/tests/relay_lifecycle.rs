@@ -1010,6 +1010,17 @@ async fn invalid_relays_are_rejected() {
                 json!({"breaker": {"failureRatePercent": 0}}),
                 "spec.breaker.failureRatePercent",
             ),
+            (
+                json!({
+                    "usage": {"enabled": false},
+                    "clients": [{
+                        "id": "app",
+                        "relayKeySecretRef": {"name": "app-credentials", "key": "relay-key"},
+                        "quota": {"tokensPerDay": 100000},
+                    }],
+                }),
+                "token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled",
+            ),
         ];
         for (change, expected) in cases {
             let mut object = relay("redis://127.0.0.1:6379");
