@@ -320,18 +320,24 @@ async fn rollout(world: &mut World) {
             .flatten()
     })
     .await;
+    // NB: the operator applies the HPA last, after the Deployment: wait for it
+    // before reading the objects applied in between.
+    let hpa = eventually("the HPA", Duration::from_secs(20), async || {
+        world
+            .cluster
+            .api::<HorizontalPodAutoscaler>()
+            .get_opt("main")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
     let service = world
         .cluster
         .api::<Service>()
         .get("main")
         .await
         .expect("the Service");
-    let hpa = world
-        .cluster
-        .api::<HorizontalPodAutoscaler>()
-        .get("main")
-        .await
-        .expect("the HPA");
     let pdb = world
         .cluster
         .api::<PodDisruptionBudget>()
