@@ -251,9 +251,12 @@ pub struct ClientQuota {
 impl ClientQuota {
     /// Whether anything is limited at all.
     pub fn is_active(&self) -> bool {
-        self.tokens_per_minute.is_some_and(|n| n > 0)
-            || self.tokens_per_day.is_some_and(|n| n > 0)
-            || self.max_concurrent.is_some_and(|n| n > 0)
+        self.has_token_budget() || self.max_concurrent.is_some_and(|n| n > 0)
+    }
+
+    /// Whether tokens are limited, which needs the usage of responses.
+    pub fn has_token_budget(&self) -> bool {
+        self.tokens_per_minute.is_some_and(|n| n > 0) || self.tokens_per_day.is_some_and(|n| n > 0)
     }
 }
 
@@ -1082,11 +1085,7 @@ impl ProxyConfig {
                     "must be greater than 0",
                 );
             }
-            if !self.usage.enabled
-                && client
-                    .quota
-                    .is_some_and(|q| q.tokens_per_minute.is_some() || q.tokens_per_day.is_some())
-            {
+            if !self.usage.enabled && client.quota.is_some_and(|q| q.has_token_budget()) {
                 bad(
                     format!("clients[{i}].quota"),
                     "token budgets need usage.enabled",
@@ -1788,6 +1787,11 @@ cache:
             "clients: [{id: a, relay_keys: [{env: K}], quota: {tokens_per_day: 5}}]\nusage: {enabled: false}\n",
         );
         assert!(err.contains("token budgets need usage.enabled"), "{err}");
+        // 0 is no budget: a concurrency cap alone works without usage.
+        config(
+            "clients: [{id: a, relay_keys: [{env: K}], quota: {tokens_per_day: 0, max_concurrent: 2}}]\nusage: {enabled: false}\n",
+        )
+        .unwrap();
         let err = problems("clients: [{id: a, relay_keys: [{env: K}], quota: {tokens: 5}}]\n");
         assert!(err.contains("clients[0].quota"), "{err}");
     }

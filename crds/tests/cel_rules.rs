@@ -192,3 +192,38 @@ fn a_quota_must_limit_something() {
     });
     assert_eq!(errors(&relay), Vec::<String>::new());
 }
+
+#[test]
+fn token_budgets_need_usage_enabled() {
+    use claude_relay_crds::resources::{ClientQuota, UsageSettings};
+    let mut relay = ClaudeRelay::test();
+    relay.spec.usage = Some(UsageSettings {
+        enabled: false,
+        retention: None,
+    });
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        max_concurrent: Some(3),
+        ..ClientQuota::default()
+    });
+    assert_eq!(errors(&relay), Vec::<String>::new(), "a cap is no budget");
+    for quota in [
+        ClientQuota {
+            tokens_per_minute: Some(1000),
+            ..ClientQuota::default()
+        },
+        ClientQuota {
+            tokens_per_day: Some(100_000),
+            ..ClientQuota::default()
+        },
+    ] {
+        relay.spec.clients[0].quota = Some(quota);
+        rejected_with(
+            &relay,
+            "token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled",
+        );
+    }
+    relay.spec.usage = Some(UsageSettings::default());
+    assert_eq!(errors(&relay), Vec::<String>::new());
+    relay.spec.usage = None;
+    assert_eq!(errors(&relay), Vec::<String>::new());
+}

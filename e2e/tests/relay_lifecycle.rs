@@ -320,18 +320,24 @@ async fn rollout(world: &mut World) {
             .flatten()
     })
     .await;
+    // NB: the operator applies the HPA last, after the Deployment: wait for it
+    // before reading the objects applied in between.
+    let hpa = eventually("the HPA", Duration::from_secs(20), async || {
+        world
+            .cluster
+            .api::<HorizontalPodAutoscaler>()
+            .get_opt("main")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
     let service = world
         .cluster
         .api::<Service>()
         .get("main")
         .await
         .expect("the Service");
-    let hpa = world
-        .cluster
-        .api::<HorizontalPodAutoscaler>()
-        .get("main")
-        .await
-        .expect("the HPA");
     let pdb = world
         .cluster
         .api::<PodDisruptionBudget>()
@@ -1009,6 +1015,17 @@ async fn invalid_relays_are_rejected() {
             (
                 json!({"breaker": {"failureRatePercent": 0}}),
                 "spec.breaker.failureRatePercent",
+            ),
+            (
+                json!({
+                    "usage": {"enabled": false},
+                    "clients": [{
+                        "id": "app",
+                        "relayKeySecretRef": {"name": "app-credentials", "key": "relay-key"},
+                        "quota": {"tokensPerDay": 100000},
+                    }],
+                }),
+                "token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled",
             ),
         ];
         for (change, expected) in cases {

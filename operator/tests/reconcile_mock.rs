@@ -265,6 +265,38 @@ async fn no_regions_gives_a_condition_and_no_deployment() {
 }
 
 #[tokio::test]
+async fn token_budgets_with_usage_off_give_invalid_spec_and_no_deployment() {
+    use claude_relay_crds::resources::{ClientQuota, UsageSettings};
+    let mut relay = ClaudeRelay::test();
+    relay.spec.usage = Some(UsageSettings {
+        enabled: false,
+        retention: None,
+    });
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        tokens_per_minute: Some(10_000),
+        ..ClientQuota::default()
+    });
+    let (ctx, mut handle) = context();
+    let server = tokio::spawn(async move {
+        expect_region_list(&mut handle, regions()).await;
+        expect_secrets(&mut handle, &[]).await;
+        // Straight to status: nothing applied, the running proxies keep their config.
+        expect_apply(&mut handle, &format!("{RELAYS}/main/status"), json!({})).await
+    });
+    let action = run(&relay, &ctx).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let status = server.await.unwrap().body["status"].clone();
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert_eq!(
+        ready["message"],
+        "invalid proxy config: clients[0].quota: token budgets need usage.enabled"
+    );
+    assert_eq!(condition(&status, "Degraded")["status"], "True");
+}
+
+#[tokio::test]
 async fn autoscaling_applies_an_hpa_and_leaves_replicas_alone() {
     let relay = ClaudeRelay::test().with_autoscaling(2, 8);
     let (ctx, mut handle) = context();

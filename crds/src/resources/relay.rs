@@ -58,6 +58,10 @@ use crate::duration::HumanDuration;
 )]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))")
     .message("set replicas or autoscaling, not both"))]
+// Budgets are charged from the usage the proxy reads; the proxy refuses this
+// too, but here `kubectl apply` says it at once.
+#[x_kube(validation = Rule::new("!has(self.usage) || self.usage.enabled || self.clients.all(c, !has(c.quota) || (!has(c.quota.tokensPerMinute) && !has(c.quota.tokensPerDay)))")
+    .message("token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeRelaySpec {
     /// Fixed number of proxy pods (default 2). Leave unset when `autoscaling` is set.
@@ -121,6 +125,36 @@ pub struct ClaudeRelaySpec {
     /// The response cache (off unless a client, a route or a request enables it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSettings>,
+    /// Usage accounting: token counts per client, model and UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSettings>,
+}
+
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSettings {
+    /// Read the token usage of every response for metrics, the daily
+    /// counters and token budgets (default true). Off, token budgets
+    /// (`clients[].quota.tokensPerMinute`, `tokensPerDay`) are refused.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long the per-client daily usage counters are kept in Redis
+    /// (default 90d, at least 1d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<HumanDuration>,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -49,6 +49,7 @@ impl ClaudeRelay {
             log: None,
             quota: None,
             cache: None,
+            usage: None,
         };
         let mut relay = ClaudeRelay::new("main", spec);
         relay.metadata = ObjectMeta {

@@ -145,6 +145,12 @@ pub fn render_config(
     if let Some(cache) = &spec.cache {
         doc["cache"] = cache_block(cache);
     }
+    if let Some(usage) = &spec.usage {
+        doc["usage"] = without_nulls(json!({
+            "enabled": usage.enabled,
+            "retention": usage.retention,
+        }));
+    }
 
     let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
         InvalidSpec(format!(

@@ -697,3 +697,89 @@ fn quotas_and_cache_are_rendered() {
         claude_relay_crds::config::CacheConfig::default()
     );
 }
+
+#[test]
+fn usage_settings_are_rendered() {
+    use claude_relay_crds::config::UsageConfig;
+    use claude_relay_crds::resources::UsageSettings;
+    let ninety_days = HumanDuration::from_secs(90 * 86_400);
+
+    // Absent: no `usage` section, so the proxy's defaults hold.
+    let plain = render_config(&ClaudeRelay::test(), &regions()).unwrap();
+    assert_eq!(plain.usage, UsageConfig::default());
+    assert_eq!(
+        plain.usage,
+        UsageConfig {
+            enabled: true,
+            retention: ninety_days,
+        }
+    );
+
+    let mut relay = ClaudeRelay::test();
+    relay.spec.usage = Some(UsageSettings {
+        enabled: false,
+        retention: None,
+    });
+    let config = parse_config_map(&render(&relay, &regions(), &defaults()).unwrap());
+    assert_eq!(
+        config.usage,
+        UsageConfig {
+            enabled: false,
+            retention: ninety_days,
+        }
+    );
+
+    relay.spec.usage = Some(UsageSettings {
+        enabled: true,
+        retention: Some("35d".parse().unwrap()),
+    });
+    let rendered = render(&relay, &regions(), &defaults()).unwrap();
+    let text = &rendered.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(
+        text.contains("usage:\n  enabled: true\n  retention: 840h\n"),
+        "{text}"
+    );
+    assert_eq!(
+        parse_config_map(&rendered).usage,
+        UsageConfig {
+            enabled: true,
+            retention: HumanDuration::from_secs(35 * 86_400),
+        }
+    );
+}
+
+#[test]
+fn token_budgets_without_usage_or_a_short_retention_are_invalid_specs() {
+    use claude_relay_crds::resources::{ClientQuota, UsageSettings};
+    let mut relay = ClaudeRelay::test().with_client("batch", "batch-key", "key");
+    relay.spec.usage = Some(UsageSettings {
+        enabled: false,
+        retention: None,
+    });
+    // A concurrency cap alone needs no usage.
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        max_concurrent: Some(4),
+        ..ClientQuota::default()
+    });
+    render(&relay, &regions(), &defaults()).unwrap();
+
+    relay.spec.clients[1].quota = Some(ClientQuota {
+        tokens_per_day: Some(1_000_000),
+        ..ClientQuota::default()
+    });
+    let err = render(&relay, &regions(), &defaults()).unwrap_err();
+    assert_eq!(
+        err.0,
+        "invalid proxy config: clients[1].quota: token budgets need usage.enabled"
+    );
+
+    relay.spec.usage = Some(UsageSettings {
+        enabled: true,
+        retention: Some(HumanDuration::from_secs(3600)),
+    });
+    let err = render(&relay, &regions(), &defaults()).unwrap_err();
+    assert_eq!(
+        err.0,
+        "invalid proxy config: usage.retention: must be at least 1d"
+    );
+}
