@@ -87,6 +87,30 @@ async fn concurrent_claims_have_exactly_one_winner<S: Store + 'static>(store: Ar
     }
 }
 
+/// Claims arriving together (a store may send them as one batch): three
+/// clients, the same nonce names in each, every claim twice, more than one
+/// batch holds. Each (client, nonce) has exactly one winner.
+async fn a_crowd_of_claims_has_one_winner_per_client_and_nonce<S: Store + 'static>(store: Arc<S>) {
+    let claims = ["app", "other", "third"]
+        .into_iter()
+        .flat_map(|client| (0..100).flat_map(move |i| [(client, i), (client, i)]));
+    let claims: Vec<_> = claims
+        .map(|(client, i)| {
+            let store = store.clone();
+            let nonce = format!("crowd-{i:016}");
+            let claimed = tokio::spawn(async move { store.claim_nonce(client, &nonce, TTL).await });
+            ((client, i), claimed)
+        })
+        .collect();
+    let mut winners = std::collections::HashMap::new();
+    for (claim, claimed) in claims {
+        let fresh = claimed.await.unwrap().unwrap();
+        *winners.entry(claim).or_insert(0) += usize::from(fresh);
+    }
+    assert_eq!(winners.len(), 300);
+    assert!(winners.values().all(|&n| n == 1), "{winners:?}");
+}
+
 async fn nonce_is_forgotten_after_its_ttl<S: Store>(store: Arc<S>) {
     let ttl = Duration::from_millis(300);
     assert_eq!(
@@ -394,6 +418,7 @@ macro_rules! conformance {
 conformance!(
     nonce_is_accepted_once,
     concurrent_claims_have_exactly_one_winner,
+    a_crowd_of_claims_has_one_winner_per_client_and_nonce,
     nonce_is_forgotten_after_its_ttl,
     rate_limit_window_and_retry_after,
     rate_limit_holds_under_concurrency,
