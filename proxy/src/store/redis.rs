@@ -3,8 +3,7 @@
 //!
 //! Each operation is one round trip and one atomic step in Redis:
 //! - a nonce is `SET key 1 NX PX ttl`; never a read then a write, which two
-//!   replicas could interleave. Nonces claimed at the same time go as one
-//!   script call per client that runs that `SET` for each;
+//!   replicas could interleave;
 //! - a rate-limit hit is one Lua script (INCR, and PEXPIRE on a new window).
 //!
 //! While Redis is unreachable, calls fail at once with transient errors
@@ -12,15 +11,14 @@
 //! request never hangs on the store. Commands are never retried: a retried
 //! `SET NX` whose first reply was lost would call a fresh nonce a replay.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use claude_relay_crds::config::{RedisMode, RedisStoreConfig};
 use fred::prelude::{
     Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
-    LuaInterface, Options, Pool, ReconnectPolicy, Server, ServerConfig,
+    LuaInterface, Options, Pool, ReconnectPolicy, Server, ServerConfig, SetOptions, Value,
 };
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping, UnresponsiveConfig};
 use rustls_pki_types::CertificateDer;
@@ -165,47 +163,7 @@ pub struct RedisStore {
     keys: Keys,
     options: Options,
     command_timeout: Duration,
-    nonces: Arc<NonceClaims>,
 }
-
-/// Nonce claims made together, sent as one script per client: under load
-/// many signed requests arrive in the same turn of the workers, and one
-/// command for all of them costs Redis and the client a fraction of one
-/// command each. Each key is still one `SET NX PX` inside the script, so a
-/// nonce is claimed at most once, even twice in the same batch.
-struct NonceClaims {
-    pool: Pool,
-    options: Options,
-    command_timeout: Duration,
-    waiting: Mutex<NonceBatch>,
-}
-
-#[derive(Default)]
-struct NonceBatch {
-    /// By client (the keys of one client share a cluster slot) and TTL (ms).
-    claims: HashMap<(String, i64), Vec<(String, NonceReply)>>,
-    /// A task is on its way to send the batch.
-    sending: bool,
-}
-
-type NonceReply = tokio::sync::oneshot::Sender<Result<bool, StoreError>>;
-
-/// At most this many nonces in one script call.
-const NONCES_PER_CALL: usize = 128;
-
-/// Claims nonces: KEYS, the nonce keys of one client; ARGV[1] their TTL
-/// (ms). Returns per key 1 when it was set (fresh), 0 when it existed.
-pub(crate) const CLAIM_NONCES_LUA: &str = "\
-local fresh = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, 1, 'NX', 'PX', ARGV[1]) then
-    fresh[i] = 1
-  else
-    fresh[i] = 0
-  end
-end
-return fresh
-";
 
 impl RedisStore {
     /// Builds the pool and starts connecting. Waits up to `connect_timeout`
@@ -252,22 +210,15 @@ impl RedisStore {
                 "redis not reachable yet; retrying in the background"
             ),
         }
-        let options = Options {
-            timeout: Some(command_timeout),
-            fail_fast: true,
-            max_attempts: Some(1),
-            ..Options::default()
-        };
         Ok(Self {
-            nonces: Arc::new(NonceClaims {
-                pool: pool.clone(),
-                options: options.clone(),
-                command_timeout,
-                waiting: Mutex::default(),
-            }),
             pool,
             keys: Keys::new(relay_name),
-            options,
+            options: Options {
+                timeout: Some(command_timeout),
+                fail_fast: true,
+                max_attempts: Some(1),
+                ..Options::default()
+            },
             command_timeout,
         })
     }
@@ -478,31 +429,18 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let key = self.keys.nonce(client, nonce);
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let send_now = {
-            let mut batch = self.nonces.lock();
-            batch
-                .claims
-                .entry((client.to_owned(), millis_i64(ttl)))
-                .or_default()
-                .push((key, reply));
-            !std::mem::replace(&mut batch.sending, true)
-        };
-        if send_now {
-            // Its own task, so that a request that goes away does not take
-            // the others' claims with it.
-            let nonces = self.nonces.clone();
-            tokio::spawn(async move {
-                // The other requests of this turn add theirs first.
-                tokio::task::yield_now().await;
-                nonces.send().await;
-            });
-        }
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::transient(
-                "redis: the nonce claim was dropped unanswered",
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let reply: Value = self
+            .bounded(self.pool.with_options(&self.options).set(
+                key,
+                1,
+                Some(Expiration::PX(ttl_ms)),
+                Some(SetOptions::NX),
+                false,
             ))
-        })
+            .await?;
+        // NX answers OK when it set the key, nil when the key existed.
+        Ok(!reply.is_null())
     }
 
     async fn hit_rate_limit(
@@ -618,84 +556,11 @@ fn millis_i64(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
-/// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`], [`RENEW_LUA`] and [`CLAIM_NONCES_LUA`] (checked by a
+/// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`] and [`RENEW_LUA`] (checked by a
 /// test against a real Redis).
 pub(crate) const ADMIT_SHA1: &str = "5326341333f95d819bd644827979a79ebc1efcac";
 pub(crate) const SETTLE_SHA1: &str = "2389f98047c17417b085df96770cd59d8678aab3";
 pub(crate) const RENEW_SHA1: &str = "0eb98f3fbcf9783295329878d8799622b9bd2af6";
-pub(crate) const CLAIM_NONCES_SHA1: &str = "56ef0c2e8336accf49f465c1b0a1627614f697b3";
-
-impl NonceClaims {
-    fn lock(&self) -> std::sync::MutexGuard<'_, NonceBatch> {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Sends every claim waiting now, one script call per client (and per
-    /// `NONCES_PER_CALL`), the calls at once; answers each claim.
-    async fn send(&self) {
-        let claims = {
-            let mut batch = self.lock();
-            batch.sending = false;
-            std::mem::take(&mut batch.claims)
-        };
-        let mut calls = Vec::new();
-        for ((_, ttl_ms), mut group) in claims {
-            while !group.is_empty() {
-                let rest = group.split_off(group.len().min(NONCES_PER_CALL));
-                calls.push(self.claim(ttl_ms, std::mem::replace(&mut group, rest)));
-            }
-        }
-        futures_util::future::join_all(calls).await;
-    }
-
-    async fn claim(&self, ttl_ms: i64, claims: Vec<(String, NonceReply)>) {
-        let (keys, replies): (Vec<String>, Vec<NonceReply>) = claims.into_iter().unzip();
-        let client = self.pool.with_options(&self.options);
-        let args = vec![ttl_ms.to_string()];
-        let call = async {
-            match client
-                .evalsha::<Vec<i64>, _, _, _>(CLAIM_NONCES_SHA1, keys.clone(), args.clone())
-                .await
-            {
-                // The script cache is empty (a fresh or restarted Redis): EVAL loads it.
-                Err(e) if e.to_string().contains("NOSCRIPT") => {
-                    client.eval(CLAIM_NONCES_LUA, keys.clone(), args).await
-                }
-                other => other,
-            }
-        };
-        let result = match tokio::time::timeout(
-            self.command_timeout + Duration::from_millis(50),
-            call,
-        )
-        .await
-        {
-            Ok(Ok(fresh)) if fresh.len() == replies.len() => Ok(fresh),
-            Ok(Ok(fresh)) => Err(StoreError::permanent(format!(
-                "redis: the nonce script answered {} values for {} nonces",
-                fresh.len(),
-                replies.len()
-            ))),
-            Ok(Err(e)) => Err(store_error(e)),
-            Err(_) => Err(StoreError::transient(format!(
-                "redis: no answer within {:?}",
-                self.command_timeout
-            ))),
-        };
-        match result {
-            Ok(fresh) => {
-                for (reply, fresh) in replies.into_iter().zip(fresh) {
-                    let _ = reply.send(Ok(fresh == 1));
-                }
-            }
-            Err(error) => {
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
-        }
-    }
-}
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
@@ -977,7 +842,5 @@ mod tests {
         assert_eq!(sha, SETTLE_SHA1);
         let sha: String = store.pool.script_load(RENEW_LUA).await.unwrap();
         assert_eq!(sha, RENEW_SHA1);
-        let sha: String = store.pool.script_load(CLAIM_NONCES_LUA).await.unwrap();
-        assert_eq!(sha, CLAIM_NONCES_SHA1);
     }
 }
