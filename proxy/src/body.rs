@@ -34,6 +34,10 @@ struct Streaming {
     /// can be appended without corrupting the stream.
     sse_boundary: Option<bool>,
     ended: bool,
+    /// The chunk that went out last, read for usage on the next poll (or
+    /// when the exchange ends): after it is on its way to the client, so
+    /// reading it never delays an event.
+    unread: Option<Bytes>,
 }
 
 /// The relay ended a stream: the upstream fell silent or ran past the cap.
@@ -64,6 +68,7 @@ impl RelayBody {
                 deadline,
                 sse_boundary: sse.then_some(true),
                 ended: false,
+                unread: None,
             })),
             exchange: None,
         }
@@ -76,9 +81,36 @@ impl RelayBody {
     }
 
     fn finish(&mut self, outcome: Outcome) {
+        self.read_usage();
         if let Some(mut exchange) = self.exchange.take() {
             exchange.outcome = outcome;
         }
+    }
+
+    fn usage_tap(&mut self) -> Option<&mut crate::usage::UsageTap> {
+        self.exchange
+            .as_mut()
+            .and_then(|e| e.meter.as_mut())
+            .and_then(|m| m.tap.as_mut())
+    }
+
+    /// Feeds the usage tap the chunk that went out last.
+    fn read_usage(&mut self) {
+        let Inner::Upstream(stream) = &mut self.inner else {
+            return;
+        };
+        if let Some(chunk) = stream.unread.take()
+            && let Some(tap) = self.usage_tap()
+        {
+            tap.feed(&chunk);
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // The client went away: what the last chunk reported still counts.
+        self.read_usage();
     }
 }
 
@@ -99,6 +131,7 @@ impl Body for RelayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        this.read_usage();
         let stream = match &mut this.inner {
             Inner::Full(bytes) => {
                 // Handed to hyper is as complete as a body the relay made gets.
@@ -118,15 +151,14 @@ impl Body for RelayBody {
                 {
                     *boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
                 }
-                // Usage is read as the bytes pass; they go on unchanged.
-                if let (Some(tap), Some(data)) = (
-                    this.exchange
-                        .as_mut()
-                        .and_then(|e| e.meter.as_mut())
-                        .and_then(|m| m.tap.as_mut()),
-                    frame.data_ref(),
-                ) {
-                    tap.feed(data);
+                // Usage is read from the bytes once they are handed on, unchanged.
+                let tapped = this
+                    .exchange
+                    .as_ref()
+                    .and_then(|e| e.meter.as_ref())
+                    .is_some_and(|m| m.tap.is_some());
+                if let (true, Some(data)) = (tapped, frame.data_ref()) {
+                    stream.unread = Some(data.clone());
                 }
                 if stream.body.is_end_stream() {
                     // NB: with a known length hyper stops polling after the last

@@ -2,9 +2,11 @@
 //!
 //! [`UsageTap`] reads the usage the upstream reports as the response passes:
 //! on a stream, the `usage` of `message_start` and of every (cumulative)
-//! `message_delta`, parsed from those lines only, while the bytes go on
-//! unchanged; on a JSON answer, the body's chunks are kept by reference and
-//! parsed once the response is over, off the response path.
+//! `message_delta`, parsed from those lines only, each chunk once it has
+//! been handed on unchanged (so reading never delays an event); on a JSON
+//! answer, the body's chunks are kept by reference and `model` and `usage`
+//! read where the API puts them once the response is over, off the
+//! response path.
 //!
 //! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
 //! exchange ends (complete, cut off or abandoned) what was reported is

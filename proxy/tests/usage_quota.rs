@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use claude_relay_testkit::http::{request, send_streaming};
+use claude_relay_testkit::http::{next_chunk, request, send_streaming};
 use common::*;
 use http::Method;
 use http_body_util::BodyExt;
@@ -87,6 +87,40 @@ async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
         log.contains("upstream_key=") && log.contains("complete=false"),
         "{log}"
     );
+}
+
+/// A client that goes away mid-stream: the usage reported until then is
+/// recorded, though the relay reads each chunk only after passing it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_leaves_still_counts_what_was_reported() {
+    let setup = Setup::with_redis().await;
+    let a = setup.proxy(&setup.config("", "", ""));
+    let request = request(
+        Method::POST,
+        &a.url("/v1/messages"),
+        &[
+            ("x-api-key", APP_KEY),
+            ("content-type", "application/json"),
+            ("x-mock", "stream-endless"),
+            ("x-mock-delay-ms", "200"),
+            ("x-mock-usage", "70,0,0,0"),
+        ],
+        STREAM_BODY.to_string(),
+    );
+    let response = send_streaming(&setup.client, request).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = next_chunk(&mut body, Duration::from_secs(5))
+        .await
+        .expect("the first event");
+    assert!(String::from_utf8_lossy(&first).contains("message_start"));
+    drop(body);
+
+    settled(&setup, &a, "app", 1).await;
+    let totals = setup.totals(&a, "app").await;
+    assert_eq!(totals["input_tokens"], 70, "{totals}");
+    assert_eq!(totals["output_tokens"], 1, "{totals}");
+    assert!(a.log().contains("complete=false"));
 }
 
 #[tokio::test]
