@@ -184,19 +184,24 @@ async fn update_path_applies_the_change_and_records_the_generation() {
     );
 }
 
-#[tokio::test]
-async fn missing_secret_gives_a_condition_and_no_deployment() {
-    let relay = ClaudeRelay::test();
+/// Reconciles a relay the operator must refuse: it reads the regions and
+/// the `missing` Secrets, applies nothing but the status (the running
+/// proxies keep their config) and retries in 30 s. The status it wrote.
+async fn refused(relay: &ClaudeRelay, missing: &'static [&'static str]) -> serde_json::Value {
     let (ctx, mut handle) = context();
     let server = tokio::spawn(async move {
         expect_region_list(&mut handle, regions()).await;
-        expect_secrets(&mut handle, &["eu-keys"]).await;
-        // Straight to status: nothing applied.
+        expect_secrets(&mut handle, missing).await;
         expect_apply(&mut handle, &format!("{RELAYS}/main/status"), json!({})).await
     });
-    let action = run(&relay, &ctx).await;
+    let action = run(relay, &ctx).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    let status = server.await.unwrap().body["status"].clone();
+    server.await.unwrap().body["status"].clone()
+}
+
+#[tokio::test]
+async fn missing_secret_gives_a_condition_and_no_deployment() {
+    let status = refused(&ClaudeRelay::test(), &["eu-keys"]).await;
     let ready = condition(&status, "Ready");
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "MissingSecret");
@@ -276,16 +281,7 @@ async fn token_budgets_with_usage_off_give_invalid_spec_and_no_deployment() {
         tokens_per_minute: Some(10_000),
         ..ClientQuota::default()
     });
-    let (ctx, mut handle) = context();
-    let server = tokio::spawn(async move {
-        expect_region_list(&mut handle, regions()).await;
-        expect_secrets(&mut handle, &[]).await;
-        // Straight to status: nothing applied, the running proxies keep their config.
-        expect_apply(&mut handle, &format!("{RELAYS}/main/status"), json!({})).await
-    });
-    let action = run(&relay, &ctx).await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    let status = server.await.unwrap().body["status"].clone();
+    let status = refused(&relay, &[]).await;
     let ready = condition(&status, "Ready");
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "InvalidSpec");
