@@ -33,16 +33,9 @@ async fn stored(proxy: &ProxyProcess, n: f64) {
 }
 
 async fn purge(setup: &Setup, proxy: &ProxyProcess, query: &str) -> serde_json::Value {
-    let answer = send(
-        &setup.client,
-        request(
-            Method::POST,
-            &proxy.admin_url(&format!("/cache/purge{query}")),
-            &[],
-            "",
-        ),
-    )
-    .await;
+    let answer = setup
+        .admin(proxy, Method::POST, &format!("/cache/purge{query}"))
+        .await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     answer.json()
 }

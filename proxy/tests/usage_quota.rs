@@ -95,17 +95,15 @@ async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
 async fn a_stream_the_client_leaves_still_counts_what_was_reported() {
     let setup = Setup::with_redis().await;
     let a = setup.proxy(&setup.config("", "", ""));
-    let request = request(
-        Method::POST,
-        &a.url("/v1/messages"),
+    let request = messages_request(
+        &a,
+        APP_KEY,
+        STREAM_BODY,
         &[
-            ("x-api-key", APP_KEY),
-            ("content-type", "application/json"),
             ("x-mock", "stream-endless"),
             ("x-mock-delay-ms", "200"),
             ("x-mock-usage", "70,0,0,0"),
         ],
-        STREAM_BODY.to_string(),
     );
     let response = send_streaming(&setup.client, request).await;
     assert_eq!(response.status(), 200);
@@ -137,16 +135,9 @@ async fn usage_admin_endpoint_checks_its_input() {
         ("from=2020-01-01&to=2026-01-01", 400, "at most 366 days"),
         ("client=nobody", 404, "no client"),
     ] {
-        let answer = claude_relay_testkit::http::send(
-            &setup.client,
-            request(
-                Method::GET,
-                &proxy.admin_url(&format!("/usage?{query}")),
-                &[],
-                "",
-            ),
-        )
-        .await;
+        let answer = setup
+            .admin(&proxy, Method::GET, &format!("/usage?{query}"))
+            .await;
         assert_eq!(answer.status, status, "{query}: {:?}", answer.body);
         let message = answer.json()["error"]["message"]
             .as_str()

@@ -94,36 +94,23 @@ regions:
         body: &str,
         headers: &[(&str, &str)],
     ) -> Answer {
-        let mut all = vec![
-            ("x-api-key", key),
-            ("content-type", "application/json"),
-            ("anthropic-version", "2023-06-01"),
-        ];
-        all.extend_from_slice(headers);
+        send(&self.client, messages_request(proxy, key, body, headers)).await
+    }
+
+    /// A bodiless request to `path` (with its query) on the admin port.
+    pub async fn admin(&self, proxy: &ProxyProcess, method: Method, path: &str) -> Answer {
         send(
             &self.client,
-            request(
-                Method::POST,
-                &proxy.url("/v1/messages"),
-                &all,
-                body.to_string(),
-            ),
+            request(method, &proxy.admin_url(path), &[], ""),
         )
         .await
     }
 
     /// `GET /usage?{query}` on the admin port.
     pub async fn usage(&self, proxy: &ProxyProcess, query: &str) -> serde_json::Value {
-        let answer = send(
-            &self.client,
-            request(
-                Method::GET,
-                &proxy.admin_url(&format!("/usage?{query}")),
-                &[],
-                "",
-            ),
-        )
-        .await;
+        let answer = self
+            .admin(proxy, Method::GET, &format!("/usage?{query}"))
+            .await;
         assert_eq!(answer.status, 200, "{:?}", answer.body);
         answer.json()
     }
@@ -133,6 +120,27 @@ regions:
         let usage = self.usage(proxy, &format!("client={client}")).await;
         usage["clients"][0]["total"].clone()
     }
+}
+
+/// `POST /v1/messages` to `proxy` with `key`, `body` and more headers.
+pub fn messages_request(
+    proxy: &ProxyProcess,
+    key: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut all = vec![
+        ("x-api-key", key),
+        ("content-type", "application/json"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    all.extend_from_slice(headers);
+    request(
+        Method::POST,
+        &proxy.url("/v1/messages"),
+        &all,
+        body.to_string(),
+    )
 }
 
 /// Polls `check` every 20 ms until it gives `Some`, for at most `within`.
@@ -156,16 +164,9 @@ pub async fn settled(setup: &Setup, proxy: &ProxyProcess, client: &str, requests
     // Generous: after a Redis restart the store reconnects with backoff.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = send(
-            &setup.client,
-            request(
-                Method::GET,
-                &proxy.admin_url(&format!("/usage?client={client}")),
-                &[],
-                "",
-            ),
-        )
-        .await;
+        let answer = setup
+            .admin(proxy, Method::GET, &format!("/usage?client={client}"))
+            .await;
         // 503 while the store reconnects.
         let totals = match answer.status.as_u16() {
             200 => answer.json()["clients"][0]["total"].clone(),
