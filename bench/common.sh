@@ -1,6 +1,7 @@
 # Shared by bench/run.sh and bench/instructions.sh (sourced, not run): a work
-# directory and child processes cleaned up on exit, tool checks, free ports,
-# the upstream (nginx serving a 1 KB Messages response) and wrk's POST script.
+# directory and child processes cleaned up on exit, the bench's secrets, tool
+# checks, free ports, the upstream (nginx serving a 1 KB Messages response),
+# the nginx reverse proxy config and wrk's POST script.
 
 work=$(mktemp -d)
 pids=()
@@ -10,6 +11,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# The bench's secrets: the relay key, the upstream key, the signing secret.
+echo "bench-relay-key" > "$work/relay.key"
+echo "sk-ant-bench" > "$work/upstream.key"
+echo "bench-signing-secret-0123456789abcdefghij" > "$work/signing.secret"
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: run scripts/install-test-deps.sh${2:+ ($2)}" >&2; exit 1; }; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -48,6 +54,35 @@ http {
 }
 NGINX
   "$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+}
+
+# write_proxy_conf PORT UPSTREAM_PORT KEEPALIVE WORKER_CONNECTIONS PROCESS_LINES:
+# Debian's nginx as a plain reverse proxy on PORT to the upstream, setting
+# the upstream key as the relay does; the config goes to $work/ng.
+write_proxy_conf() {
+  mkdir -p "$work/ng"
+  cat > "$work/ng/nginx.conf" <<NGINX
+$5
+daemon off;
+pid $work/ng/nginx.pid;
+error_log $work/ng/error.log warn;
+events { worker_connections $4; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/ng; proxy_temp_path $work/ng; fastcgi_temp_path $work/ng; uwsgi_temp_path $work/ng; scgi_temp_path $work/ng;
+  upstream claude { server 127.0.0.1:$2; keepalive $3; }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://claude;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key "sk-ant-bench";
+    }
+  }
+}
+NGINX
 }
 
 # wrk's request: a Messages API POST with the bench relay key.

@@ -35,34 +35,9 @@ LOAD="$root/target/release/relay-load"
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); RD=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
-mkdir -p "$work/ng"
 # master_process off: the one process under callgrind is the one that works.
-cat > "$work/ng/nginx.conf" <<NGINX
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/ng/nginx.pid;
-error_log $work/ng/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/ng; proxy_temp_path $work/ng; fastcgi_temp_path $work/ng; uwsgi_temp_path $work/ng; scgi_temp_path $work/ng;
-  upstream claude { server 127.0.0.1:$UP; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NG;
-    location / {
-      proxy_pass http://claude;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header x-api-key "sk-ant-bench";
-    }
-  }
-}
-NGINX
-echo "bench-relay-key" > "$work/relay.key"
-echo "sk-ant-bench" > "$work/upstream.key"
-echo "bench-signing-secret-0123456789abcdefghij" > "$work/signing.secret"
+write_proxy_conf "$NG" "$UP" 64 4096 "worker_processes 1;
+master_process off;"
 cat > "$work/relay.yaml" <<YAML
 server: {listen: 127.0.0.1:$RL, admin_listen: 127.0.0.1:$RA, workers: 1}
 log: {level: warn}

@@ -38,36 +38,11 @@ UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_po
 UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
 
-mkdir -p "$work/ng"
-cat > "$work/ng/nginx.conf" <<NGINX
-worker_processes auto;
-daemon off;
-pid $work/ng/nginx.pid;
-error_log $work/ng/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/ng; proxy_temp_path $work/ng; fastcgi_temp_path $work/ng; uwsgi_temp_path $work/ng; scgi_temp_path $work/ng;
-  upstream claude { server 127.0.0.1:$UP; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NG;
-    location / {
-      proxy_pass http://claude;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header x-api-key "sk-ant-bench";
-    }
-  }
-}
-NGINX
+write_proxy_conf "$NG" "$UP" 256 8192 "worker_processes auto;"
 start_upstream "$UP"
 "$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" & pids+=($!)
 "$MOCK" --listen "127.0.0.1:$MK" 2>/dev/null & pids+=($!)
 
-echo "bench-relay-key" > "$work/relay.key"
-echo "sk-ant-bench" > "$work/upstream.key"
-echo "bench-signing-secret-0123456789abcdefghij" > "$work/signing.secret"
 cat > "$work/relay.yaml" <<YAML
 server:
   listen: 127.0.0.1:$RL
