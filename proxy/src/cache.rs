@@ -110,29 +110,9 @@ impl CachePolicy {
         Ok(Some(asked == Some(true)))
     }
 
-    /// The cache key and settings of a request, or `None` when it is not
-    /// cached. A bad `x-relay-cache` value is a 400.
-    pub fn plan(
-        &self,
-        client: &str,
-        client_enabled: bool,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> Result<Option<Plan>, RelayError> {
-        let Some(asked) = self.wanted(client_enabled, method, path, headers)? else {
-            return Ok(None);
-        };
-        let Ok(serde_json::Value::Object(request)) = serde_json::from_slice(body) else {
-            return Ok(None);
-        };
-        Ok(self.plan_parsed(client, client_enabled, asked, headers, &request))
-    }
-
-    /// [`Self::plan`] for a request that [`Self::wanted`] let through, its
-    /// body already parsed (the request path parses it once, for both the
-    /// JSON check and the key).
+    /// The cache key and settings of a request that [`Self::wanted`] let
+    /// through, from its parsed body (the request path parses it once, for
+    /// both the JSON check and the key); `None` when it is not cached.
     pub fn plan_parsed(
         &self,
         client: &str,
@@ -607,6 +587,27 @@ impl ResponseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl CachePolicy {
+        /// `wanted`, then `plan_parsed` on the body, as the request path does.
+        fn plan(
+            &self,
+            client: &str,
+            client_enabled: bool,
+            method: &Method,
+            path: &str,
+            headers: &HeaderMap,
+            body: &[u8],
+        ) -> Result<Option<Plan>, RelayError> {
+            let Some(asked) = self.wanted(client_enabled, method, path, headers)? else {
+                return Ok(None);
+            };
+            let Ok(serde_json::Value::Object(request)) = serde_json::from_slice(body) else {
+                return Ok(None);
+            };
+            Ok(self.plan_parsed(client, client_enabled, asked, headers, &request))
+        }
+    }
 
     fn policy(json: &str) -> CachePolicy {
         CachePolicy::new(&serde_json::from_str(json).unwrap())
