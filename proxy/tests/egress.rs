@@ -46,6 +46,11 @@ fn region(name: &str, url: &str, priority: i32, egress: Option<&str>, extra: &st
     )
 }
 
+/// An `egress_proxy` value: the proxy at `url`, Basic auth from `file`.
+fn with_credentials(url: &str, file: &str) -> String {
+    format!("{{url: '{url}', credentials_from: {{file: {file}}}}}")
+}
+
 fn config(regions: &str, extra: &str) -> String {
     format!(
         r#"
@@ -117,10 +122,7 @@ async fn a_region_with_an_egress_proxy_tunnels_through_it_and_the_others_go_dire
             "via-proxy",
             &tunnelled.base_url(),
             0,
-            Some(&format!(
-                "{{url: '{}', credentials_from: {{file: {credentials}}}}}",
-                egress.url()
-            )),
+            Some(&with_credentials(&egress.url(), &credentials)),
             "",
         ) + &region("direct", &direct.base_url(), 1, None, "")),
         "",
@@ -173,10 +175,7 @@ async fn refused_credentials_fail_over_and_fixed_ones_are_picked_up_on_reload() 
             "via-proxy",
             &tunnelled.base_url(),
             0,
-            Some(&format!(
-                "{{url: '{}', credentials_from: {{file: {credentials}}}}}",
-                egress.url()
-            )),
+            Some(&with_credentials(&egress.url(), &credentials)),
             "",
         ) + &region("direct", &direct.base_url(), 1, None, "")
             + &region(
