@@ -153,16 +153,17 @@ async fn never_retries_a_4xx_or_a_stream_that_began() {
     );
 }
 
-#[tokio::test]
-async fn a_key_answered_429_rests_and_comes_back() {
+/// A region with keys A and B, where A's first answer is a 429 with this
+/// `retry-after`: round robin starts with A, its 429 passes through, then A
+/// rests while four requests go to B.
+async fn key_a_answers_429(retry_after: &str) -> (MockUpstream, ProxyProcess, th::TestClient) {
     let upstream = MockUpstream::start().await;
-    upstream.force_for_key("sk-ant-a", Some("status-429:1"));
+    upstream.force_for_key("sk-ant-a", Some(&format!("status-429:{retry_after}")));
     let proxy = start(&config(
         &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
         "",
     ));
     let client = th::client();
-    // Round robin starts with key A: its 429 passes through, then A rests.
     let first = send(&client, message(&proxy, &[])).await;
     assert_eq!(first.status, 429);
     upstream.force_for_key("sk-ant-a", None);
@@ -172,8 +173,14 @@ async fn a_key_answered_429_rests_and_comes_back() {
     assert_eq!(
         upstream.requests_with_key("sk-ant-a"),
         1,
-        "key A must rest during its cooldown"
+        "key A must rest after its 429 (retry-after: {retry_after})"
     );
+    (upstream, proxy, client)
+}
+
+#[tokio::test]
+async fn a_key_answered_429_rests_and_comes_back() {
+    let (upstream, proxy, client) = key_a_answers_429("1").await;
     assert_eq!(upstream.requests_with_key("sk-ant-b"), 4);
     // After the 1 s cooldown key A is used again.
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -197,26 +204,9 @@ fn http_date_in(offset: Duration, past: bool) -> String {
 
 #[tokio::test]
 async fn retry_after_as_an_http_date_rests_a_key_until_then_and_a_past_one_not_at_all() {
-    let upstream = MockUpstream::start().await;
     let date = http_date_in(Duration::from_secs(3), false);
     let until = httpdate::parse_http_date(&date).unwrap();
-    upstream.force_for_key("sk-ant-a", Some(&format!("status-429:{date}")));
-    let proxy = start(&config(
-        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
-        "",
-    ));
-    let client = th::client();
-    let first = send(&client, message(&proxy, &[])).await;
-    assert_eq!(first.status, 429);
-    upstream.force_for_key("sk-ant-a", None);
-    for _ in 0..4 {
-        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
-    }
-    assert_eq!(
-        upstream.requests_with_key("sk-ant-a"),
-        1,
-        "key A must rest until the date"
-    );
+    let (upstream, proxy, client) = key_a_answers_429(&date).await;
     let left = until.duration_since(SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(left + Duration::from_millis(300)).await;
     for _ in 0..4 {
