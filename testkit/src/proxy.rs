@@ -34,20 +34,30 @@ impl ProxyProcess {
     /// addresses) to a temporary file, starts the binary on it, and waits
     /// until `/readyz` answers 200.
     pub fn start(binary: &Path, config: &str, env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config_path = dir.path().join("config.yaml");
-        std::fs::write(
-            &config_path,
-            config
-                .replace("{listen}", &api.to_string())
-                .replace("{admin}", &admin.to_string()),
-        )
-        .unwrap();
-        let path = config_path.clone();
-        let args = ["--config".as_ref(), path.as_os_str()];
-        Self::spawn(binary, &args, env, api, admin, dir, config_path)
+        // A port found free may be taken by a test running alongside before
+        // the proxy binds it: then it starts again, on other ports.
+        let mut attempts = 3;
+        loop {
+            let dir = tempfile::tempdir().unwrap();
+            let (api, admin) = free_addresses();
+            let config_path = dir.path().join("config.yaml");
+            std::fs::write(
+                &config_path,
+                config
+                    .replace("{listen}", &api.to_string())
+                    .replace("{admin}", &admin.to_string()),
+            )
+            .unwrap();
+            let path = config_path.clone();
+            let args = ["--config".as_ref(), path.as_os_str()];
+            match Self::launch(binary, &args, env, api, admin, dir, config_path) {
+                Ok(process) => return process,
+                Err(log) if attempts > 1 && log.contains("Address already in use") => {
+                    attempts -= 1;
+                }
+                Err(log) => panic!("proxy exited before ready:\n{log}"),
+            }
+        }
     }
 
     /// Starts the binary with `args` instead of `--config FILE`, for a config
@@ -76,6 +86,21 @@ impl ProxyProcess {
         dir: tempfile::TempDir,
         config_path: PathBuf,
     ) -> Self {
+        Self::launch(binary, args, env, api, admin, dir, config_path)
+            .unwrap_or_else(|log| panic!("proxy exited before ready:\n{log}"))
+    }
+
+    /// Starts the binary and waits until `/readyz` answers 200; `Err` with
+    /// its log when it exits before.
+    fn launch(
+        binary: &Path,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        api: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+    ) -> Result<Self, String> {
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(binary);
@@ -97,8 +122,11 @@ impl ProxyProcess {
             child: Some(child),
             _dir: dir,
         };
-        process.wait_ready(Duration::from_secs(20));
-        process
+        if process.wait_ready(Duration::from_secs(20)) {
+            Ok(process)
+        } else {
+            Err(process.log())
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -144,14 +172,16 @@ impl ProxyProcess {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
-    fn wait_ready(&mut self, within: Duration) {
+    /// Whether `/readyz` answered 200; `false` when the process exited first.
+    fn wait_ready(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("proxy exited with {status} before ready:\n{}", self.log());
+                eprintln!("proxy exited with {status} before ready");
+                return false;
             }
             if crate::http::blocking_get_status(self.admin, "/readyz") == Some(200) {
-                return;
+                return true;
             }
             if Instant::now() > deadline {
                 panic!("proxy not ready within {within:?}:\n{}", self.log());
