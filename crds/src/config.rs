@@ -593,7 +593,9 @@ pub struct RedisStoreConfig {
     pub password_from: Option<SecretSource>,
     #[serde(default)]
     pub tls: RedisTlsConfig,
-    /// Connections kept open; commands are spread over them.
+    /// Connections kept open and shared; commands are spread over them.
+    /// Each proxy worker thread also keeps one connection of its own for
+    /// the commands of its requests.
     #[serde(default = "default_redis_pool_size")]
     pub pool_size: usize,
     /// TCP (and TLS) connect.

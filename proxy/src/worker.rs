@@ -5,17 +5,26 @@
 use std::cell::Cell;
 
 thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// Index of the calling worker thread (0 off the workers).
 pub fn current() -> usize {
+    index().unwrap_or(0)
+}
+
+/// Index of the calling worker thread; `None` off the workers.
+pub fn index() -> Option<usize> {
     WORKER.with(Cell::get)
 }
 
 pub fn set_current(index: usize) {
-    WORKER.with(|w| w.set(index));
+    WORKER.with(|w| w.set(Some(index)));
 }
+
+/// Workers beyond this many share the control thread's Redis connections
+/// instead of having one of their own.
+pub const MAX_WORKERS: usize = 256;
 
 /// `server.workers`, with 0 meaning one per available core.
 pub fn count(configured: usize) -> usize {

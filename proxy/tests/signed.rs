@@ -479,6 +479,92 @@ async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working()
     );
 }
 
+/// Each worker thread claims nonces over a Redis connection of its own,
+/// driven by its own runtime (no hop to another thread per request); the
+/// shared pool keeps its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_checks_nonces_over_its_own_connection() {
+    let setup = Setup::new().await;
+    let config = setup
+        .config(&["old"], "", default_replay())
+        .replace(
+            "reload_interval: 50ms}",
+            "reload_interval: 50ms, workers: 2}",
+        )
+        .replace(
+            "command_timeout: 200ms}",
+            "command_timeout: 200ms, pool_size: 1}",
+        );
+    let proxy = setup.proxy(&config);
+    let connections = || {
+        let list = setup.redis.cli(&["CLIENT", "LIST"]).unwrap();
+        // Every connection but the one asking.
+        list.lines()
+            .filter(|line| !line.trim().is_empty() && !line.contains("cmd=client|list"))
+            .count()
+    };
+    assert_eq!(connections(), 1, "before any request: the shared pool only");
+
+    // A fresh client connection per request: the kernel spreads them over
+    // the two workers' listeners, so both workers serve some of the 40.
+    for _ in 0..40 {
+        let answer = send(&th::client(), signed_now(&proxy)).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    // A worker's connection is made on its first request (that request
+    // and those until it is up take the shared pool).
+    th::wait_for(
+        "the shared pool and one connection per worker",
+        Duration::from_secs(5),
+        async || connections() == 3,
+    )
+    .await;
+    // More requests open nothing more.
+    for _ in 0..10 {
+        assert_eq!(send(&th::client(), signed_now(&proxy)).await.status, 200);
+    }
+    assert_eq!(connections(), 3);
+    // And a replay is still caught, whichever worker takes it.
+    let nonce = fresh_nonce();
+    let now = signing::unix_now();
+    let first = signed(
+        &proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        now,
+        &nonce,
+    );
+    assert_eq!(send(&th::client(), first).await.status, 200);
+    for _ in 0..6 {
+        let again = signed(
+            &proxy,
+            "signer",
+            SECRET_OLD,
+            "/v1/messages",
+            BODY,
+            now,
+            &nonce,
+        );
+        let answer = send(&th::client(), again).await;
+        assert_refused(&answer, 401, "authentication_error", "replayed nonce");
+    }
+    assert_eq!(setup.upstream.request_count(), 51);
+}
+
+fn signed_now(proxy: &ProxyProcess) -> http::Request<http_body_util::Full<Bytes>> {
+    signed(
+        proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        signing::unix_now(),
+        &fresh_nonce(),
+    )
+}
+
 #[tokio::test]
 async fn fail_open_lets_signed_requests_through_loudly() {
     let mut setup = Setup::new().await;

@@ -12,7 +12,7 @@
 //! `SET NX` whose first reply was lost would call a fresh nonce a replay.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use claude_relay_crds::config::{RedisMode, RedisStoreConfig};
@@ -160,6 +160,12 @@ pub(crate) const RATE_LIMIT_SHA1: &str = "1e41cfc412e6f2421d73aaf3e2078ab84078a3
 
 pub struct RedisStore {
     pool: Pool,
+    /// One connection per worker thread, made on its first request and
+    /// driven by that worker's runtime: a request's command and its answer
+    /// stay on the request's thread, and the commands a worker's requests
+    /// send in one turn of its loop go out in one write.
+    worker_pools: Box<[OnceLock<Option<Pool>>]>,
+    worker_pool: WorkerPoolBuilder,
     keys: Keys,
     options: Options,
     command_timeout: Duration,
@@ -175,29 +181,11 @@ impl RedisStore {
     pub async fn connect(config: &RedisStoreConfig, relay_name: &str) -> Result<Self, StoreError> {
         let connect_timeout = *config.connect_timeout;
         let command_timeout = *config.command_timeout;
-        let policy = ReconnectPolicy::new_exponential(
-            0, // never give up
-            millis_u32(*config.reconnect.min_delay),
-            millis_u32(*config.reconnect.max_delay),
-            2,
-        );
-        let pool = Builder::from_config(fred_config(config)?)
-            .set_policy(policy)
-            .with_connection_config(|c| {
-                c.connection_timeout = connect_timeout;
-                c.internal_command_timeout = connect_timeout;
-                c.max_command_attempts = 1;
-                // A Redis that accepts but stops answering (paused, partitioned)
-                // is dropped and reconnected rather than left to time out forever.
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some((command_timeout * 4).max(Duration::from_secs(1))),
-                    interval: Duration::from_millis(250),
-                };
-                c.tcp.nodelay = Some(true);
-            })
-            .with_performance_config(|p| p.default_command_timeout = command_timeout)
-            .build_pool(config.pool_size)
-            .map_err(|e| StoreError::permanent(format!("redis: cannot build the client: {e}")))?;
+        let fred = fred_config(config)?;
+        let pool = build_pool(config, fred.clone(), config.pool_size)?;
+        let settings = config.clone();
+        let worker_pool: WorkerPoolBuilder =
+            Arc::new(move || build_pool(&settings, fred.clone(), 1));
         // The connection tasks run until `quit`; the handle is not needed.
         drop(pool.connect());
         match tokio::time::timeout(connect_timeout, pool.wait_for_connect()).await {
@@ -212,6 +200,10 @@ impl RedisStore {
         }
         Ok(Self {
             pool,
+            worker_pools: (0..crate::worker::MAX_WORKERS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            worker_pool,
             keys: Keys::new(relay_name),
             options: Options {
                 timeout: Some(command_timeout),
@@ -221,6 +213,30 @@ impl RedisStore {
             },
             command_timeout,
         })
+    }
+
+    /// The pool for a request's commands: the calling worker's own
+    /// connection when it is up; otherwise (off the workers, while it
+    /// connects or reconnects) the shared pool.
+    fn hot_pool(&self) -> &Pool {
+        let Some(slot) = crate::worker::index().and_then(|i| self.worker_pools.get(i)) else {
+            return &self.pool;
+        };
+        // Made and connected without an await: the connection's tasks are
+        // spawned on this worker's runtime.
+        let own = slot.get_or_init(|| match (self.worker_pool)() {
+            Ok(pool) => {
+                drop(pool.connect());
+                Some(pool)
+            }
+            // The same config built the shared pool, so this is a secret
+            // file gone since: keep to the shared pool.
+            Err(_) => None,
+        });
+        match own {
+            Some(pool) if pool.is_connected() => pool,
+            _ => &self.pool,
+        }
     }
 
     /// The connection pool, for the breakers and key cooldowns that share it.
@@ -234,18 +250,26 @@ impl RedisStore {
     }
 
     /// Runs one command with the store's options and a hard bound on time.
-    async fn bounded<T>(
+    fn bounded<'a, T>(
         &self,
-        call: impl Future<Output = Result<T, FredError>>,
-    ) -> Result<T, StoreError> {
-        // fred applies the same timeout; this outer bound covers time spent
-        // before fred starts its clock (such as waiting for a pool slot).
-        match tokio::time::timeout(self.command_timeout + Duration::from_millis(50), call).await {
-            Ok(result) => result.map_err(store_error),
-            Err(_) => Err(StoreError::transient(format!(
-                "redis: no answer within {:?}",
-                self.command_timeout
-            ))),
+        call: impl Future<Output = Result<T, FredError>> + Send + 'a,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'a
+    where
+        T: 'a,
+    {
+        // Boxed at once: fred's futures are large, and every future that
+        // holds one would otherwise be copied whole each time it moves.
+        let call = Box::pin(call);
+        let timeout = self.command_timeout;
+        async move {
+            // fred applies the same timeout; this outer bound covers time
+            // spent before fred starts its clock.
+            match tokio::time::timeout(timeout + Duration::from_millis(50), call).await {
+                Ok(result) => result.map_err(store_error),
+                Err(_) => Err(StoreError::transient(format!(
+                    "redis: no answer within {timeout:?}"
+                ))),
+            }
         }
     }
 
@@ -268,7 +292,7 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, StoreError> {
-        let client = self.pool.with_options(&self.options);
+        let client = self.hot_pool().with_options(&self.options);
         let result = self
             .bounded(client.evalsha::<R, _, _, _>(sha1, keys.clone(), args.clone()))
             .await;
@@ -359,7 +383,7 @@ impl RedisStore {
 
     /// Level 2 of the response cache: the entry under `key`, if any.
     pub async fn cache_get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.bounded(self.pool.with_options(&self.options).get(key))
+        self.bounded(self.hot_pool().with_options(&self.options).get(key))
             .await
     }
 
@@ -431,7 +455,7 @@ impl Store for RedisStore {
         let key = self.keys.nonce(client, nonce);
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let reply: Value = self
-            .bounded(self.pool.with_options(&self.options).set(
+            .bounded(self.hot_pool().with_options(&self.options).set(
                 key,
                 1,
                 Some(Expiration::PX(ttl_ms)),
@@ -566,9 +590,17 @@ impl Drop for RedisStore {
     fn drop(&mut self) {
         // Stop the reconnect loops of a store replaced on reload.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pool = self.pool.clone();
+            let pools: Vec<Pool> = std::iter::once(self.pool.clone())
+                .chain(
+                    self.worker_pools
+                        .iter()
+                        .filter_map(|p| p.get().cloned().flatten()),
+                )
+                .collect();
             runtime.spawn(async move {
-                let _ = pool.quit().await;
+                for pool in pools {
+                    let _ = pool.quit().await;
+                }
             });
         }
     }
@@ -604,6 +636,37 @@ fn millis_u32(d: Duration) -> u32 {
 
 /// The fred config for the configured mode, credentials and TLS. Errors
 /// never repeat the URL, which may hold a password.
+type WorkerPoolBuilder = Arc<dyn Fn() -> Result<Pool, StoreError> + Send + Sync>;
+
+/// A pool of `size` connections, not connected yet.
+fn build_pool(config: &RedisStoreConfig, fred: Config, size: usize) -> Result<Pool, StoreError> {
+    let connect_timeout = *config.connect_timeout;
+    let command_timeout = *config.command_timeout;
+    let policy = ReconnectPolicy::new_exponential(
+        0, // never give up
+        millis_u32(*config.reconnect.min_delay),
+        millis_u32(*config.reconnect.max_delay),
+        2,
+    );
+    Builder::from_config(fred)
+        .set_policy(policy)
+        .with_connection_config(|c| {
+            c.connection_timeout = connect_timeout;
+            c.internal_command_timeout = connect_timeout;
+            c.max_command_attempts = 1;
+            // A Redis that accepts but stops answering (paused, partitioned)
+            // is dropped and reconnected rather than left to time out forever.
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some((command_timeout * 4).max(Duration::from_secs(1))),
+                interval: Duration::from_millis(250),
+            };
+            c.tcp.nodelay = Some(true);
+        })
+        .with_performance_config(|p| p.default_command_timeout = command_timeout)
+        .build_pool(size)
+        .map_err(|e| StoreError::permanent(format!("redis: cannot build the client: {e}")))
+}
+
 fn fred_config(config: &RedisStoreConfig) -> Result<Config, StoreError> {
     let bad = |what: String| StoreError::permanent(format!("redis: {what}"));
     let mut url_tls = false;
