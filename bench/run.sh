@@ -4,7 +4,8 @@
 #   nginx   — Debian's nginx as a plain reverse proxy to that upstream
 #   relay   — claude-relay-proxy to that upstream
 # It prints requests/s and p50/p99 latency of each, the ratios, the relay's
-# added p50 latency over direct, the time to the first stream event with
+# added p50 latency over direct, signed against relay-key requests (with the
+# CPU the relay and Redis spend per request), the time to the first stream event with
 # usage accounting on and off, cache hits against relayed requests, and the
 # relay's RSS idle and with 1,000 concurrent open streams. Figures, not
 # pass/fail: the machines are shared.
@@ -36,7 +37,7 @@ MOCK="$root/target/release/mock-upstream"
 
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
 UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port)
-redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & pids+=($!)
+redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & redis_pid=$!; pids+=($redis_pid)
 
 write_proxy_conf "$NG" "$UP" 256 8192 "worker_processes auto;"
 start_upstream "$UP"
@@ -140,9 +141,17 @@ lat=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 1 1 "$DURATION"
          run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 1 1 "$DURATION"; } )
 
 echo "signed vs relay-key: relay-load -c$CONNECTIONS -d${DURATION}s (fresh nonce per signed request, checked in Redis)"
-load() { # mode
-  "$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
-    --mode "$1" --relay-key bench-relay-key --key-id bench-signer --secret-file "$work/signing.secret"
+# CPU time (user + system, clock ticks) a process has used so far.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+load() { # mode: relay-load's line, plus the CPU the relay and Redis spent per request
+  local relay0 redis0 line n
+  relay0=$(ticks "$relay_pid"); redis0=$(ticks "$redis_pid")
+  line=$("$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+    --mode "$1" --relay-key bench-relay-key --key-id bench-signer --secret-file "$work/signing.secret")
+  n=$(echo "$line" | sed 's/.*requests=\([0-9]*\).*/\1/')
+  echo "$line relay_cpu_us=$(( ($(ticks "$relay_pid") - relay0) * 1000000 / CLK_TCK / (n > 0 ? n : 1) ))" \
+    "redis_cpu_us=$(( ($(ticks "$redis_pid") - redis0) * 1000000 / CLK_TCK / (n > 0 ? n : 1) ))"
 }
 load relay-key > /dev/null  # warm-up of the generator's own connections
 sig_all=$(for _ in $(seq 1 "$ROUNDS"); do echo "relay-key $(load relay-key)"; echo "signed $(load signed)"; done)
@@ -229,6 +238,11 @@ report=$(
   echo "relay-key vs signed (relay-load -c$CONNECTIONS -d${DURATION}s, same relay, Redis on loopback; median of $ROUNDS rounds)"
   echo "$sig" | sed 's/=/ /g' | awk '{printf "%-10s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
   echo "$sig" | sed 's/=/ /g' | awk '$1=="relay-key"{k=$7} $1=="signed"{s=$7} END {printf "ratio: signed/relay-key throughput %.2f (target >= 0.80)\n", s/k}'
+  # CPU per request is steadier than req/s on a shared machine: the median turn of each.
+  cpu_median() { echo "$sig_all" | awk -v m="$1" '$1==m' | tr ' ' '\n' | sed -n "s/^$2=//p" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+  for m in relay-key signed; do
+    printf "%-10s CPU per request: relay %4d us, Redis %3d us (median of %d rounds)\n" "$m" "$(cpu_median "$m" relay_cpu_us)" "$(cpu_median "$m" redis_cpu_us)" "$ROUNDS"
+  done
   echo
   echo "time to first stream event (relay-load -c1 -d${DURATION}s, mock upstream, three turns on/off)"
   echo "$first" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'
