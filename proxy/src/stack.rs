@@ -743,8 +743,7 @@ async fn attempt(
     let permit = transport.acquire().await;
     let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
     exchange.upstream = Some(region.name.clone());
-    let sent =
-        tokio::time::timeout_at(headers_by, transport.client().request(upstream_request)).await;
+    let sent = tokio::time::timeout_at(headers_by, transport.send(upstream_request)).await;
     let response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {

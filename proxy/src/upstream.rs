@@ -1,6 +1,11 @@
-//! The way to one upstream region: a pooled hyper client over rustls
-//! (HTTP/2 where the upstream offers it), its connect timeout, its
-//! in-flight cap, and the pool figures that metrics show.
+//! The way to one upstream region: connections over rustls (HTTP/2 where
+//! the upstream offers it), pooled per worker thread by the relay itself,
+//! their connect timeout, the in-flight cap, and the pool figures that
+//! metrics show.
+//!
+//! The pool is ours rather than hyper-util's: a worker's connections sit in
+//! a plain list that only that worker touches, with no key hashing, no
+//! checkout future and no task per request to hand a connection back.
 //!
 //! A region with an egress proxy opens each upstream connection as a tunnel
 //! through it (`CONNECT host:port`), and TLS to the upstream runs inside
@@ -19,11 +24,12 @@ use base64::Engine;
 use bytes::Bytes;
 use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,15 +184,15 @@ pub enum EgressError {
 }
 
 type Connector = TimeoutConnector<HttpsConnector<CountingConnector>>;
-pub type UpstreamClient = Client<Connector, Full<Bytes>>;
 
-/// One region's way out. Each worker thread has its own client (and so its
+/// One region's way out. Each worker thread has its own connections (its
 /// own pool): a request and its upstream connection are served on the same
 /// thread, without cross-thread wake-ups. The in-flight cap and the figures
 /// are shared.
 pub struct Transport {
     pub key: TransportKey,
-    clients: Vec<UpstreamClient>,
+    connector: Connector,
+    pools: Vec<Arc<WorkerPool>>,
     scheme: Scheme,
     authority: Authority,
     /// Path prefix of the base URL, without a trailing slash.
@@ -246,14 +252,14 @@ impl Transport {
         .with_no_client_auth();
 
         let open_connections = Arc::new(AtomicI64::new(0));
-        let clients = (0..workers.max(1))
-            .map(|_| build_client(&key, tls.clone(), open_connections.clone()))
-            .collect();
+        let connector = build_connector(&key, tls, open_connections.clone());
+        let pools = (0..workers.max(1)).map(|_| Arc::default()).collect();
         Ok(Self {
             host,
             in_flight_limit: Arc::new(Semaphore::new(key.max_in_flight)),
             key,
-            clients,
+            connector,
+            pools,
             scheme,
             authority,
             prefix,
@@ -262,9 +268,107 @@ impl Transport {
         })
     }
 
-    /// The client of the calling worker thread.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.clients[crate::worker::current() % self.clients.len()]
+    /// Sends `request` (absolute URI, `Host` set) over a pooled connection
+    /// of the calling worker, or a new one; the response once its head is in.
+    /// A pooled connection that closed while idle gives the request back
+    /// unsent, and it goes out on another: never a request sent twice.
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let pool = &self.pools[crate::worker::current() % self.pools.len()];
+        let mut request = request;
+        for _ in 0..MAX_POOLED_TRIES {
+            let Some(sender) = pool.checkout(self.key.pool_idle_timeout) else {
+                break;
+            };
+            match self.send_on(pool, sender, request).await {
+                Ok(response) => return Ok(response),
+                Err(Unsent::Back(back)) => request = *back,
+                Err(Unsent::Failed(error)) => return Err(error),
+            }
+        }
+        let sender = self.connect(pool, request.uri()).await?;
+        match self.send_on(pool, sender, request).await {
+            Ok(response) => Ok(response),
+            Err(Unsent::Back(_)) => Err(SendError::Closed),
+            Err(Unsent::Failed(error)) => Err(error),
+        }
+    }
+
+    async fn send_on(
+        &self,
+        pool: &WorkerPool,
+        sender: Sender,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, Unsent> {
+        let absolute = request.uri().clone();
+        let sent = match sender {
+            Sender::Http1(mut sender) => {
+                // HTTP/1 takes the origin form; the absolute form is for proxies.
+                *request.uri_mut() = absolute
+                    .path_and_query()
+                    .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+                let sent = sender.try_send_request(request).await;
+                if sent.is_ok() {
+                    // Back in the list at once: it takes a request again when
+                    // `is_ready` says this response's body is done.
+                    pool.checkin(Sender::Http1(sender), self.checkin_cap());
+                }
+                sent
+            }
+            Sender::Http2(mut sender) => sender.try_send_request(request).await,
+        };
+        sent.map_err(|mut error| match error.take_message() {
+            Some(mut back) => {
+                *back.uri_mut() = absolute;
+                Unsent::Back(Box::new(back))
+            }
+            None => Unsent::Failed(SendError::Exchange(error.into_error())),
+        })
+    }
+
+    /// A new connection (TCP, tunnel, TLS), HTTP/2 when ALPN chose it. Its
+    /// driving task runs on the calling worker's runtime.
+    async fn connect(&self, pool: &Arc<WorkerPool>, uri: &Uri) -> Result<Sender, SendError> {
+        use tower_service::Service;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        pool.start_reaper(self.key.pool_idle_timeout, self.key.max_idle_per_host);
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            // One HTTP/2 connection carries all of a worker's requests.
+            pool.checkin(Sender::Http2(sender.clone()), self.checkin_cap());
+            Ok(Sender::Http2(sender))
+        } else {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(Sender::Http1(sender))
+        }
+    }
+
+    /// Connections a worker's list holds: the idle ones it may keep, and
+    /// those carrying a request (at most the in-flight cap).
+    fn checkin_cap(&self) -> usize {
+        self.key.max_idle_per_host + self.key.max_in_flight
     }
 
     /// The upstream URI of a request path (with query), under the base URL's prefix.
@@ -303,11 +407,11 @@ impl Transport {
     }
 }
 
-fn build_client(
+fn build_connector(
     key: &TransportKey,
     tls: rustls::ClientConfig,
     open: Arc<AtomicI64>,
-) -> UpstreamClient {
+) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -322,16 +426,151 @@ fn build_client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(counting);
-    let connector = TimeoutConnector {
+    TimeoutConnector {
         inner: https,
         timeout: key.connect_timeout,
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(key.pool_idle_timeout)
-        .pool_max_idle_per_host(key.max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    }
+}
+
+/// Pooled connections tried before a new one is made.
+const MAX_POOLED_TRIES: usize = 4;
+
+/// A connection's sending half.
+enum Sender {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::Http1(sender) => sender.is_ready(),
+            Sender::Http2(sender) => sender.is_ready(),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(sender) => sender.is_closed(),
+            Sender::Http2(sender) => sender.is_closed(),
+        }
+    }
+}
+
+/// Why a request did not get its response on a connection.
+enum Unsent {
+    /// It never went out: the connection had closed. Safe to send elsewhere.
+    Back(Box<Request<Full<Bytes>>>),
+    Failed(SendError),
+}
+
+struct Pooled {
+    sender: Sender,
+    since: std::time::Instant,
+}
+
+/// One worker's connections to one region. Only that worker's thread takes
+/// the lock, so it is never contended.
+#[derive(Default)]
+struct WorkerPool {
+    connections: std::sync::Mutex<Vec<Pooled>>,
+    reaper_started: std::sync::atomic::AtomicBool,
+}
+
+impl WorkerPool {
+    /// A connection ready for a request, the most recent first. An HTTP/1
+    /// one leaves the list (until `checkin`); the HTTP/2 one stays, shared.
+    /// Closed ones, and idle ones older than `idle_timeout`, are dropped.
+    fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
+        let mut connections = self.connections.lock().expect("pool lock");
+        let now = std::time::Instant::now();
+        let mut i = connections.len();
+        while i > 0 {
+            i -= 1;
+            let pooled = &connections[i];
+            if pooled.sender.is_closed() {
+                connections.swap_remove(i);
+                continue;
+            }
+            // One that is not ready still carries a response: left alone.
+            if !pooled.sender.is_ready() {
+                continue;
+            }
+            if now.duration_since(pooled.since) > idle_timeout {
+                connections.swap_remove(i);
+                continue;
+            }
+            return Some(match &mut connections[i] {
+                Pooled {
+                    sender: Sender::Http2(sender),
+                    since,
+                } => {
+                    // In use, so not idle: its clock starts again.
+                    *since = now;
+                    Sender::Http2(sender.clone())
+                }
+                Pooled {
+                    sender: Sender::Http1(_),
+                    ..
+                } => connections.swap_remove(i).sender,
+            });
+        }
+        None
+    }
+
+    /// Puts a connection (back) in the list; past `cap` it is dropped, and
+    /// closes once its exchange is done.
+    fn checkin(&self, sender: Sender, cap: usize) {
+        let mut connections = self.connections.lock().expect("pool lock");
+        if connections.len() < cap {
+            connections.push(Pooled {
+                sender,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout`, and the oldest idle ones
+    /// beyond `max_idle`.
+    fn prune(&self, idle_timeout: Duration, max_idle: usize) {
+        let mut connections = self.connections.lock().expect("pool lock");
+        let now = std::time::Instant::now();
+        connections.retain(|pooled| {
+            let expired =
+                pooled.sender.is_ready() && now.duration_since(pooled.since) > idle_timeout;
+            !expired && !pooled.sender.is_closed()
+        });
+        let idle = connections.iter().filter(|p| p.sender.is_ready()).count();
+        let mut surplus = idle.saturating_sub(max_idle);
+        // Oldest first: the list is in check-in order.
+        connections.retain(|pooled| {
+            if surplus > 0 && pooled.sender.is_ready() {
+                surplus -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// On the worker's runtime, once: closes idle connections even when no
+    /// request comes to look at them. Ends when the transport is gone.
+    fn start_reaper(self: &Arc<Self>, idle_timeout: Duration, max_idle: usize) {
+        if self.reaper_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let every = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                pool.prune(idle_timeout, max_idle);
+            }
+        });
+    }
 }
 
 /// The connect step took longer than the region's connect timeout.
@@ -504,10 +743,26 @@ pub enum SendFailure {
     Other(String),
 }
 
-/// Sorts a hyper client error into connect failure, connect timeout, egress
-/// proxy failure or other.
-pub fn classify(error: &hyper_util::client::legacy::Error) -> SendFailure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+/// An upstream exchange that failed before the response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connect: {0}")]
+    Connect(BoxError),
+    #[error("exchange: {0}")]
+    Exchange(hyper::Error),
+    #[error("the connection closed before the request was sent")]
+    Closed,
+}
+
+/// Sorts a send error into connect failure, connect timeout, egress proxy
+/// failure or other.
+pub fn classify(error: &SendError) -> SendFailure {
+    let connect = match error {
+        SendError::Connect(error) => &**error,
+        SendError::Exchange(error) => return SendFailure::Other(innermost(error).to_string()),
+        SendError::Closed => return SendFailure::Other(error.to_string()),
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(connect);
     while let Some(e) = source {
         if e.is::<ConnectTimeout>() {
             return SendFailure::ConnectTimeout;
@@ -518,12 +773,7 @@ pub fn classify(error: &hyper_util::client::legacy::Error) -> SendFailure {
         source = e.source();
     }
     // The innermost cause says the most (refused, reset, unknown host, bad certificate).
-    let innermost = innermost(error);
-    if error.is_connect() {
-        SendFailure::Connect(innermost.to_string())
-    } else {
-        SendFailure::Other(innermost.to_string())
-    }
+    SendFailure::Connect(innermost(connect).to_string())
 }
 
 #[cfg(test)]

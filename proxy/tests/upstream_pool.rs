@@ -1,0 +1,216 @@
+//! The relay's own upstream connection pool, seen from outside: connections
+//! are reused, one the upstream closed while idle is never used, idle ones
+//! close after the region's `pool.idle_timeout`, and an HTTP/2 upstream
+//! carries concurrent requests on one connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use claude_relay_testkit::http::{self as th, request, send};
+use claude_relay_testkit::proxy::ProxyProcess;
+use claude_relay_testkit::upstream::{MockUpstream, stream_events};
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
+const RELAY_KEY: &str = "relay-key-for-tests";
+const MESSAGE: &str =
+    r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+
+/// One worker, so that every request draws on the same pool.
+fn config(base_url: &str, region_extra: &str, server_extra: &str) -> String {
+    format!(
+        r#"
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", workers: 1{server_extra}}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+  - name: local
+    base_url: {base_url}
+    api_keys: [{{env: TEST_RELAY_KEY}}]{region_extra}
+"#
+    )
+}
+
+fn start(config: &str) -> ProxyProcess {
+    ProxyProcess::start(BIN.as_ref(), config, &[("TEST_RELAY_KEY", RELAY_KEY)])
+}
+
+fn message(
+    proxy: &ProxyProcess,
+    extra: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut headers = vec![
+        ("x-api-key", RELAY_KEY),
+        ("content-type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    request(Method::POST, &proxy.url("/v1/messages"), &headers, MESSAGE)
+}
+
+async fn open_connections(proxy: &ProxyProcess) -> String {
+    let metrics = send(
+        &th::client(),
+        request(Method::GET, &proxy.admin_url("/metrics"), &[], ""),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    text.lines()
+        .find(|l| l.starts_with("claude_relay_upstream_pool_open_connections{upstream=\"local\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("missing")
+        .to_string()
+}
+
+/// An HTTP/1.1 upstream that answers one request per connection with
+/// keep-alive, then closes the connection `close_after` later, as servers
+/// do with idle keep-alive connections. Counts the connections it accepts.
+async fn closing_upstream(close_after: Duration) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then the body its Content-Length announces.
+                let body_len = loop {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break end + 4 + length;
+                    }
+                };
+                while seen.len() < body_len {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&chunk[..n]);
+                }
+                let body = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-test","content":[],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(close_after).await;
+                // Dropped: closed while the relay holds it idle.
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+    let (url, accepted) = closing_upstream(Duration::from_millis(100)).await;
+    let proxy = start(&config(&url, "", ""));
+    let client = th::client();
+    for round in 0..3 {
+        let answer = send(&client, message(&proxy, &[])).await;
+        assert_eq!(answer.status, 200, "round {round}: {:?}", answer.body);
+        // The upstream closes its side meanwhile.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert!(
+        !proxy.log().contains("upstream attempt failed"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_reused_and_closed_after_the_idle_timeout() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&config(
+        &upstream.base_url(),
+        "\n    pool: {idle_timeout: 300ms}",
+        "",
+    ));
+    let client = th::client();
+    for _ in 0..5 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(
+        open_connections(&proxy).await,
+        "1",
+        "one connection, reused"
+    );
+    th::wait_for(
+        "the idle upstream connection to close",
+        Duration::from_secs(5),
+        async || open_connections(&proxy).await == "0",
+    )
+    .await;
+    // A request after that opens a new one and is served.
+    assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    assert_eq!(upstream.request_count(), 6);
+}
+
+/// The upstream is a relay serving HTTPS, which offers HTTP/2 by ALPN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_carries_concurrent_requests_on_one_connection() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let cert_file = dir.path().join("tls.crt");
+    let key_file = dir.path().join("tls.key");
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let https = start(&config(
+        &upstream.base_url(),
+        "",
+        &format!(
+            ", tls: {{cert_file: {}, key_file: {}}}",
+            cert_file.display(),
+            key_file.display()
+        ),
+    ));
+    let https_url = format!("https://localhost:{}", https.api.port());
+    let relay = start(&config(
+        &https_url,
+        &format!("\n    tls: {{ca_file: {}}}", cert_file.display()),
+        "",
+    ));
+
+    let client = th::client();
+    // The first request makes the connection; then streams that take a
+    // while, all open at once.
+    assert_eq!(send(&client, message(&relay, &[])).await.status, 200);
+    let answers = futures_util::future::join_all((0..6).map(|_| {
+        send(
+            &client,
+            message(&relay, &[("x-mock", "stream"), ("x-mock-delay-ms", "40")]),
+        )
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{:?}\n{}", answer.body, relay.log());
+        assert_eq!(answer.body, stream_events("claude-test").concat());
+    }
+    assert_eq!(upstream.request_count(), 7);
+    assert_eq!(
+        open_connections(&relay).await,
+        "1",
+        "six concurrent requests share one HTTP/2 connection"
+    );
+}
