@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::access::{Exchange, Outcome};
+use crate::upstream::Checkin;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,6 +28,9 @@ enum Inner {
 
 struct Streaming {
     body: Incoming,
+    /// The upstream connection, back to its pool once the body is done (or
+    /// dropped: fields drop in order, the body first).
+    checkin: Option<Checkin>,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
     deadline: Instant,
@@ -58,11 +62,18 @@ impl RelayBody {
     }
 
     /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
-    pub fn upstream(body: Incoming, idle: Duration, deadline: Instant, sse: bool) -> Self {
+    pub fn upstream(
+        body: Incoming,
+        checkin: Option<Checkin>,
+        idle: Duration,
+        deadline: Instant,
+        sse: bool,
+    ) -> Self {
         let first = (Instant::now() + idle).min(deadline);
         Self {
             inner: Inner::Upstream(Box::new(Streaming {
                 body,
+                checkin,
                 timer: Box::pin(tokio::time::sleep_until(first)),
                 idle,
                 deadline,
@@ -164,6 +175,7 @@ impl Body for RelayBody {
                     // NB: with a known length hyper stops polling after the last
                     // byte, so the end must be noticed here.
                     stream.ended = true;
+                    drop(stream.checkin.take());
                     this.finish(Outcome::Complete);
                 } else {
                     let next = (Instant::now() + stream.idle).min(stream.deadline);
@@ -173,6 +185,7 @@ impl Body for RelayBody {
             }
             Poll::Ready(None) => {
                 stream.ended = true;
+                drop(stream.checkin.take());
                 this.finish(Outcome::Complete);
                 Poll::Ready(None)
             }

@@ -68,7 +68,7 @@ use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLa
 use crate::runtime::{App, Region, Snapshot};
 use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::store::{BudgetPeriod, QuotaDecision};
-use crate::upstream::{SendFailure, classify};
+use crate::upstream::{Checkin, SendFailure, classify};
 use crate::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
@@ -706,6 +706,8 @@ async fn forward(
 /// One region's answer, not yet passed to the client.
 struct Attempt {
     response: Response<Incoming>,
+    /// Gives the connection back when the response body is done.
+    checkin: Option<Checkin>,
     region: Name,
     permit: OwnedSemaphorePermit,
     idle: Duration,
@@ -744,8 +746,8 @@ async fn attempt(
     let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
     exchange.upstream = Some(region.name.clone());
     let sent = tokio::time::timeout_at(headers_by, transport.send(upstream_request)).await;
-    let response = match sent {
-        Ok(Ok(response)) => response,
+    let (response, checkin) = match sent {
+        Ok(Ok(sent)) => sent,
         Ok(Err(error)) => {
             let region_name = region.name.0.to_string();
             let (label, kind, failure) = match classify(&error) {
@@ -811,6 +813,7 @@ async fn attempt(
         .observe(ttfb.as_secs_f64());
     Ok(Attempt {
         response,
+        checkin,
         region: region.name.clone(),
         permit,
         idle: *timeouts.idle,
@@ -859,7 +862,7 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
             });
         }
     }
-    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
+    let body = RelayBody::upstream(body, answer.checkin, answer.idle, answer.deadline, sse);
     Response::from_parts(parts, body)
 }
 

@@ -275,7 +275,7 @@ impl Transport {
     pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
         let pool = &self.pools[crate::worker::current() % self.pools.len()];
         let mut request = request;
         for _ in 0..MAX_POOLED_TRIES {
@@ -298,10 +298,10 @@ impl Transport {
 
     async fn send_on(
         &self,
-        pool: &WorkerPool,
+        pool: &Arc<WorkerPool>,
         sender: Sender,
         mut request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, Unsent> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), Unsent> {
         let absolute = request.uri().clone();
         let sent = match sender {
             Sender::Http1(mut sender) => {
@@ -309,15 +309,21 @@ impl Transport {
                 *request.uri_mut() = absolute
                     .path_and_query()
                     .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-                let sent = sender.try_send_request(request).await;
-                if sent.is_ok() {
-                    // Back in the list at once: it takes a request again when
-                    // `is_ready` says this response's body is done.
-                    pool.checkin(Sender::Http1(sender), self.checkin_cap());
-                }
-                sent
+                sender.try_send_request(request).await.map(|response| {
+                    // Back in the list when the response's body is done.
+                    let checkin = Checkin {
+                        pool: pool.clone(),
+                        sender: Some(Sender::Http1(sender)),
+                        cap: self.checkin_cap(),
+                    };
+                    (response, Some(checkin))
+                })
             }
-            Sender::Http2(mut sender) => sender.try_send_request(request).await,
+            // The HTTP/2 connection never left the list.
+            Sender::Http2(mut sender) => sender
+                .try_send_request(request)
+                .await
+                .map(|response| (response, None)),
         };
         sent.map_err(|mut error| match error.take_message() {
             Some(mut back) => {
@@ -453,6 +459,25 @@ impl Sender {
         match self {
             Sender::Http1(sender) => sender.is_closed(),
             Sender::Http2(sender) => sender.is_closed(),
+        }
+    }
+}
+
+/// An HTTP/1 connection lent to one exchange: dropped (when the response
+/// body is done, or given up), it goes back to its worker's list, where it
+/// takes a request again once hyper says it is ready.
+pub struct Checkin {
+    pool: Arc<WorkerPool>,
+    sender: Option<Sender>,
+    cap: usize,
+}
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take()
+            && !sender.is_closed()
+        {
+            self.pool.checkin(sender, self.cap);
         }
     }
 }

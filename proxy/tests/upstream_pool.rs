@@ -214,3 +214,40 @@ async fn an_http2_upstream_carries_concurrent_requests_on_one_connection() {
         "six concurrent requests share one HTTP/2 connection"
     );
 }
+
+/// HTTP/1 carries one exchange at a time: while a stream is still coming,
+/// its connection is not lent to another request; once the stream is done,
+/// it is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_carrying_a_stream_is_not_lent_to_another_request() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&config(&upstream.base_url(), "", ""));
+    let client = th::client();
+    let streaming = th::send_streaming(
+        &client,
+        message(&proxy, &[("x-mock", "stream"), ("x-mock-delay-ms", "100")]),
+    )
+    .await;
+    assert_eq!(streaming.status(), 200);
+    let mut body = streaming.into_body();
+    let mut received = th::next_chunk(&mut body, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .to_vec();
+    // Mid-stream, other requests go over another connection and are served.
+    for _ in 0..3 {
+        let answer = send(&client, message(&proxy, &[])).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    assert_eq!(open_connections(&proxy).await, "2");
+    while let Some(chunk) = th::next_chunk(&mut body, Duration::from_secs(5)).await {
+        received.extend_from_slice(&chunk);
+    }
+    assert_eq!(received, stream_events("claude-test").concat().to_vec());
+    // Both connections are idle now; the next requests reuse them.
+    for _ in 0..3 {
+        assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
+    }
+    assert_eq!(open_connections(&proxy).await, "2");
+    assert_eq!(upstream.request_count(), 7);
+}
