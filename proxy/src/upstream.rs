@@ -314,7 +314,7 @@ impl Transport {
                     let checkin = Checkin {
                         pool: pool.clone(),
                         sender: Some(Sender::Http1(sender)),
-                        cap: self.checkin_cap(),
+                        cap: self.key.max_idle_per_host,
                     };
                     (response, Some(checkin))
                 })
@@ -346,7 +346,7 @@ impl Transport {
             .call(uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        pool.start_reaper(self.key.pool_idle_timeout, self.key.max_idle_per_host);
+        pool.start_reaper(self.key.pool_idle_timeout);
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -357,7 +357,7 @@ impl Transport {
                 let _ = connection.await;
             });
             // One HTTP/2 connection carries all of a worker's requests.
-            pool.checkin(Sender::Http2(sender.clone()), self.checkin_cap());
+            pool.checkin(Sender::Http2(sender.clone()), self.key.max_idle_per_host);
             Ok(Sender::Http2(sender))
         } else {
             let (sender, connection) = http1::Builder::new()
@@ -369,12 +369,6 @@ impl Transport {
             });
             Ok(Sender::Http1(sender))
         }
-    }
-
-    /// Connections a worker's list holds: the idle ones it may keep, and
-    /// those carrying a request (at most the in-flight cap).
-    fn checkin_cap(&self) -> usize {
-        self.key.max_idle_per_host + self.key.max_in_flight
     }
 
     /// The upstream URI of a request path (with query), under the base URL's prefix.
@@ -543,8 +537,8 @@ impl WorkerPool {
         None
     }
 
-    /// Puts a connection (back) in the list; past `cap` it is dropped, and
-    /// closes once its exchange is done.
+    /// Puts a connection (back) in the list; past `cap` idle connections it
+    /// is dropped instead, which closes it.
     fn checkin(&self, sender: Sender, cap: usize) {
         let mut connections = self.connections.lock().expect("pool lock");
         if connections.len() < cap {
@@ -555,9 +549,9 @@ impl WorkerPool {
         }
     }
 
-    /// Closes idle connections past `idle_timeout`, and the oldest idle ones
-    /// beyond `max_idle`.
-    fn prune(&self, idle_timeout: Duration, max_idle: usize) {
+    /// Closes the connections idle for longer than `idle_timeout`, and
+    /// forgets closed ones.
+    fn prune(&self, idle_timeout: Duration) {
         let mut connections = self.connections.lock().expect("pool lock");
         let now = std::time::Instant::now();
         connections.retain(|pooled| {
@@ -565,22 +559,11 @@ impl WorkerPool {
                 pooled.sender.is_ready() && now.duration_since(pooled.since) > idle_timeout;
             !expired && !pooled.sender.is_closed()
         });
-        let idle = connections.iter().filter(|p| p.sender.is_ready()).count();
-        let mut surplus = idle.saturating_sub(max_idle);
-        // Oldest first: the list is in check-in order.
-        connections.retain(|pooled| {
-            if surplus > 0 && pooled.sender.is_ready() {
-                surplus -= 1;
-                false
-            } else {
-                true
-            }
-        });
     }
 
     /// On the worker's runtime, once: closes idle connections even when no
     /// request comes to look at them. Ends when the transport is gone.
-    fn start_reaper(self: &Arc<Self>, idle_timeout: Duration, max_idle: usize) {
+    fn start_reaper(self: &Arc<Self>, idle_timeout: Duration) {
         if self.reaper_started.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -592,7 +575,7 @@ impl WorkerPool {
                 let Some(pool) = pool.upgrade() else {
                     return;
                 };
-                pool.prune(idle_timeout, max_idle);
+                pool.prune(idle_timeout);
             }
         });
     }
