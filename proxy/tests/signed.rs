@@ -112,6 +112,19 @@ fn signed(
     request(Method::POST, &proxy.url(path), &all, body.to_string())
 }
 
+/// The signer's usual request, signed now with a fresh nonce.
+fn signed_now(proxy: &ProxyProcess, secret: &str) -> http::Request<http_body_util::Full<Bytes>> {
+    signed(
+        proxy,
+        "signer",
+        secret,
+        "/v1/messages",
+        BODY,
+        signing::unix_now(),
+        &fresh_nonce(),
+    )
+}
+
 fn fresh_nonce() -> String {
     signing::generate_nonce().unwrap()
 }
@@ -426,22 +439,14 @@ async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working()
     let mut setup = Setup::new().await;
     let proxy = setup.proxy(&setup.config(&["old"], "", default_replay()));
     let client = th::client();
-    let sign = |proxy: &ProxyProcess| {
-        signed(
-            proxy,
-            "signer",
-            SECRET_OLD,
-            "/v1/messages",
-            BODY,
-            signing::unix_now(),
-            &fresh_nonce(),
-        )
-    };
-    assert_eq!(send(&client, sign(&proxy)).await.status, 200);
+    assert_eq!(
+        send(&client, signed_now(&proxy, SECRET_OLD)).await.status,
+        200
+    );
 
     setup.redis.stop().unwrap();
     let started = Instant::now();
-    let answer = send(&client, sign(&proxy)).await;
+    let answer = send(&client, signed_now(&proxy, SECRET_OLD)).await;
     assert_refused(
         &answer,
         503,
@@ -457,7 +462,7 @@ async fn redis_outage_fails_signed_requests_closed_and_relay_keys_keep_working()
     setup.redis.restart().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let answer = send(&client, sign(&proxy)).await;
+        let answer = send(&client, signed_now(&proxy, SECRET_OLD)).await;
         if answer.status == 200 {
             break;
         }
@@ -508,7 +513,7 @@ async fn each_worker_checks_nonces_over_its_own_connection() {
     // A fresh client connection per request: the kernel spreads them over
     // the two workers' listeners, so both workers serve some of the 40.
     for _ in 0..40 {
-        let answer = send(&th::client(), signed_now(&proxy)).await;
+        let answer = send(&th::client(), signed_now(&proxy, SECRET_OLD)).await;
         assert_eq!(answer.status, 200, "{:?}", answer.body);
     }
     // A worker's connection is made on its first request (that request
@@ -521,7 +526,12 @@ async fn each_worker_checks_nonces_over_its_own_connection() {
     .await;
     // More requests open nothing more.
     for _ in 0..10 {
-        assert_eq!(send(&th::client(), signed_now(&proxy)).await.status, 200);
+        assert_eq!(
+            send(&th::client(), signed_now(&proxy, SECRET_OLD))
+                .await
+                .status,
+            200
+        );
     }
     assert_eq!(connections(), 3);
     // And a replay is still caught, whichever worker takes it.
@@ -553,36 +563,12 @@ async fn each_worker_checks_nonces_over_its_own_connection() {
     assert_eq!(setup.upstream.request_count(), 51);
 }
 
-fn signed_now(proxy: &ProxyProcess) -> http::Request<http_body_util::Full<Bytes>> {
-    signed(
-        proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        signing::unix_now(),
-        &fresh_nonce(),
-    )
-}
-
 #[tokio::test]
 async fn fail_open_lets_signed_requests_through_loudly() {
     let mut setup = Setup::new().await;
     let proxy = setup.proxy(&setup.config(&["old"], "", "{window: 300s, fail_open: true}"));
     setup.redis.stop().unwrap();
-    let answer = send(
-        &th::client(),
-        signed(
-            &proxy,
-            "signer",
-            SECRET_OLD,
-            "/v1/messages",
-            BODY,
-            signing::unix_now(),
-            &fresh_nonce(),
-        ),
-    )
-    .await;
+    let answer = send(&th::client(), signed_now(&proxy, SECRET_OLD)).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     assert!(
         proxy.log().contains("REPLAY PROTECTION OFF"),
@@ -590,19 +576,7 @@ async fn fail_open_lets_signed_requests_through_loudly() {
         proxy.log()
     );
     // A bad signature is still refused: only the nonce check is skipped.
-    let answer = send(
-        &th::client(),
-        signed(
-            &proxy,
-            "signer",
-            SECRET_NEW,
-            "/v1/messages",
-            BODY,
-            signing::unix_now(),
-            &fresh_nonce(),
-        ),
-    )
-    .await;
+    let answer = send(&th::client(), signed_now(&proxy, SECRET_NEW)).await;
     assert_eq!(answer.status, 401);
 }
 
@@ -611,17 +585,7 @@ async fn secrets_rotate_with_overlap() {
     let setup = Setup::new().await;
     let proxy = setup.proxy(&setup.config(&["old", "new"], "", default_replay()));
     let client = th::client();
-    let with = |secret: &str| {
-        signed(
-            &proxy,
-            "signer",
-            secret,
-            "/v1/messages",
-            BODY,
-            signing::unix_now(),
-            &fresh_nonce(),
-        )
-    };
+    let with = |secret: &str| signed_now(&proxy, secret);
     assert_eq!(send(&client, with(SECRET_OLD)).await.status, 200);
     assert_eq!(send(&client, with(SECRET_NEW)).await.status, 200);
 

@@ -74,19 +74,7 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.yaml");
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
-        Self::spawn(binary, &args, env, api, admin, dir, config_path)
-    }
-
-    fn spawn(
-        binary: &Path,
-        args: &[&std::ffi::OsStr],
-        env: &[(&str, &str)],
-        api: SocketAddr,
-        admin: SocketAddr,
-        dir: tempfile::TempDir,
-        config_path: PathBuf,
-    ) -> Self {
-        Self::launch(binary, args, env, api, admin, dir, config_path)
+        Self::launch(binary, &args, env, api, admin, dir, config_path)
             .unwrap_or_else(|log| panic!("proxy exited before ready:\n{log}"))
     }
 
