@@ -165,7 +165,9 @@ pub struct RedisStore {
     /// stay on the request's thread, and the commands a worker's requests
     /// send in one turn of its loop go out in one write.
     worker_pools: Box<[OnceLock<Option<Pool>>]>,
-    worker_pool: WorkerPoolBuilder,
+    /// What the shared pool was built from, for the workers' own; boxed,
+    /// as it is read once per worker and would otherwise swell the store.
+    recipe: Box<(RedisStoreConfig, Config)>,
     keys: Keys,
     options: Options,
     command_timeout: Duration,
@@ -183,9 +185,6 @@ impl RedisStore {
         let command_timeout = *config.command_timeout;
         let fred = fred_config(config)?;
         let pool = build_pool(config, fred.clone(), config.pool_size)?;
-        let settings = config.clone();
-        let worker_pool: WorkerPoolBuilder =
-            Arc::new(move || build_pool(&settings, fred.clone(), 1));
         // The connection tasks run until `quit`; the handle is not needed.
         drop(pool.connect());
         match tokio::time::timeout(connect_timeout, pool.wait_for_connect()).await {
@@ -203,7 +202,7 @@ impl RedisStore {
             worker_pools: (0..crate::worker::MAX_WORKERS)
                 .map(|_| OnceLock::new())
                 .collect(),
-            worker_pool,
+            recipe: Box::new((config.clone(), fred)),
             keys: Keys::new(relay_name),
             options: Options {
                 timeout: Some(command_timeout),
@@ -224,13 +223,14 @@ impl RedisStore {
         };
         // Made and connected without an await: the connection's tasks are
         // spawned on this worker's runtime.
-        let own = slot.get_or_init(|| match (self.worker_pool)() {
+        let (settings, fred) = &*self.recipe;
+        let own = slot.get_or_init(|| match build_pool(settings, fred.clone(), 1) {
             Ok(pool) => {
                 drop(pool.connect());
                 Some(pool)
             }
-            // The same config built the shared pool, so this is a secret
-            // file gone since: keep to the shared pool.
+            // fred took the same config for the shared pool; should it not
+            // now, the shared pool serves.
             Err(_) => None,
         });
         match own {
@@ -634,10 +634,6 @@ fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// The fred config for the configured mode, credentials and TLS. Errors
-/// never repeat the URL, which may hold a password.
-type WorkerPoolBuilder = Arc<dyn Fn() -> Result<Pool, StoreError> + Send + Sync>;
-
 /// A pool of `size` connections, not connected yet.
 fn build_pool(config: &RedisStoreConfig, fred: Config, size: usize) -> Result<Pool, StoreError> {
     let connect_timeout = *config.connect_timeout;
@@ -667,6 +663,8 @@ fn build_pool(config: &RedisStoreConfig, fred: Config, size: usize) -> Result<Po
         .map_err(|e| StoreError::permanent(format!("redis: cannot build the client: {e}")))
 }
 
+/// The fred config for the configured mode, credentials and TLS. Errors
+/// never repeat the URL, which may hold a password.
 fn fred_config(config: &RedisStoreConfig) -> Result<Config, StoreError> {
     let bad = |what: String| StoreError::permanent(format!("redis: {what}"));
     let mut url_tls = false;
