@@ -253,7 +253,14 @@ impl Transport {
 
         let open_connections = Arc::new(AtomicI64::new(0));
         let connector = build_connector(&key, tls, open_connections.clone());
-        let pools = (0..workers.max(1)).map(|_| Arc::default()).collect();
+        let pools = (0..workers.max(1))
+            .map(|_| {
+                Arc::new(WorkerPool::new(
+                    key.max_idle_per_host,
+                    key.pool_idle_timeout,
+                ))
+            })
+            .collect();
         Ok(Self {
             host,
             in_flight_limit: Arc::new(Semaphore::new(key.max_in_flight)),
@@ -274,12 +281,11 @@ impl Transport {
     /// unsent, and it goes out on another: never a request sent twice.
     pub async fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
         let pool = &self.pools[crate::worker::current() % self.pools.len()];
-        let mut request = request;
         for _ in 0..MAX_POOLED_TRIES {
-            let Some(sender) = pool.checkout(self.key.pool_idle_timeout) else {
+            let Some(sender) = pool.checkout() else {
                 break;
             };
             match self.send_on(pool, sender, request).await {
@@ -314,7 +320,6 @@ impl Transport {
                     let checkin = Checkin {
                         pool: pool.clone(),
                         sender: Some(Sender::Http1(sender)),
-                        cap: self.key.max_idle_per_host,
                     };
                     (response, Some(checkin))
                 })
@@ -346,7 +351,7 @@ impl Transport {
             .call(uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        pool.start_reaper(self.key.pool_idle_timeout);
+        pool.start_reaper();
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -357,7 +362,7 @@ impl Transport {
                 let _ = connection.await;
             });
             // One HTTP/2 connection carries all of a worker's requests.
-            pool.checkin(Sender::Http2(sender.clone()), self.key.max_idle_per_host);
+            pool.checkin(Sender::Http2(sender.clone()));
             Ok(Sender::Http2(sender))
         } else {
             let (sender, connection) = http1::Builder::new()
@@ -463,7 +468,6 @@ impl Sender {
 pub struct Checkin {
     pool: Arc<WorkerPool>,
     sender: Option<Sender>,
-    cap: usize,
 }
 
 impl Drop for Checkin {
@@ -471,7 +475,7 @@ impl Drop for Checkin {
         if let Some(sender) = self.sender.take()
             && !sender.is_closed()
         {
-            self.pool.checkin(sender, self.cap);
+            self.pool.checkin(sender);
         }
     }
 }
@@ -488,35 +492,51 @@ struct Pooled {
     since: std::time::Instant,
 }
 
+impl Pooled {
+    /// Closed, or idle (ready, carrying nothing) for longer than
+    /// `idle_timeout`: to be dropped from the list.
+    fn is_spent(&self, now: std::time::Instant, idle_timeout: Duration) -> bool {
+        self.sender.is_closed()
+            || (self.sender.is_ready() && now.duration_since(self.since) > idle_timeout)
+    }
+}
+
 /// One worker's connections to one region. Only that worker's thread takes
 /// the lock, so it is never contended.
-#[derive(Default)]
 struct WorkerPool {
     connections: std::sync::Mutex<Vec<Pooled>>,
+    /// The region's `pool.max_idle_per_host` and `pool.idle_timeout`.
+    max_idle: usize,
+    idle_timeout: Duration,
     reaper_started: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerPool {
+    fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            connections: std::sync::Mutex::default(),
+            max_idle,
+            idle_timeout,
+            reaper_started: std::sync::atomic::AtomicBool::default(),
+        }
+    }
+
     /// A connection ready for a request, the most recent first. An HTTP/1
     /// one leaves the list (until `checkin`); the HTTP/2 one stays, shared.
-    /// Closed ones, and idle ones older than `idle_timeout`, are dropped.
-    fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
+    /// Spent ones are dropped on the way.
+    fn checkout(&self) -> Option<Sender> {
         let mut connections = self.connections.lock().expect("pool lock");
         let now = std::time::Instant::now();
         let mut i = connections.len();
         while i > 0 {
             i -= 1;
             let pooled = &connections[i];
-            if pooled.sender.is_closed() {
+            if pooled.is_spent(now, self.idle_timeout) {
                 connections.swap_remove(i);
                 continue;
             }
             // One that is not ready still carries a response: left alone.
             if !pooled.sender.is_ready() {
-                continue;
-            }
-            if now.duration_since(pooled.since) > idle_timeout {
-                connections.swap_remove(i);
                 continue;
             }
             return Some(match &mut connections[i] {
@@ -537,11 +557,11 @@ impl WorkerPool {
         None
     }
 
-    /// Puts a connection (back) in the list; past `cap` idle connections it
+    /// Puts a connection (back) in the list; past `max_idle` connections it
     /// is dropped instead, which closes it.
-    fn checkin(&self, sender: Sender, cap: usize) {
+    fn checkin(&self, sender: Sender) {
         let mut connections = self.connections.lock().expect("pool lock");
-        if connections.len() < cap {
+        if connections.len() < self.max_idle {
             connections.push(Pooled {
                 sender,
                 since: std::time::Instant::now(),
@@ -549,33 +569,29 @@ impl WorkerPool {
         }
     }
 
-    /// Closes the connections idle for longer than `idle_timeout`, and
-    /// forgets closed ones.
-    fn prune(&self, idle_timeout: Duration) {
+    /// Drops the spent connections, which closes the idle ones.
+    fn prune(&self) {
         let mut connections = self.connections.lock().expect("pool lock");
         let now = std::time::Instant::now();
-        connections.retain(|pooled| {
-            let expired =
-                pooled.sender.is_ready() && now.duration_since(pooled.since) > idle_timeout;
-            !expired && !pooled.sender.is_closed()
-        });
+        connections.retain(|pooled| !pooled.is_spent(now, self.idle_timeout));
     }
 
     /// On the worker's runtime, once: closes idle connections even when no
     /// request comes to look at them. Ends when the transport is gone.
-    fn start_reaper(self: &Arc<Self>, idle_timeout: Duration) {
+    fn start_reaper(self: &Arc<Self>) {
         if self.reaper_started.swap(true, Ordering::Relaxed) {
             return;
         }
         let pool = Arc::downgrade(self);
-        let every = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let every =
+            (self.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(pool) = pool.upgrade() else {
                     return;
                 };
-                pool.prune(idle_timeout);
+                pool.prune();
             }
         });
     }
