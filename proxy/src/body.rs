@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::access::{Exchange, Outcome};
-use crate::upstream::Checkin;
+use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,10 +26,8 @@ enum Inner {
 }
 
 struct Streaming {
-    body: Incoming,
-    /// The upstream connection, back to its pool once the body is done (or
-    /// dropped: fields drop in order, the body first).
-    checkin: Option<Checkin>,
+    /// Its HTTP/1 connection goes back to the pool when it is done.
+    body: UpstreamBody,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
     deadline: Instant,
@@ -62,18 +59,11 @@ impl RelayBody {
     }
 
     /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
-    pub fn upstream(
-        body: Incoming,
-        checkin: Option<Checkin>,
-        idle: Duration,
-        deadline: Instant,
-        sse: bool,
-    ) -> Self {
+    pub fn upstream(body: UpstreamBody, idle: Duration, deadline: Instant, sse: bool) -> Self {
         let first = (Instant::now() + idle).min(deadline);
         Self {
             inner: Inner::Upstream(Box::new(Streaming {
                 body,
-                checkin,
                 timer: Box::pin(tokio::time::sleep_until(first)),
                 idle,
                 deadline,
@@ -175,7 +165,6 @@ impl Body for RelayBody {
                     // NB: with a known length hyper stops polling after the last
                     // byte, so the end must be noticed here.
                     stream.ended = true;
-                    drop(stream.checkin.take());
                     this.finish(Outcome::Complete);
                 } else {
                     let next = (Instant::now() + stream.idle).min(stream.deadline);
@@ -185,7 +174,6 @@ impl Body for RelayBody {
             }
             Poll::Ready(None) => {
                 stream.ended = true;
-                drop(stream.checkin.take());
                 this.finish(Outcome::Complete);
                 Poll::Ready(None)
             }
@@ -199,7 +187,7 @@ impl Body for RelayBody {
                         "the upstream connection broke off the stream",
                     )))))
                 } else {
-                    Poll::Ready(Some(Err(error.into())))
+                    Poll::Ready(Some(Err(error)))
                 }
             }
             Poll::Pending => {

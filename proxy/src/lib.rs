@@ -8,6 +8,7 @@ pub mod body;
 pub mod breaker;
 pub mod cache;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod keypool;
 pub mod metrics;

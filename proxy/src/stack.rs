@@ -50,7 +50,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -68,7 +68,7 @@ use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLa
 use crate::runtime::{App, Region, Snapshot};
 use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::store::{BudgetPeriod, QuotaDecision};
-use crate::upstream::{Checkin, SendFailure, classify};
+use crate::upstream::{SendFailure, UpstreamBody, classify};
 use crate::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
@@ -705,9 +705,7 @@ async fn forward(
 
 /// One region's answer, not yet passed to the client.
 struct Attempt {
-    response: Response<Incoming>,
-    /// Gives the connection back when the response body is done.
-    checkin: Option<Checkin>,
+    response: Response<UpstreamBody>,
     region: Name,
     permit: OwnedSemaphorePermit,
     idle: Duration,
@@ -730,7 +728,7 @@ async fn attempt(
             FailureKind::Connect,
         )
     })?;
-    let mut upstream_request = Request::new(Full::new(body));
+    let mut upstream_request = Request::new(body);
     *upstream_request.method_mut() = parts.method.clone();
     *upstream_request.uri_mut() = uri;
     // Built per attempt rather than cloned: the first attempt is the common case.
@@ -746,7 +744,7 @@ async fn attempt(
     let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
     exchange.upstream = Some(region.name.clone());
     let sent = tokio::time::timeout_at(headers_by, transport.send(upstream_request)).await;
-    let (response, checkin) = match sent {
+    let response = match sent {
         Ok(Ok(sent)) => sent,
         Ok(Err(error)) => {
             let region_name = region.name.0.to_string();
@@ -813,7 +811,6 @@ async fn attempt(
         .observe(ttfb.as_secs_f64());
     Ok(Attempt {
         response,
-        checkin,
         region: region.name.clone(),
         permit,
         idle: *timeouts.idle,
@@ -862,7 +859,7 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
             });
         }
     }
-    let body = RelayBody::upstream(body, answer.checkin, answer.idle, answer.deadline, sse);
+    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
     Response::from_parts(parts, body)
 }
 

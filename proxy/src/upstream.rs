@@ -5,7 +5,9 @@
 //!
 //! The pool is ours rather than hyper-util's: a worker's connections sit in
 //! a plain list that only that worker touches, with no key hashing, no
-//! checkout future and no task per request to hand a connection back.
+//! checkout future and no task per request to hand a connection back. So is
+//! the HTTP/1 client (`crate::h1`): the request's task reads and writes its
+//! connection itself. HTTP/2 connections are hyper's.
 //!
 //! A region with an egress proxy opens each upstream connection as a tunnel
 //! through it (`CONNECT host:port`), and TLS to the upstream runs inside
@@ -25,9 +27,10 @@ use bytes::Bytes;
 use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -36,6 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::h1;
 use crate::secrets::Secret;
 
 /// What the transport of a region depends on; regions whose transport
@@ -275,14 +279,15 @@ impl Transport {
         })
     }
 
-    /// Sends `request` (absolute URI, `Host` set) over a pooled connection
-    /// of the calling worker, or a new one; the response once its head is in.
-    /// A pooled connection that closed while idle gives the request back
-    /// unsent, and it goes out on another: never a request sent twice.
+    /// Sends `request` (absolute URI, `Host` set, no `Content-Length`: it
+    /// is written from the body) over a pooled connection of the calling
+    /// worker, or a new one; the response once its head is in. A pooled
+    /// connection that closed while idle gives the request back unsent, and
+    /// it goes out on another: never a request sent twice.
     pub async fn send(
         &self,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+        mut request: Request<Bytes>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let pool = &self.pools[crate::worker::current() % self.pools.len()];
         for _ in 0..MAX_POOLED_TRIES {
             let Some(sender) = pool.checkout() else {
@@ -306,37 +311,49 @@ impl Transport {
         &self,
         pool: &Arc<WorkerPool>,
         sender: Sender,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), Unsent> {
-        let absolute = request.uri().clone();
-        let sent = match sender {
-            Sender::Http1(mut sender) => {
+        request: Request<Bytes>,
+    ) -> Result<Response<UpstreamBody>, Unsent> {
+        match sender {
+            Sender::Http1(conn) => {
                 // HTTP/1 takes the origin form; the absolute form is for proxies.
-                *request.uri_mut() = absolute
-                    .path_and_query()
-                    .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-                sender.try_send_request(request).await.map(|response| {
-                    // Back in the list when the response's body is done.
-                    let checkin = Checkin {
-                        pool: pool.clone(),
-                        sender: Some(Sender::Http1(sender)),
-                    };
-                    (response, Some(checkin))
-                })
+                let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                // Back in the list when the response's body is done.
+                let home: Arc<dyn h1::Home<H1Io>> = pool.clone();
+                let sent = conn
+                    .send(
+                        request.method(),
+                        target,
+                        request.headers(),
+                        request.body(),
+                        home,
+                    )
+                    .await;
+                match sent {
+                    Ok(response) => Ok(response.map(UpstreamBody::Http1)),
+                    Err(h1::Failed::Unsent(_)) => Err(Unsent::Back(Box::new(request))),
+                    Err(h1::Failed::Exchange(error)) => {
+                        Err(Unsent::Failed(SendError::Exchange(Box::new(error))))
+                    }
+                }
             }
             // The HTTP/2 connection never left the list.
-            Sender::Http2(mut sender) => sender
-                .try_send_request(request)
-                .await
-                .map(|response| (response, None)),
-        };
-        sent.map_err(|mut error| match error.take_message() {
-            Some(mut back) => {
-                *back.uri_mut() = absolute;
-                Unsent::Back(Box::new(back))
+            Sender::Http2(mut sender) => {
+                let (parts, body) = request.into_parts();
+                let kept = body.clone();
+                match sender
+                    .try_send_request(Request::from_parts(parts, Full::new(body)))
+                    .await
+                {
+                    Ok(response) => Ok(response.map(UpstreamBody::Http2)),
+                    Err(mut error) => match error.take_message() {
+                        Some(back) => Err(Unsent::Back(Box::new(back.map(|_| kept)))),
+                        None => Err(Unsent::Failed(SendError::Exchange(Box::new(
+                            error.into_error(),
+                        )))),
+                    },
+                }
             }
-            None => Unsent::Failed(SendError::Exchange(error.into_error())),
-        })
+        }
     }
 
     /// A new connection (TCP, tunnel, TLS), HTTP/2 when ALPN chose it. Its
@@ -365,14 +382,7 @@ impl Transport {
             pool.checkin(Sender::Http2(sender.clone()));
             Ok(Sender::Http2(sender))
         } else {
-            let (sender, connection) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| SendError::Connect(Box::new(e)))?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(Sender::Http1(sender))
+            Ok(Sender::Http1(h1::Conn::new(TokioIo::new(io))))
         }
     }
 
@@ -440,50 +450,78 @@ fn build_connector(
 /// Pooled connections tried before a new one is made.
 const MAX_POOLED_TRIES: usize = 4;
 
-/// A connection's sending half.
+/// The I/O of an upstream HTTP/1 connection: TCP (or a tunnel), TLS or not.
+pub type H1Io = TokioIo<hyper_rustls::MaybeHttpsStream<CountedIo<TcpIo>>>;
+
+/// A pooled connection: an idle HTTP/1 one (out of the list while it
+/// carries an exchange), or the sending half of a shared HTTP/2 one.
 enum Sender {
-    Http1(http1::SendRequest<Full<Bytes>>),
+    Http1(Box<h1::Conn<H1Io>>),
     Http2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
     fn is_ready(&self) -> bool {
         match self {
-            Sender::Http1(sender) => sender.is_ready(),
+            Sender::Http1(_) => true,
             Sender::Http2(sender) => sender.is_ready(),
         }
     }
 
-    fn is_closed(&self) -> bool {
+    fn is_closed(&mut self) -> bool {
         match self {
-            Sender::Http1(sender) => sender.is_closed(),
+            Sender::Http1(conn) => conn.is_closed(),
             Sender::Http2(sender) => sender.is_closed(),
         }
     }
 }
 
-/// An HTTP/1 connection lent to one exchange: dropped (when the response
-/// body is done, or given up), it goes back to its worker's list, where it
-/// takes a request again once hyper says it is ready.
-pub struct Checkin {
-    pool: Arc<WorkerPool>,
-    sender: Option<Sender>,
+/// An upstream response's body: read by the relay's HTTP/1 client, or by
+/// hyper's HTTP/2 one.
+pub enum UpstreamBody {
+    Http1(h1::ResponseBody<H1Io>),
+    Http2(Incoming),
 }
 
-impl Drop for Checkin {
-    fn drop(&mut self) {
-        if let Some(sender) = self.sender.take()
-            && !sender.is_closed()
-        {
-            self.pool.checkin(sender);
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(body) => body.is_end_stream(),
+            UpstreamBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(body) => body.size_hint(),
+            UpstreamBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
+impl h1::Home<H1Io> for WorkerPool {
+    fn take_back(&self, conn: Box<h1::Conn<H1Io>>) {
+        self.checkin(Sender::Http1(conn));
     }
 }
 
 /// Why a request did not get its response on a connection.
 enum Unsent {
     /// It never went out: the connection had closed. Safe to send elsewhere.
-    Back(Box<Request<Full<Bytes>>>),
+    Back(Box<Request<Bytes>>),
     Failed(SendError),
 }
 
@@ -495,7 +533,7 @@ struct Pooled {
 impl Pooled {
     /// Closed, or idle (ready, carrying nothing) for longer than
     /// `idle_timeout`: to be dropped from the list.
-    fn is_spent(&self, now: std::time::Instant, idle_timeout: Duration) -> bool {
+    fn is_spent(&mut self, now: std::time::Instant, idle_timeout: Duration) -> bool {
         self.sender.is_closed()
             || (self.sender.is_ready() && now.duration_since(self.since) > idle_timeout)
     }
@@ -530,7 +568,7 @@ impl WorkerPool {
         let mut i = connections.len();
         while i > 0 {
             i -= 1;
-            let pooled = &connections[i];
+            let pooled = &mut connections[i];
             if pooled.is_spent(now, self.idle_timeout) {
                 connections.swap_remove(i);
                 continue;
@@ -573,7 +611,7 @@ impl WorkerPool {
     fn prune(&self) {
         let mut connections = self.connections.lock().expect("pool lock");
         let now = std::time::Instant::now();
-        connections.retain(|pooled| !pooled.is_spent(now, self.idle_timeout));
+        connections.retain_mut(|pooled| !pooled.is_spent(now, self.idle_timeout));
     }
 
     /// On the worker's runtime, once: closes idle connections even when no
@@ -773,7 +811,7 @@ pub enum SendError {
     #[error("connect: {0}")]
     Connect(BoxError),
     #[error("exchange: {0}")]
-    Exchange(hyper::Error),
+    Exchange(BoxError),
     #[error("the connection closed before the request was sent")]
     Closed,
 }
@@ -783,7 +821,7 @@ pub enum SendError {
 pub fn classify(error: &SendError) -> SendFailure {
     let connect = match error {
         SendError::Connect(error) => &**error,
-        SendError::Exchange(error) => return SendFailure::Other(innermost(error).to_string()),
+        SendError::Exchange(error) => return SendFailure::Other(innermost(&**error).to_string()),
         SendError::Closed => return SendFailure::Other(error.to_string()),
     };
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(connect);

@@ -1,7 +1,8 @@
 //! The relay's own upstream connection pool, seen from outside: connections
 //! are reused, one the upstream closed while idle is never used, idle ones
-//! close after the region's `pool.idle_timeout`, and an HTTP/2 upstream
-//! carries concurrent requests on one connection.
+//! close after the region's `pool.idle_timeout`, an HTTP/2 upstream
+//! carries concurrent requests on one connection, and the relay's HTTP/1
+//! client sends requests whole and decodes chunked answers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -250,4 +251,123 @@ async fn a_connection_carrying_a_stream_is_not_lent_to_another_request() {
     }
     assert_eq!(open_connections(&proxy).await, "2");
     assert_eq!(upstream.request_count(), 7);
+}
+
+/// An HTTP/1.1 upstream that keeps its connections open and answers every
+/// request with `answer`, written in small pieces. Records each request as
+/// it arrived (head and body) and counts the connections.
+async fn recording_upstream(
+    answer: &'static [u8],
+) -> (
+    String,
+    Arc<AtomicUsize>,
+    Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (counter, record) = (accepted.clone(), received.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let request_len = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + length {
+                                break end + 4 + length;
+                            }
+                        }
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&chunk[..n]);
+                    };
+                    record
+                        .lock()
+                        .unwrap()
+                        .push(seen.drain(..request_len).collect());
+                    for piece in answer.chunks(7) {
+                        stream.write_all(piece).await.unwrap();
+                        stream.flush().await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted, received)
+}
+
+/// The relay's own HTTP/1 client, seen from both ends: a large request
+/// body reaches the upstream byte for byte with its length, an interim
+/// 100 Continue is not relayed, a chunked answer (odd chunk sizes, a chunk
+/// extension, a trailer) reaches the client decoded and whole, and the
+/// connection is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upstream_gets_the_request_whole_and_its_chunked_answer_is_relayed() {
+    const ANSWER: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n\
+        HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_raw\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        b;ext=1\r\n{\"id\":\"msg_\r\n1e\r\nraw\",\"type\":\"message\",\"usage\":\r\n\
+        20\r\n{\"input_tokens\":3,\"output_t\":4}}\r\n0\r\nx-trailer: dropped\r\n\r\n";
+    let (url, accepted, received) = recording_upstream(ANSWER).await;
+    let proxy = start(&config(&url, "", ""));
+    let client = th::client();
+    // Over 16 KB: written apart from the head.
+    let big = format!(
+        r#"{{"model":"claude-test","max_tokens":8,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(100_000)
+    );
+    for body in [MESSAGE.to_string(), big] {
+        let answer = send(
+            &client,
+            request(
+                Method::POST,
+                &proxy.url("/v1/messages?beta=true"),
+                &[
+                    ("x-api-key", RELAY_KEY),
+                    ("content-type", "application/json"),
+                    ("anthropic-version", "2023-06-01"),
+                ],
+                body.clone(),
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(
+            &answer.body[..],
+            br#"{"id":"msg_raw","type":"message","usage":{"input_tokens":3,"output_t":4}}"#
+        );
+        assert_eq!(answer.headers["request-id"], "req_raw");
+        let sent = received.lock().unwrap().pop().unwrap();
+        let split = sent.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&sent[..split]).to_string();
+        assert!(
+            head.starts_with("POST /v1/messages?beta=true HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(head.contains("\r\nanthropic-version: 2023-06-01"), "{head}");
+        assert_eq!(&sent[split + 4..], body.as_bytes());
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the connection is reused"
+    );
 }
