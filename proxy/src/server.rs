@@ -172,6 +172,8 @@ async fn serve_api(
     };
     let builder = Arc::new(connection_builder());
     let graceful = GracefulShutdown::new();
+    // What each connection watches; the loop's own copy waits below.
+    let connections_stop = stop.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -184,7 +186,7 @@ async fn serve_api(
                         continue;
                     }
                 };
-                spawn_connection(app.clone(), builder.clone(), &graceful, tls.clone(), stream, peer);
+                spawn_connection(app.clone(), builder.clone(), &graceful, tls.clone(), stream, peer, &connections_stop);
             }
             _ = stop.wait_for(|stop| *stop) => break,
         }
@@ -208,13 +210,30 @@ fn spawn_connection(
     tls: Option<TlsAcceptor>,
     stream: TcpStream,
     peer: SocketAddr,
+    stop: &watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let watcher = graceful.watcher();
+    if tls.is_none() {
+        // Plaintext: the relay's own HTTP/1 loop, which hands anything
+        // else (HTTP/2 included) to hyper.
+        tokio::spawn(crate::h1_server::serve(
+            app,
+            stream,
+            peer,
+            builder,
+            watcher,
+            stop.clone(),
+        ));
+        return;
+    }
     tokio::spawn(async move {
         let service = service_fn(move |request| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(stack::handle(app, request, peer).await) }
+            async move {
+                let request = request.map(crate::body::RequestBody::Hyper);
+                Ok::<_, Infallible>(stack::handle(app, request, peer).await)
+            }
         });
         let result = match tls {
             None => {

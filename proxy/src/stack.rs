@@ -48,10 +48,10 @@ use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::body::RequestBody;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access::Exchange;
@@ -85,7 +85,7 @@ pub fn route_of(path: &str) -> &'static str {
 
 pub async fn handle(
     app: Arc<App>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<RelayBody> {
     let request_id = app.ids.next();
@@ -132,7 +132,7 @@ fn reason_label(reason: &str) -> &'static str {
 async fn relay(
     app: &App,
     snapshot: &Snapshot,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
     exchange: &mut Exchange,
 ) -> Result<Response<RelayBody>, RelayError> {
@@ -549,7 +549,7 @@ const DRAIN_CAP: u64 = 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 async fn read_body(
-    mut body: Incoming,
+    mut body: RequestBody,
     headers: &http::HeaderMap,
     limit: u64,
 ) -> Result<Bytes, RelayError> {

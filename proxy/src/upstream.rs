@@ -6,7 +6,7 @@
 //! The pool is ours rather than hyper-util's: a worker's connections sit in
 //! a plain list that only that worker touches, with no key hashing, no
 //! checkout future and no task per request to hand a connection back. So is
-//! the HTTP/1 client (`crate::h1`): the request's task reads and writes its
+//! the HTTP/1 client (`crate::h1_client`): the request's task reads and writes its
 //! connection itself. HTTP/2 connections are hyper's.
 //!
 //! A region with an egress proxy opens each upstream connection as a tunnel
@@ -39,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::h1;
+use crate::h1_client as h1;
 use crate::secrets::Secret;
 
 /// What the transport of a region depends on; regions whose transport

@@ -1,0 +1,590 @@
+//! The relay's own HTTP/1.1 server loop for plaintext client connections.
+//!
+//! The common request (HTTP/1.1, a body of known length up to
+//! [`INLINE_BODY`], or none) is read, handed to the stack and answered
+//! here: one read for the request, one write for a response whose body is
+//! at hand, no dispatch loop. Anything else on the connection (HTTP/2
+//! prior knowledge, a chunked or large body, `Expect: 100-continue`,
+//! HTTP/1.0, `HEAD`, an upgrade, a head that does not parse) goes, with the
+//! bytes already read, to hyper, which serves the connection from then on.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body::Body;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::io::poll_read_buf;
+
+use crate::body::{RelayBody, RequestBody};
+use crate::runtime::App;
+use crate::stack;
+
+/// Bodies up to this size are read here; larger ones stream through hyper,
+/// which also drains a too-large one before its 413.
+pub const INLINE_BODY: u64 = 256 * 1024;
+/// Longest request head read here; a longer one goes to hyper (which
+/// answers 431).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// Time to receive a request head, idle time before it included: what
+/// hyper's `header_read_timeout` gives the connections it serves.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_CHUNK: usize = 8 * 1024;
+/// Response bytes gathered before a write, when the body has more at hand.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Serves one plaintext connection until the client closes it, the relay
+/// shuts down, or a request needs hyper.
+pub async fn serve(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    // Held for the life of the connection: shutdown waits for it.
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conn = Conn {
+        io: stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        out: Vec::with_capacity(4096),
+    };
+    let mut head_deadline = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT));
+    loop {
+        head_deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+        let head = loop {
+            if !conn.buf.is_empty() {
+                match parse_request(&conn.buf) {
+                    Parse::Complete(head) => break head,
+                    Parse::Partial if conn.buf.len() <= MAX_HEAD => {}
+                    Parse::Partial | Parse::NotOurs => {
+                        return hand_over(app, conn, peer, &builder, watcher).await;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                read = conn.read_more() => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                () = &mut head_deadline => return,
+                // Idle at shutdown: nothing is lost by closing now.
+                _ = stop.wait_for(|stop| *stop), if conn.buf.is_empty() => return,
+            }
+        };
+        conn.buf.advance(head.len);
+        while (conn.buf.len() as u64) < head.body_len {
+            match conn.read_more().await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+        let body = (head.body_len > 0).then(|| conn.buf.split_to(head.body_len as usize).freeze());
+        let keep_alive = head.keep_alive;
+        let mut request = Request::new(RequestBody::Whole(body));
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.headers_mut() = head.headers;
+
+        // A client that goes away before the answer cancels the request.
+        let answered = {
+            let handled = stack::handle(app.clone(), request, peer);
+            tokio::pin!(handled);
+            poll_fn(|cx| {
+                if let Poll::Ready(response) = handled.as_mut().poll(cx) {
+                    return Poll::Ready(Some(response));
+                }
+                match conn.poll_client_gone(cx) {
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let Some(response) = answered else {
+            return;
+        };
+        let closing = !keep_alive || *stop.borrow();
+        if conn.respond(response, closing).await.is_err() || closing {
+            return;
+        }
+    }
+}
+
+struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
+    /// Response bytes not yet written.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    async fn read_more(&mut self) -> io::Result<usize> {
+        self.buf.reserve(READ_CHUNK);
+        poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await
+    }
+
+    /// Ready when the client has closed (or broken) the connection. Bytes
+    /// it sends meanwhile (a pipelined request) are kept, up to a bound.
+    fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.buf.len() > MAX_HEAD {
+            // Enough kept; the client's close is seen at the next write.
+            return Poll::Pending;
+        }
+        self.buf.reserve(READ_CHUNK);
+        loop {
+            match ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) if self.buf.len() > MAX_HEAD => return Poll::Pending,
+                Ok(_) => self.buf.reserve(READ_CHUNK),
+            }
+        }
+    }
+
+    /// Writes the response; its body frame by frame, each written as soon
+    /// as nothing more is at hand, so a stream's events are never held.
+    async fn respond(
+        &mut self,
+        response: http::Response<RelayBody>,
+        closing: bool,
+    ) -> io::Result<()> {
+        let (parts, mut body) = response.into_parts();
+        let bodiless = parts.status.is_informational()
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED;
+        let length = body.size_hint().exact();
+        let chunked = !bodiless && length.is_none();
+        self.out.clear();
+        encode_head(
+            &mut self.out,
+            parts.status,
+            &parts.headers,
+            length,
+            chunked,
+            bodiless,
+            closing,
+        );
+        if bodiless {
+            drop(body);
+            return self.flush_out().await;
+        }
+        loop {
+            let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                // Nothing more at hand: what is gathered goes out now.
+                Poll::Pending if !self.out.is_empty() => Poll::Ready(None),
+                Poll::Pending => match self.poll_client_gone(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Some(Err("the client went away".into())))),
+                    Poll::Pending => Poll::Pending,
+                },
+            })
+            .await;
+            match next {
+                None => self.flush_out().await?,
+                Some(None) => {
+                    if chunked {
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    return self.flush_out().await;
+                }
+                // A body that breaks off: the client sees the connection end
+                // before the body does, as hyper would show it.
+                Some(Some(Err(_))) => {
+                    return Err(io::Error::other("the response body broke off"));
+                }
+                Some(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        push_hex(&mut self.out, data.len());
+                        self.out.extend_from_slice(b"\r\n");
+                        self.out.extend_from_slice(&data);
+                        self.out.extend_from_slice(b"\r\n");
+                    } else {
+                        self.out.extend_from_slice(&data);
+                    }
+                    if self.out.len() >= WRITE_BATCH {
+                        self.flush_out().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush_out(&mut self) -> io::Result<()> {
+        self.io.write_all(&self.out).await?;
+        self.out.clear();
+        Ok(())
+    }
+}
+
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    length: Option<u64>,
+    chunked: bool,
+    bodiless: bool,
+    closing: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut dated = false;
+    for (name, value) in headers {
+        // Framing is the server's to write, from the body itself.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        dated |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date::push_now(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if let (false, Some(length)) = (bodiless, length) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(length.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if closing {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = DIGITS[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The `Date` header, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn push_now(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second || text.is_empty() {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
+
+struct Head {
+    len: usize,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body_len: u64,
+    keep_alive: bool,
+}
+
+// Returned once per request and taken apart at once: boxing the head would
+// cost an allocation per request.
+#[expect(clippy::large_enum_variant)]
+enum Parse {
+    Complete(Head),
+    Partial,
+    /// For hyper: a request this loop does not serve, or one hyper should
+    /// refuse in its own words.
+    NotOurs,
+}
+
+fn parse_request(buf: &[u8]) -> Parse {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Err(_) => return Parse::NotOurs,
+    };
+    if parsed.version != Some(1) {
+        return Parse::NotOurs;
+    }
+    let Ok(method) = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes()) else {
+        return Parse::NotOurs;
+    };
+    if method == Method::HEAD || method == Method::CONNECT {
+        return Parse::NotOurs;
+    }
+    let path = parsed.path.unwrap_or_default();
+    // Origin form only; the absolute and authority forms are hyper's.
+    if !path.starts_with('/') {
+        return Parse::NotOurs;
+    }
+    let Ok(uri) = Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())) else {
+        return Parse::NotOurs;
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut body_len: Option<u64> = None;
+    let mut keep_alive = true;
+    for field in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) else {
+            return Parse::NotOurs;
+        };
+        if name == header::CONTENT_LENGTH {
+            let digits = field.value.trim_ascii();
+            let valid =
+                !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit);
+            let n = digits.iter().fold(0u64, |n, d| {
+                n.wrapping_mul(10).wrapping_add(u64::from(d - b'0'))
+            });
+            if !valid || body_len.is_some_and(|seen| seen != n) || n > INLINE_BODY {
+                return Parse::NotOurs;
+            }
+            body_len = Some(n);
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+            || name == header::UPGRADE
+        {
+            return Parse::NotOurs;
+        } else if name == header::CONNECTION {
+            for token in field.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parse::NotOurs;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    Parse::Complete(Head {
+        len,
+        method,
+        uri,
+        headers,
+        body_len: body_len.unwrap_or(0),
+        keep_alive,
+    })
+}
+
+/// Hands the connection, with what was read of it, to hyper.
+async fn hand_over(
+    app: Arc<App>,
+    conn: Conn,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) {
+    let Conn { io, buf, .. } = conn;
+    let io = Replay {
+        read: buf.freeze(),
+        io,
+    };
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        async move {
+            let request = request.map(RequestBody::Hyper);
+            Ok::<_, std::convert::Infallible>(stack::handle(app, request, peer).await)
+        }
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again.
+struct Replay {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Parse {
+        parse_request(text.as_bytes())
+    }
+
+    #[test]
+    fn the_common_request_is_ours() {
+        let Parse::Complete(head) = parse(
+            "POST /v1/messages?beta=true HTTP/1.1\r\nhost: relay\r\ncontent-length: 7\r\n\
+             x-api-key: k\r\n\r\n{\"a\":1}",
+        ) else {
+            panic!("not parsed");
+        };
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/v1/messages?beta=true");
+        assert_eq!(head.body_len, 7);
+        assert_eq!(head.headers["x-api-key"], "k");
+        assert!(head.keep_alive);
+        let Parse::Complete(head) = parse("GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n")
+        else {
+            panic!("not parsed");
+        };
+        assert_eq!(head.body_len, 0);
+        assert!(!head.keep_alive);
+        assert!(matches!(
+            parse("POST /v1/messages HTTP/1.1\r\nhost"),
+            Parse::Partial
+        ));
+    }
+
+    #[test]
+    fn what_hyper_serves_goes_to_hyper() {
+        for text in [
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "HEAD / HTTP/1.1\r\n\r\n",
+            "GET http://example.com/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            "NOT HTTP AT ALL\r\n\r\n",
+        ] {
+            assert!(matches!(parse(text), Parse::NotOurs), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn response_heads_carry_their_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("request-id", HeaderValue::from_static("r"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            StatusCode::OK,
+            &headers,
+            Some(5),
+            false,
+            false,
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\nrequest-id: r\r\ndate: "),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{text}");
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            true,
+            false,
+            true,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"),
+            "{text}"
+        );
+        let mut hex = Vec::new();
+        push_hex(&mut hex, 0x1f3);
+        assert_eq!(hex, b"1f3");
+    }
+}

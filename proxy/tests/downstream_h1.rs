@@ -1,0 +1,147 @@
+//! The relay's own HTTP/1.1 server loop, driven over raw TCP: pipelined
+//! requests answered in order on one connection, `Connection: close`
+//! honoured, and the requests the loop leaves to hyper (chunked bodies,
+//! `Expect: 100-continue`, HTTP/1.0, malformed heads) served or refused as
+//! before, even after the loop has served the same connection.
+
+use std::time::Duration;
+
+use claude_relay_testkit::proxy::ProxyProcess;
+use claude_relay_testkit::upstream::MockUpstream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
+const RELAY_KEY: &str = "relay-key-for-tests";
+const MESSAGE: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
+
+fn start(upstream: &MockUpstream) -> ProxyProcess {
+    let config = format!(
+        r#"
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", max_body_bytes: 65536}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+  - name: local
+    base_url: {}
+    api_keys: [{{env: TEST_RELAY_KEY}}]
+"#,
+        upstream.base_url()
+    );
+    ProxyProcess::start(BIN.as_ref(), &config, &[("TEST_RELAY_KEY", RELAY_KEY)])
+}
+
+/// A Messages request head with a `Content-Length` body.
+fn message(extra_headers: &str) -> String {
+    format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: relay\r\nx-api-key: {RELAY_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n{extra_headers}\r\n{MESSAGE}",
+        MESSAGE.len()
+    )
+}
+
+/// Writes `bytes` on a fresh connection and reads until the relay closes
+/// it (at most 10 s).
+async fn exchange(proxy: &ProxyProcess, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy.api).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_to_close(&mut stream).await
+}
+
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .expect("the relay did not close the connection")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn statuses(text: &str) -> Vec<&str> {
+    text.match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &text[at + 9..at + 12])
+        .collect()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_close_is_honoured() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&upstream);
+    // Three requests in one write; the last asks to close.
+    let requests = format!(
+        "{}{}{}",
+        message(""),
+        message("anthropic-version: 2023-06-01\r\n"),
+        message("connection: close\r\n")
+    );
+    let text = exchange(&proxy, requests.as_bytes()).await;
+    assert_eq!(statuses(&text), ["200", "200", "200"], "{text}");
+    assert_eq!(text.matches("x-relay-request-id: ").count(), 3, "{text}");
+    assert_eq!(text.matches("\r\ndate: ").count(), 3, "{text}");
+    assert_eq!(text.matches("\r\ncontent-length: ").count(), 3, "{text}");
+    assert_eq!(text.matches("connection: close").count(), 1, "{text}");
+    assert_eq!(upstream.request_count(), 3);
+}
+
+#[tokio::test]
+async fn requests_left_to_hyper_are_served_after_the_loop_served_the_connection() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&upstream);
+
+    // A plain request first, then a chunked body on the same connection.
+    let chunked = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: relay\r\nx-api-key: {RELAY_KEY}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         {:x}\r\n{MESSAGE}\r\n0\r\n\r\n",
+        MESSAGE.len()
+    );
+    let text = exchange(&proxy, format!("{}{chunked}", message("")).as_bytes()).await;
+    assert_eq!(statuses(&text), ["200", "200"], "{text}");
+
+    // Expect: 100-continue: the interim answer, then the response.
+    let mut stream = TcpStream::connect(proxy.api).await.unwrap();
+    let head = message("expect: 100-continue\r\nconnection: close\r\n");
+    let (head, body) = head.split_at(head.len() - MESSAGE.len());
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let text = read_to_close(&mut stream).await;
+    assert_eq!(statuses(&text), ["200"], "{text}");
+
+    // HTTP/1.0: served, then closed.
+    let text = exchange(
+        &proxy,
+        message("").replacen("HTTP/1.1", "HTTP/1.0", 1).as_bytes(),
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+
+    // A head that is not HTTP: refused, the connection closed.
+    let text = exchange(&proxy, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(statuses(&text), ["400"], "{text}");
+
+    assert_eq!(upstream.request_count(), 4);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_in_the_claude_envelope_without_going_upstream() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&upstream);
+    // Over max_body_bytes (64 KiB), under what the loop reads itself.
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(100_000));
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: relay\r\nx-api-key: {RELAY_KEY}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let text = exchange(&proxy, request.as_bytes()).await;
+    assert_eq!(statuses(&text), ["413"], "{text}");
+    assert!(text.contains(r#""type":"request_too_large""#), "{text}");
+    assert_eq!(upstream.request_count(), 0);
+}
