@@ -13,6 +13,7 @@
 //! runs to the end of the connection, which is then not reused.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -26,6 +27,7 @@ use tokio_util::io::poll_read_buf;
 
 /// Longest response head read (status line and header fields).
 const MAX_HEAD: usize = 64 * 1024;
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Most header fields in a response head.
 const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line or trailer field line.
@@ -238,9 +240,11 @@ struct ParsedHead {
 
 /// A complete response head at the start of `buf`, or `None` for more bytes.
 fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialised: the parser fills what it uses.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    let len = match parser.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -280,15 +284,28 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
                 .next()
                 .unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // The body is decoded here; the relay's own framing goes on.
+            continue;
         } else if name == CONNECTION {
+            let mut lists_others = false;
             for token in field.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
-                } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive |= http10;
+                } else if !token.is_empty() {
+                    lists_others = true;
                 }
             }
+            // Read here and never relayed, unless it names other headers
+            // that the relay must then drop too.
+            if !lists_others {
+                continue;
+            }
+        } else if name == KEEP_ALIVE {
+            // Hop-by-hop, and only ever an idle-time hint: not relayed.
+            continue;
         }
         headers.append(name, value);
     }
@@ -811,6 +828,29 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_read_and_not_relayed() {
+        let parsed = parse_head(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
+              transfer-encoding: chunked\r\nrequest-id: r\r\n\r\n",
+            &Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.headers.len(), 1, "{:?}", parsed.headers);
+        assert_eq!(parsed.headers["request-id"], "r");
+        assert!(parsed.keep_alive);
+        // A Connection naming other fields stays, so that they are dropped too.
+        let parsed = parse_head(
+            b"HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
+            &Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.headers["connection"], "close, x-hop");
+        assert!(!parsed.keep_alive);
     }
 
     #[tokio::test]

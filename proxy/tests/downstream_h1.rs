@@ -145,3 +145,26 @@ async fn a_body_over_the_limit_is_refused_in_the_claude_envelope_without_going_u
     assert!(text.contains(r#""type":"request_too_large""#), "{text}");
     assert_eq!(upstream.request_count(), 0);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_before_the_answer_cancels_the_request() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&upstream);
+    let mut stream = TcpStream::connect(proxy.api).await.unwrap();
+    // The upstream takes 5 s to answer; the client leaves after 300 ms.
+    stream
+        .write_all(message("x-mock-delay-ms: 5000\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !proxy.log().contains("client_gone") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was not given up: {}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
