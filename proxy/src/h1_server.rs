@@ -1,4 +1,5 @@
-//! The relay's own HTTP/1.1 server loop for plaintext client connections.
+//! The relay's own HTTP/1.1 server loop for client connections, plaintext
+//! or TLS (when ALPN did not choose HTTP/2).
 //!
 //! The common request (HTTP/1.1, a body of known length up to
 //! [`INLINE_BODY`], or none) is read, handed to the stack and answered
@@ -25,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
@@ -49,15 +49,17 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 /// Serves one plaintext connection until the client closes it, the relay
 /// shuts down, or a request needs hyper.
-pub async fn serve(
+pub async fn serve<Io>(
     app: Arc<App>,
-    stream: TcpStream,
+    stream: Io,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     // Held for the life of the connection: shutdown waits for it.
     watcher: Watcher,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut conn = Conn {
         io: stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
@@ -122,21 +124,26 @@ pub async fn serve(
             return;
         };
         let closing = !keep_alive || *stop.borrow();
-        if conn.respond(response, closing).await.is_err() || closing {
+        if conn.respond(response, closing).await.is_err() {
+            return;
+        }
+        if closing {
+            // A TLS client is told the end is meant (close_notify).
+            let _ = conn.io.shutdown().await;
             return;
         }
     }
 }
 
-struct Conn {
-    io: TcpStream,
+struct Conn<Io> {
+    io: Io,
     /// Bytes read and not yet used.
     buf: BytesMut,
     /// Response bytes not yet written.
     out: Vec<u8>,
 }
 
-impl Conn {
+impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
     async fn read_more(&mut self) -> io::Result<usize> {
         self.buf.reserve(READ_CHUNK);
         poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await
@@ -235,6 +242,8 @@ impl Conn {
 
     async fn flush_out(&mut self) -> io::Result<()> {
         self.io.write_all(&self.out).await?;
+        // TLS holds what was written until flushed.
+        self.io.flush().await?;
         self.out.clear();
         Ok(())
     }
@@ -420,18 +429,33 @@ fn parse_request(buf: &[u8]) -> Parse {
 }
 
 /// Hands the connection, with what was read of it, to hyper.
-async fn hand_over(
+async fn hand_over<Io>(
     app: Arc<App>,
-    conn: Conn,
+    conn: Conn<Io>,
     peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
-) {
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Conn { io, buf, .. } = conn;
     let io = Replay {
         read: buf.freeze(),
         io,
     };
+    serve_with_hyper(app, io, peer, builder, watcher).await;
+}
+
+/// Serves a connection with hyper (HTTP/1 or HTTP/2) until it ends.
+pub async fn serve_with_hyper<Io>(
+    app: Arc<App>,
+    io: Io,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
         let app = app.clone();
         async move {
@@ -446,12 +470,12 @@ async fn hand_over(
 }
 
 /// A connection whose first bytes were already read: they are read again.
-struct Replay {
+struct Replay<Io> {
     read: Bytes,
-    io: TcpStream,
+    io: Io,
 }
 
-impl AsyncRead for Replay {
+impl<Io: AsyncRead + Unpin> AsyncRead for Replay<Io> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -467,7 +491,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Replay<Io> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -3,7 +3,8 @@
 //! Threads: one worker per core (see [`crate::worker`]), each a
 //! single-threaded runtime with its own SO_REUSEPORT listener on the API
 //! address; and this control thread, which runs the admin listener, the
-//! config reloader and the signal handling.
+//! config reloader and the signal handling. HTTP/1 connections are served
+//! by the relay's own loop ([`crate::h1_server`]), HTTP/2 by hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::reload::{ConfigSource, Reloader};
 use crate::runtime::App;
-use crate::{admin, stack, worker};
+use crate::{admin, h1_server, worker};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -214,53 +215,31 @@ fn spawn_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let watcher = graceful.watcher();
-    if tls.is_none() {
-        // Plaintext: the relay's own HTTP/1 loop, which hands anything
-        // else (HTTP/2 included) to hyper.
-        tokio::spawn(crate::h1_server::serve(
-            app,
-            stream,
-            peer,
-            builder,
-            watcher,
-            stop.clone(),
-        ));
+    let stop = stop.clone();
+    // HTTP/1 goes to the relay's own loop, which hands anything it does
+    // not serve (HTTP/2 prior knowledge included) to hyper.
+    let Some(acceptor) = tls else {
+        tokio::spawn(h1_server::serve(app, stream, peer, builder, watcher, stop));
         return;
-    }
+    };
     tokio::spawn(async move {
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move {
-                let request = request.map(crate::body::RequestBody::Hyper);
-                Ok::<_, Infallible>(stack::handle(app, request, peer).await)
+        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        let stream = match handshake.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
             }
-        });
-        let result = match tls {
-            None => {
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                watcher.watch(connection).await
-            }
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                let stream = match handshake.await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                watcher.watch(connection).await
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
             }
         };
-        if let Err(error) = result {
-            tracing::debug!(%peer, %error, "connection ended with an error");
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            h1_server::serve(app, stream, peer, builder, watcher, stop).await;
+            return;
         }
+        h1_server::serve_with_hyper(app, stream, peer, &builder, watcher).await;
     });
 }
 

@@ -2,8 +2,11 @@
 //! requests answered in order on one connection, `Connection: close`
 //! honoured, and the requests the loop leaves to hyper (chunked bodies,
 //! `Expect: 100-continue`, HTTP/1.0, malformed heads) served or refused as
-//! before, even after the loop has served the same connection.
+//! before, even after the loop has served the same connection; a client
+//! leaving before its answer cancels the request; HTTPS HTTP/1.1 clients
+//! go through the same loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use claude_relay_testkit::proxy::ProxyProcess;
@@ -167,4 +170,68 @@ async fn a_client_that_goes_away_before_the_answer_cancels_the_request() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// HTTPS with HTTP/1.1 (no ALPN, as curl --http1.1 and many SDKs): the
+/// same loop over TLS, keep-alive and all.
+#[tokio::test]
+async fn https_http1_clients_are_served_by_the_same_loop() {
+    use rustls_pki_types::{CertificateDer, ServerName};
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let config = format!(
+        r#"
+server:
+  listen: "{{listen}}"
+  admin_listen: "{{admin}}"
+  tls: {{cert_file: {}, key_file: {}}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+  - name: local
+    base_url: {}
+    api_keys: [{{env: TEST_RELAY_KEY}}]
+"#,
+        cert_file.display(),
+        key_file.display(),
+        upstream.base_url()
+    );
+    let proxy = ProxyProcess::start(BIN.as_ref(), &config, &[("TEST_RELAY_KEY", RELAY_KEY)]);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(cert.der().to_vec()))
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(proxy.api).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let requests = format!("{}{}", message(""), message("connection: close\r\n"));
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    // Closed with a close_notify: a clean end for the TLS client.
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .expect("the relay did not close the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(statuses(&text), ["200", "200"], "{text}");
+    assert_eq!(upstream.request_count(), 2);
 }
