@@ -190,7 +190,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             closing,
         );
         if bodiless {
-            drop(body);
+            // Read to its end (it has none to send), so that the exchange
+            // is recorded as complete.
+            while let Some(Ok(_)) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {}
             return self.flush_out().await;
         }
         loop {
