@@ -89,21 +89,21 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
         poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.buf).is_ready()
     }
 
-    /// Sends the request (`target` in origin form; `headers` with `Host`,
+    /// Sends the request (`target` in origin form; `fields` with `Host`,
     /// without `Content-Length`, which is written from `body`) and reads the
     /// response head. The body comes after, from the response's body; when
     /// it is done the connection goes to `home` if it can be reused.
-    pub async fn send(
+    pub async fn send<'f>(
         mut self: Box<Self>,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        fields: impl IntoIterator<Item = (&'f HeaderName, &'f HeaderValue)>,
         body: &Bytes,
         home: Arc<dyn Home<Io>>,
     ) -> Result<Response<ResponseBody<Io>>, Failed> {
         let coalesced = body.len() <= COALESCE_BODY;
         let mut head = std::mem::take(&mut self.head);
-        encode_head(&mut head, method, target, headers, body, coalesced);
+        encode_head(&mut head, method, target, fields, body, coalesced);
         // A write refused at once (the upstream had closed the connection)
         // sent nothing of the request.
         let first = self.io.write(&head).await.map_err(Failed::Unsent)?;
@@ -179,11 +179,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
 }
 
 /// Writes the request head (and a small body) into `out`.
-fn encode_head(
+fn encode_head<'f>(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    fields: impl IntoIterator<Item = (&'f HeaderName, &'f HeaderValue)>,
     body: &Bytes,
     with_body: bool,
 ) {
@@ -192,7 +192,7 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in fields {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

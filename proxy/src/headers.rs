@@ -1,6 +1,6 @@
 //! Which headers cross the relay.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The relay's own request id, beside the upstream's `request-id`.
 pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
@@ -37,24 +37,28 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Copies what goes upstream: everything but hop-by-hop headers, the
-/// client's credentials, `host` (the upstream URI carries it), the
-/// `content-length` (recomputed from the buffered body) and the relay's own
-/// control headers.
-pub fn upstream_request_headers(from: &HeaderMap) -> HeaderMap {
+/// What goes upstream of the client's headers: everything but hop-by-hop
+/// headers, the client's credentials, `host` (the upstream URI carries it),
+/// the `content-length` (recomputed from the buffered body) and the relay's
+/// own control headers.
+pub fn for_upstream(from: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let listed = connection_listed(from);
-    let mut out = HeaderMap::with_capacity(from.len() + 1);
-    for (name, value) in from {
-        let drop = is_hop_by_hop(name)
+    from.iter().filter(move |(name, _)| {
+        !(is_hop_by_hop(name)
             || matches!(
                 name.as_str(),
                 "host" | "x-api-key" | "authorization" | "content-length"
             )
             || name.as_str().starts_with("x-relay-")
-            || listed.contains(name);
-        if !drop {
-            out.append(name.clone(), value.clone());
-        }
+            || listed.contains(name))
+    })
+}
+
+/// [`for_upstream`] as a header map, with room for the key and `host`.
+pub fn upstream_request_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len() + 2);
+    for (name, value) in for_upstream(from) {
+        out.append(name.clone(), value.clone());
     }
     out
 }
@@ -77,7 +81,6 @@ pub fn downstream_response_headers(from: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn credentials_and_hop_by_hop_stay_behind() {

@@ -60,7 +60,7 @@ use crate::body::RelayBody;
 use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
 use crate::error::RelayError;
-use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING, X_API_KEY};
+use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
 use crate::keypool::KeyLease;
 use crate::metrics::Name;
 use crate::metrics::QuotaLabels;
@@ -68,7 +68,7 @@ use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLa
 use crate::runtime::{App, Region, Snapshot};
 use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::store::{BudgetPeriod, QuotaDecision};
-use crate::upstream::{SendFailure, UpstreamBody, classify};
+use crate::upstream::{Outgoing, SendFailure, UpstreamBody, classify};
 use crate::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
@@ -722,20 +722,13 @@ async fn attempt(
     exchange: &mut Exchange,
 ) -> Result<Attempt, (RelayError, FailureKind)> {
     let transport = &region.transport;
-    let uri = transport.uri_for(parts.uri.path_and_query()).map_err(|e| {
-        (
-            RelayError::InvalidRequest(format!("cannot build the upstream URI: {e}")),
-            FailureKind::Connect,
-        )
-    })?;
-    let mut upstream_request = Request::new(body);
-    *upstream_request.method_mut() = parts.method.clone();
-    *upstream_request.uri_mut() = uri;
-    // Built per attempt rather than cloned: the first attempt is the common case.
-    *upstream_request.headers_mut() = headers::upstream_request_headers(&parts.headers);
-    let headers = upstream_request.headers_mut();
-    headers.insert(X_API_KEY, key.clone());
-    headers.insert(http::header::HOST, transport.host.clone());
+    let upstream_request = Outgoing {
+        method: &parts.method,
+        path_and_query: parts.uri.path_and_query(),
+        client_headers: &parts.headers,
+        api_key: key,
+        body,
+    };
 
     let started = Instant::now();
     let timeouts = &region.timeouts;
@@ -743,7 +736,7 @@ async fn attempt(
     let permit = transport.acquire().await;
     let headers_by = (Instant::now() + *timeouts.response_headers).min(deadline);
     exchange.upstream = Some(region.name.clone());
-    let sent = tokio::time::timeout_at(headers_by, transport.send(upstream_request)).await;
+    let sent = tokio::time::timeout_at(headers_by, transport.send(&upstream_request)).await;
     let response = match sent {
         Ok(Ok(sent)) => sent,
         Ok(Err(error)) => {

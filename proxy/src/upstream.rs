@@ -25,8 +25,9 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -40,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::h1_client as h1;
+use crate::headers::{self, X_API_KEY};
 use crate::secrets::Secret;
 
 /// What the transport of a region depends on; regions whose transport
@@ -199,6 +201,8 @@ pub struct Transport {
     pools: Vec<Arc<WorkerPool>>,
     scheme: Scheme,
     authority: Authority,
+    /// `scheme://authority/`, what the connector dials.
+    base: Uri,
     /// Path prefix of the base URL, without a trailing slash.
     prefix: String,
     /// The `Host` header, built once: left to hyper, it is formatted anew
@@ -265,7 +269,14 @@ impl Transport {
                 ))
             })
             .collect();
+        let base = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("base_url {:?}: {e}", key.base_url))?;
         Ok(Self {
+            base,
             host,
             in_flight_limit: Arc::new(Semaphore::new(key.max_in_flight)),
             key,
@@ -279,15 +290,11 @@ impl Transport {
         })
     }
 
-    /// Sends `request` (absolute URI, `Host` set, no `Content-Length`: it
-    /// is written from the body) over a pooled connection of the calling
-    /// worker, or a new one; the response once its head is in. A pooled
-    /// connection that closed while idle gives the request back unsent, and
-    /// it goes out on another: never a request sent twice.
-    pub async fn send(
-        &self,
-        mut request: Request<Bytes>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    /// Sends `request` over a pooled connection of the calling worker, or a
+    /// new one; the response once its head is in. A pooled connection that
+    /// closed while idle gives the request back unsent, and it goes out on
+    /// another: never a request sent twice.
+    pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
         let pool = &self.pools[crate::worker::current() % self.pools.len()];
         for _ in 0..MAX_POOLED_TRIES {
             let Some(sender) = pool.checkout() else {
@@ -295,14 +302,14 @@ impl Transport {
             };
             match self.send_on(pool, sender, request).await {
                 Ok(response) => return Ok(response),
-                Err(Unsent::Back(back)) => request = *back,
+                Err(Unsent::Back) => {}
                 Err(Unsent::Failed(error)) => return Err(error),
             }
         }
-        let sender = self.connect(pool, request.uri()).await?;
+        let sender = self.connect(pool).await?;
         match self.send_on(pool, sender, request).await {
             Ok(response) => Ok(response),
-            Err(Unsent::Back(_)) => Err(SendError::Closed),
+            Err(Unsent::Back) => Err(SendError::Closed),
             Err(Unsent::Failed(error)) => Err(error),
         }
     }
@@ -311,26 +318,31 @@ impl Transport {
         &self,
         pool: &Arc<WorkerPool>,
         sender: Sender,
-        request: Request<Bytes>,
+        request: &Outgoing<'_>,
     ) -> Result<Response<UpstreamBody>, Unsent> {
         match sender {
             Sender::Http1(conn) => {
                 // HTTP/1 takes the origin form; the absolute form is for proxies.
-                let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                let pq = request.path_and_query.map_or("/", PathAndQuery::as_str);
+                let target = if self.prefix.is_empty() {
+                    std::borrow::Cow::Borrowed(pq)
+                } else {
+                    std::borrow::Cow::Owned(format!("{}{pq}", self.prefix))
+                };
+                // The client's headers are written as they are filtered, with
+                // no header map built for the upstream.
+                let fields = [(&HOST_FIELD, &self.host)]
+                    .into_iter()
+                    .chain(headers::for_upstream(request.client_headers))
+                    .chain([(&API_KEY_FIELD, request.api_key)]);
                 // Back in the list when the response's body is done.
                 let home: Arc<dyn h1::Home<H1Io>> = pool.clone();
                 let sent = conn
-                    .send(
-                        request.method(),
-                        target,
-                        request.headers(),
-                        request.body(),
-                        home,
-                    )
+                    .send(request.method, &target, fields, &request.body, home)
                     .await;
                 match sent {
                     Ok(response) => Ok(response.map(UpstreamBody::Http1)),
-                    Err(h1::Failed::Unsent(_)) => Err(Unsent::Back(Box::new(request))),
+                    Err(h1::Failed::Unsent(_)) => Err(Unsent::Back),
                     Err(h1::Failed::Exchange(error)) => {
                         Err(Unsent::Failed(SendError::Exchange(Box::new(error))))
                     }
@@ -338,15 +350,20 @@ impl Transport {
             }
             // The HTTP/2 connection never left the list.
             Sender::Http2(mut sender) => {
-                let (parts, body) = request.into_parts();
-                let kept = body.clone();
-                match sender
-                    .try_send_request(Request::from_parts(parts, Full::new(body)))
-                    .await
-                {
+                let uri = self
+                    .uri_for(request.path_and_query)
+                    .map_err(|e| Unsent::Failed(SendError::Exchange(Box::new(e))))?;
+                let mut outgoing = Request::new(Full::new(request.body.clone()));
+                *outgoing.method_mut() = request.method.clone();
+                *outgoing.uri_mut() = uri;
+                let headers = outgoing.headers_mut();
+                *headers = headers::upstream_request_headers(request.client_headers);
+                headers.insert(X_API_KEY, request.api_key.clone());
+                headers.insert(HOST, self.host.clone());
+                match sender.try_send_request(outgoing).await {
                     Ok(response) => Ok(response.map(UpstreamBody::Http2)),
                     Err(mut error) => match error.take_message() {
-                        Some(back) => Err(Unsent::Back(Box::new(back.map(|_| kept)))),
+                        Some(_) => Err(Unsent::Back),
                         None => Err(Unsent::Failed(SendError::Exchange(Box::new(
                             error.into_error(),
                         )))),
@@ -358,14 +375,14 @@ impl Transport {
 
     /// A new connection (TCP, tunnel, TLS), HTTP/2 when ALPN chose it. Its
     /// driving task runs on the calling worker's runtime.
-    async fn connect(&self, pool: &Arc<WorkerPool>, uri: &Uri) -> Result<Sender, SendError> {
+    async fn connect(&self, pool: &Arc<WorkerPool>) -> Result<Sender, SendError> {
         use tower_service::Service;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(SendError::Connect)?;
         let io = connector
-            .call(uri.clone())
+            .call(self.base.clone())
             .await
             .map_err(SendError::Connect)?;
         pool.start_reaper();
@@ -447,6 +464,10 @@ fn build_connector(
     }
 }
 
+// Statics, not the consts themselves: the HTTP/1 head borrows them.
+static HOST_FIELD: http::HeaderName = HOST;
+static API_KEY_FIELD: http::HeaderName = X_API_KEY;
+
 /// Pooled connections tried before a new one is made.
 const MAX_POOLED_TRIES: usize = 4;
 
@@ -521,8 +542,20 @@ impl h1::Home<H1Io> for WorkerPool {
 /// Why a request did not get its response on a connection.
 enum Unsent {
     /// It never went out: the connection had closed. Safe to send elsewhere.
-    Back(Box<Request<Bytes>>),
+    Back,
     Failed(SendError),
+}
+
+/// A request as it goes upstream: the client's method, path and headers
+/// (filtered on the way out by [`headers::for_upstream`]), the region's
+/// key, and the body read whole. `Host` and `Content-Length` are the
+/// transport's to write.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    pub path_and_query: Option<&'a PathAndQuery>,
+    pub client_headers: &'a HeaderMap,
+    pub api_key: &'a HeaderValue,
+    pub body: Bytes,
 }
 
 struct Pooled {
