@@ -16,42 +16,8 @@ use crate::upstream::UpstreamBody;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request's body as the relay takes it: read whole already by the
-/// relay's own HTTP/1 server, or still coming through hyper.
-pub enum RequestBody {
-    Whole(Option<Bytes>),
-    Hyper(hyper::body::Incoming),
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RequestBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Whole(bytes) => bytes.is_none(),
-            RequestBody::Hyper(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Whole(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            RequestBody::Hyper(body) => body.size_hint(),
-        }
-    }
-}
+/// relay's own HTTP/1 server (left), or still coming through hyper (right).
+pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, hyper::body::Incoming>;
 
 pub struct RelayBody {
     inner: Inner,

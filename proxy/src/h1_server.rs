@@ -22,6 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::Body;
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -98,9 +99,9 @@ pub async fn serve<Io>(
                 Ok(_) => {}
             }
         }
-        let body = (head.body_len > 0).then(|| conn.buf.split_to(head.body_len as usize).freeze());
+        let body = conn.buf.split_to(head.body_len as usize).freeze();
         let keep_alive = head.keep_alive;
-        let mut request = Request::new(RequestBody::Whole(body));
+        let mut request = Request::new(RequestBody::Left(Full::new(body)));
         *request.method_mut() = head.method;
         *request.uri_mut() = head.uri;
         *request.headers_mut() = head.headers;
@@ -461,7 +462,7 @@ pub async fn serve_with_hyper<Io>(
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
         let app = app.clone();
         async move {
-            let request = request.map(RequestBody::Hyper);
+            let request = request.map(RequestBody::Right);
             Ok::<_, std::convert::Infallible>(stack::handle(app, request, peer).await)
         }
     });

@@ -28,8 +28,7 @@ use claude_relay_crds::config::{EgressProxyConfig, RegionConfig};
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -341,7 +340,7 @@ impl Transport {
                     .send(request.method, &target, fields, &request.body, home)
                     .await;
                 match sent {
-                    Ok(response) => Ok(response.map(UpstreamBody::Http1)),
+                    Ok(response) => Ok(response.map(Either::Left)),
                     Err(h1::Failed::Unsent(_)) => Err(Unsent::Back),
                     Err(h1::Failed::Exchange(error)) => {
                         Err(Unsent::Failed(SendError::Exchange(Box::new(error))))
@@ -361,7 +360,7 @@ impl Transport {
                 headers.insert(X_API_KEY, request.api_key.clone());
                 headers.insert(HOST, self.host.clone());
                 match sender.try_send_request(outgoing).await {
-                    Ok(response) => Ok(response.map(UpstreamBody::Http2)),
+                    Ok(response) => Ok(response.map(Either::Right)),
                     Err(mut error) => match error.take_message() {
                         Some(_) => Err(Unsent::Back),
                         None => Err(Unsent::Failed(SendError::Exchange(Box::new(
@@ -497,41 +496,9 @@ impl Sender {
     }
 }
 
-/// An upstream response's body: read by the relay's HTTP/1 client, or by
-/// hyper's HTTP/2 one.
-pub enum UpstreamBody {
-    Http1(h1::ResponseBody<H1Io>),
-    Http2(Incoming),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Http1(body) => body.is_end_stream(),
-            UpstreamBody::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Http1(body) => body.size_hint(),
-            UpstreamBody::Http2(body) => body.size_hint(),
-        }
-    }
-}
+/// An upstream response's body: read by the relay's HTTP/1 client (left),
+/// or by hyper's HTTP/2 one (right).
+pub type UpstreamBody = Either<h1::ResponseBody<H1Io>, Incoming>;
 
 impl h1::Home<H1Io> for WorkerPool {
     fn take_back(&self, conn: Box<h1::Conn<H1Io>>) {

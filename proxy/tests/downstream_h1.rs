@@ -19,9 +19,14 @@ const RELAY_KEY: &str = "relay-key-for-tests";
 const MESSAGE: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
 
 fn start(upstream: &MockUpstream) -> ProxyProcess {
+    start_with(upstream, "max_body_bytes: 65536")
+}
+
+/// A relay to `upstream`, with `server` settings besides its addresses.
+fn start_with(upstream: &MockUpstream, server: &str) -> ProxyProcess {
     let config = format!(
         r#"
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}", max_body_bytes: 65536}}
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", {server}}}
 clients:
   - id: app
     relay_keys: [{{env: TEST_RELAY_KEY}}]
@@ -187,25 +192,14 @@ async fn https_http1_clients_are_served_by_the_same_loop() {
     let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    let config = format!(
-        r#"
-server:
-  listen: "{{listen}}"
-  admin_listen: "{{admin}}"
-  tls: {{cert_file: {}, key_file: {}}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-  - name: local
-    base_url: {}
-    api_keys: [{{env: TEST_RELAY_KEY}}]
-"#,
-        cert_file.display(),
-        key_file.display(),
-        upstream.base_url()
+    let proxy = start_with(
+        &upstream,
+        &format!(
+            "tls: {{cert_file: {}, key_file: {}}}",
+            cert_file.display(),
+            key_file.display()
+        ),
     );
-    let proxy = ProxyProcess::start(BIN.as_ref(), &config, &[("TEST_RELAY_KEY", RELAY_KEY)]);
 
     let mut roots = rustls::RootCertStore::empty();
     roots

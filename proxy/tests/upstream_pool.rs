@@ -65,6 +65,19 @@ async fn open_connections(proxy: &ProxyProcess) -> String {
         .to_string()
 }
 
+/// The length of the request (head and the body its Content-Length
+/// announces) at the start of `seen`, once all of it is there.
+fn request_len(seen: &[u8]) -> Option<usize> {
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    (seen.len() >= end + 4 + length).then_some(end + 4 + length)
+}
+
 /// An HTTP/1.1 upstream that answers one request per connection with
 /// keep-alive, then closes the connection `close_after` later, as servers
 /// do with idle keep-alive connections. Counts the connections it accepts.
@@ -81,23 +94,7 @@ async fn closing_upstream(close_after: Duration) -> (String, Arc<AtomicUsize>) {
                 let mut seen = Vec::new();
                 let mut chunk = [0u8; 4096];
                 // Head, then the body its Content-Length announces.
-                let body_len = loop {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&chunk[..n]);
-                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                        let length = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        break end + 4 + length;
-                    }
-                };
-                while seen.len() < body_len {
+                while request_len(&seen).is_none() {
                     let n = stream.read(&mut chunk).await.unwrap_or(0);
                     if n == 0 {
                         return;
@@ -278,16 +275,8 @@ async fn recording_upstream(
                 let mut chunk = vec![0u8; 64 * 1024];
                 loop {
                     let request_len = loop {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                            let length = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            if seen.len() >= end + 4 + length {
-                                break end + 4 + length;
-                            }
+                        if let Some(len) = request_len(&seen) {
+                            break len;
                         }
                         let n = stream.read(&mut chunk).await.unwrap_or(0);
                         if n == 0 {
