@@ -37,8 +37,8 @@ use crate::stack;
 /// Bodies up to this size are read here; larger ones stream through hyper,
 /// which also drains a too-large one before its 413.
 pub const INLINE_BODY: u64 = 256 * 1024;
-/// Longest request head read here; a longer one goes to hyper (which
-/// answers 431).
+/// Longest request head read here; a longer one goes to hyper, whose own
+/// limit then applies.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Time to receive a request head, idle time before it included: what
