@@ -67,6 +67,14 @@ fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
+impl<Io: AsyncRead + Unpin> Conn<Io> {
+    /// Reads what the upstream has sent into the buffer, making room first.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
 impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
     pub fn new(io: Io) -> Box<Self> {
         Box::new(Self {
@@ -84,9 +92,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
             return true;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        self.buf.reserve(1);
         // Ready means the end of the stream, an error, or bytes nobody asked for.
-        poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.buf).is_ready()
+        self.poll_fill(&mut cx).is_ready()
     }
 
     /// Sends the request (`target` in origin form; `fields` with `Host`,
@@ -129,7 +136,6 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
                 Err(_) => Err(Failed::Exchange(write_error)),
             };
         }
-        head.clear();
         self.head = head;
         self.read_head(method, home).await.map_err(Failed::Exchange)
     }
@@ -152,7 +158,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
                     conn: Some(self),
                     framing: parsed.framing,
                     keep_alive: parsed.keep_alive,
-                    home: Some(home),
+                    home,
                 });
                 *response.status_mut() = parsed.status;
                 *response.version_mut() = parsed.version;
@@ -162,12 +168,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
             if self.buf.len() > MAX_HEAD {
                 return Err(invalid("the upstream's response head is too large"));
             }
-            self.buf.reserve(READ_CHUNK);
-            let read = std::future::poll_fn(|cx| {
-                let Self { io, buf, .. } = &mut *self;
-                poll_read_buf(Pin::new(io), cx, buf)
-            })
-            .await?;
+            let read = std::future::poll_fn(|cx| self.poll_fill(cx)).await?;
             if read == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -215,7 +216,8 @@ fn encode_head<'f>(
     }
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+/// Writes `n` in decimal, without the allocation of `to_string`.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -505,7 +507,7 @@ pub struct ResponseBody<Io> {
     conn: Option<Box<Conn<Io>>>,
     framing: Framing,
     keep_alive: bool,
-    home: Option<Arc<dyn Home<Io>>>,
+    home: Arc<dyn Home<Io>>,
 }
 
 impl<Io> ResponseBody<Io> {
@@ -516,9 +518,8 @@ impl<Io> ResponseBody<Io> {
         if let Some(conn) = self.conn.take()
             && self.keep_alive
             && conn.buf.is_empty()
-            && let Some(home) = self.home.take()
         {
-            home.take_back(conn);
+            self.home.take_back(conn);
         }
     }
 
@@ -557,26 +558,22 @@ impl<Io: AsyncRead + Unpin> Body for ResponseBody<Io> {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Ok(Step::More) => {
-                    conn.buf.reserve(READ_CHUNK);
-                    let Conn { io, buf, .. } = &mut **conn;
-                    match poll_read_buf(Pin::new(io), cx, buf) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(error)) => return this.fail(error),
-                        Poll::Ready(Ok(0)) if this.framing == Framing::UntilClose => {
-                            this.framing = Framing::Done;
-                            this.conn = None;
-                            return Poll::Ready(None);
-                        }
-                        Poll::Ready(Ok(0)) => {
-                            return this.fail(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the upstream closed the connection before the body was complete",
-                            ));
-                        }
-                        Poll::Ready(Ok(_)) => {}
+                Ok(Step::More) => match conn.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => return this.fail(error),
+                    Poll::Ready(Ok(0)) if this.framing == Framing::UntilClose => {
+                        this.framing = Framing::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
                     }
-                }
+                    Poll::Ready(Ok(0)) => {
+                        return this.fail(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed the connection before the body was complete",
+                        ));
+                    }
+                    Poll::Ready(Ok(_)) => {}
+                },
             }
         }
     }

@@ -48,7 +48,6 @@ use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body::RequestBody;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
@@ -56,7 +55,7 @@ use tokio::time::Instant;
 
 use crate::access::Exchange;
 use crate::auth::Client;
-use crate::body::RelayBody;
+use crate::body::{RelayBody, RequestBody};
 use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
 use crate::error::RelayError;

@@ -372,8 +372,9 @@ impl Transport {
         }
     }
 
-    /// A new connection (TCP, tunnel, TLS), HTTP/2 when ALPN chose it. Its
-    /// driving task runs on the calling worker's runtime.
+    /// A new connection (TCP, tunnel, TLS), HTTP/2 when ALPN chose it. An
+    /// HTTP/2 connection's driving task runs on the calling worker's
+    /// runtime; an HTTP/1 one has none (its requests drive it).
     async fn connect(&self, pool: &Arc<WorkerPool>) -> Result<Sender, SendError> {
         use tower_service::Service;
         let mut connector = self.connector.clone();
