@@ -22,7 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::Body;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{RelayBody, RequestBody};
+use crate::h1_client::push_decimal;
 use crate::runtime::App;
 use crate::stack;
 
@@ -175,52 +176,56 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
         closing: bool,
     ) -> io::Result<()> {
         let (parts, mut body) = response.into_parts();
-        let bodiless = parts.status.is_informational()
+        let framing = if parts.status.is_informational()
             || parts.status == StatusCode::NO_CONTENT
-            || parts.status == StatusCode::NOT_MODIFIED;
-        let length = body.size_hint().exact();
-        let chunked = !bodiless && length.is_none();
+            || parts.status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Bodiless
+        } else if let Some(length) = body.size_hint().exact() {
+            Framing::Length(length)
+        } else {
+            Framing::Chunked
+        };
         self.out.clear();
         encode_head(
             &mut self.out,
             parts.status,
             &parts.headers,
-            length,
-            chunked,
-            bodiless,
+            framing,
             closing,
         );
-        if bodiless {
+        if framing == Framing::Bodiless {
             // Read to its end (it has none to send), so that the exchange
             // is recorded as complete.
-            while let Some(Ok(_)) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {}
+            while let Some(Ok(_)) = body.frame().await {}
             return self.flush_out().await;
         }
+        let chunked = framing == Framing::Chunked;
         loop {
             let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
+                Poll::Ready(Some(Err(_))) => Poll::Ready(Next::BrokeOff),
+                Poll::Ready(None) => Poll::Ready(Next::End),
                 // Nothing more at hand: what is gathered goes out now.
-                Poll::Pending if !self.out.is_empty() => Poll::Ready(None),
-                Poll::Pending => match self.poll_client_gone(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Some(Err("the client went away".into())))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending if !self.out.is_empty() => Poll::Ready(Next::Flush),
+                Poll::Pending => self.poll_client_gone(cx).map(|()| Next::BrokeOff),
             })
             .await;
             match next {
-                None => self.flush_out().await?,
-                Some(None) => {
+                Next::Flush => self.flush_out().await?,
+                Next::End => {
                     if chunked {
                         self.out.extend_from_slice(b"0\r\n\r\n");
                     }
                     return self.flush_out().await;
                 }
-                // A body that breaks off: the client sees the connection end
-                // before the body does, as hyper would show it.
-                Some(Some(Err(_))) => {
+                // The body broke off, or the client went away: the client
+                // sees the connection end before the body does, as hyper
+                // would show it.
+                Next::BrokeOff => {
                     return Err(io::Error::other("the response body broke off"));
                 }
-                Some(Some(Ok(frame))) => {
+                Next::Frame(frame) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
@@ -252,13 +257,31 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
     }
 }
 
+/// How a response body goes out.
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    /// 1xx, 204, 304: no body, no length.
+    Bodiless,
+    Length(u64),
+    /// A body whose length is not known before it ends.
+    Chunked,
+}
+
+/// What the response body gives next, as the writer sees it.
+enum Next {
+    Frame(http_body::Frame<Bytes>),
+    End,
+    /// Nothing at hand now: write out what is gathered.
+    Flush,
+    /// The body failed, or the client went away.
+    BrokeOff,
+}
+
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
-    length: Option<u64>,
-    chunked: bool,
-    bodiless: bool,
+    framing: Framing,
     closing: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -286,12 +309,14 @@ fn encode_head(
         date::push_now(out);
         out.extend_from_slice(b"\r\n");
     }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if let (false, Some(length)) = (bodiless, length) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(length.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match framing {
+        Framing::Bodiless => {}
+        Framing::Length(length) => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, length);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     if closing {
         out.extend_from_slice(b"connection: close\r\n");
@@ -586,9 +611,7 @@ mod tests {
             &mut out,
             StatusCode::OK,
             &headers,
-            Some(5),
-            false,
-            false,
+            Framing::Length(5),
             false,
         );
         let text = String::from_utf8(out).unwrap();
@@ -602,9 +625,7 @@ mod tests {
             &mut out,
             StatusCode::OK,
             &HeaderMap::new(),
-            None,
-            true,
-            false,
+            Framing::Chunked,
             true,
         );
         let text = String::from_utf8(out).unwrap();
