@@ -12,11 +12,13 @@
 #
 #   bench/instructions.sh              # REQUESTS_SECONDS=8 by default
 #   PROFILE=1 bench/instructions.sh    # also the relay's top functions
+#   TARGETS="nginx relay" bench/instructions.sh   # only some of the runs
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 SECONDS_OF_LOAD=${REQUESTS_SECONDS:-8}
+TARGETS=${TARGETS:-nginx relay relay-key signed cache-hit}
 out=${OUT:-$root/bench/out}
 mkdir -p "$out"
 . "$here/common.sh"
@@ -28,7 +30,7 @@ need callgrind_control "and apt-get install valgrind"
 
 echo "building release binaries..."
 (cd "$root" && cargo build --release --locked -q -p claude-relay-proxy --bin claude-relay-proxy --bin relay-load)
-RELAY="$root/target/release/claude-relay-proxy"
+RELAY=${RELAY:-$root/target/release/claude-relay-proxy}
 LOAD="$root/target/release/relay-load"
 
 
@@ -97,16 +99,17 @@ hit_count() {
 }
 
 echo "instructions per request (callgrind; wrk -t1 -c8 -d${SECONDS_OF_LOAD}s, 1 KB responses)"
-res=$( { measure nginx "$NG" wrk_count "$NG"
-         measure relay "$RL" wrk_count "$RL"
-         measure relay-key "$RL" load_count relay-key
-         measure signed "$RL" load_count signed
-         measure cache-hit "$RL" hit_count; } )
+wanted() { [[ " $TARGETS " == *" $1 "* ]]; }
+res=$( { if wanted nginx; then measure nginx "$NG" wrk_count "$NG"; fi
+         if wanted relay; then measure relay "$RL" wrk_count "$RL"; fi
+         if wanted relay-key; then measure relay-key "$RL" load_count relay-key; fi
+         if wanted signed; then measure signed "$RL" load_count signed; fi
+         if wanted cache-hit; then measure cache-hit "$RL" hit_count; fi; } )
 echo "$res" | tee "$out/instructions.txt"
 echo "$res" | awk '{ir[$1]=$6} END {
-  printf "relay / nginx instructions per request: %.2f (below 1: the relay does less work)\n", ir["relay"]/ir["nginx"]
-  printf "signed / relay-key instructions per request: %.2f\n", ir["signed"]/ir["relay-key"]
-  printf "relayed (relay-key) / cache hit instructions per request: %.2f\n", ir["relay-key"]/ir["cache-hit"] }'
+  if (ir["relay"] && ir["nginx"]) printf "relay / nginx instructions per request: %.2f (below 1: the relay does less work)\n", ir["relay"]/ir["nginx"]
+  if (ir["signed"] && ir["relay-key"]) printf "signed / relay-key instructions per request: %.2f\n", ir["signed"]/ir["relay-key"]
+  if (ir["relay-key"] && ir["cache-hit"]) printf "relayed (relay-key) / cache hit instructions per request: %.2f\n", ir["relay-key"]/ir["cache-hit"] }'
 
 if [ "${PROFILE:-0}" = 1 ]; then
   callgrind_annotate --inclusive=no "$out/callgrind-${PROFILE_OF:-relay}.out" 2>/dev/null | sed -n '1,60p'

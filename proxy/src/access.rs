@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::{Metrics, Name, RequestLabels};
+use crate::metrics::{Metrics, Name};
 
 /// How the exchange ended, as the access log tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,13 +92,7 @@ impl Drop for Exchange {
             .unwrap_or_else(|| Name(Arc::from(NO_UPSTREAM)));
         self.metrics.in_flight.dec();
         self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: self.route,
-                status: self.status,
-                upstream: upstream.clone(),
-            })
-            .inc();
+            .count_request(self.route, self.status, &upstream);
         self.metrics
             .route_duration(self.route)
             .observe(elapsed.as_secs_f64());

@@ -21,7 +21,9 @@ pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, hyper
 
 pub struct RelayBody {
     inner: Inner,
-    exchange: Option<Exchange>,
+    /// Boxed: the record is large, and a response is moved several times
+    /// on its way out.
+    exchange: Option<Box<Exchange>>,
 }
 
 enum Inner {
@@ -80,7 +82,7 @@ impl RelayBody {
     }
 
     /// Attaches the request's record, written when this body is done or dropped.
-    pub fn with_exchange(mut self, exchange: Exchange) -> Self {
+    pub fn with_exchange(mut self, exchange: Box<Exchange>) -> Self {
         self.exchange = Some(exchange);
         self
     }

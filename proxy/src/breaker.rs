@@ -418,7 +418,9 @@ impl RegionBreaker {
             }
             inner.settings.probes
         };
-        match self.take_shared_probe(probes).await {
+        // Boxed: the store call is several KB of future state, which every
+        // request's future would otherwise carry (and copy) for this rare path.
+        match Box::pin(self.take_shared_probe(probes)).await {
             Ok(Some(token)) => Ok(Ticket {
                 breaker: self.clone(),
                 probe: Some(Probe::Shared(token)),

@@ -88,9 +88,10 @@ impl CachePolicy {
         client_enabled: bool,
         method: &Method,
         path: &str,
-        headers: &HeaderMap,
+        // The request's `x-relay-cache`, if it has one.
+        cache_header: Option<&HeaderValue>,
     ) -> Result<Option<bool>, RelayError> {
-        let asked = match headers.get(RELAY_CACHE).map(|v| v.to_str().unwrap_or("")) {
+        let asked = match cache_header.map(|v| v.to_str().unwrap_or("")) {
             None => None,
             Some("on") => Some(true),
             Some("off") => Some(false),
@@ -599,7 +600,8 @@ mod tests {
             headers: &HeaderMap,
             body: &[u8],
         ) -> Result<Option<Plan>, RelayError> {
-            let Some(asked) = self.wanted(client_enabled, method, path, headers)? else {
+            let cache_header = headers.get(RELAY_CACHE);
+            let Some(asked) = self.wanted(client_enabled, method, path, cache_header)? else {
                 return Ok(None);
             };
             let Ok(serde_json::Value::Object(request)) = serde_json::from_slice(body) else {

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -51,6 +51,26 @@ pub struct Conn<Io> {
     buf: BytesMut,
     /// The request head being written; kept to reuse its allocation.
     head: Vec<u8>,
+    /// The relayed fields of the response head being parsed, their values
+    /// as places in the buffer; kept to reuse its allocation.
+    fields: Fields,
+}
+
+/// Header fields found by a parse: each name, and where its value lies
+/// in the head. The values are then cut from the head itself, without a
+/// copy or an allocation each.
+pub(crate) type Fields = Vec<(HeaderName, std::ops::Range<usize>)>;
+
+/// The header map of a parsed head: `fields` taken, values sharing `head`.
+pub(crate) fn header_map(head: &Bytes, fields: &mut Fields) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields.drain(..) {
+        headers.append(
+            name,
+            HeaderValue::from_maybe_shared(head.slice(value)).ok()?,
+        );
+    }
+    Some(headers)
 }
 
 /// Why an exchange gave no response.
@@ -63,6 +83,24 @@ pub enum Failed {
     Exchange(io::Error),
 }
 
+/// Makes room to read into. An empty buffer that nothing shares any more
+/// starts again at the front of its allocation, so a connection keeps
+/// reading into the same few cache-warm lines; otherwise it grows only when
+/// little room is left: bytes handed on (a body chunk, header values) share
+/// the buffer, and reserving a full chunk while they live would allocate a
+/// new one at every read.
+pub(crate) fn make_room(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.try_reclaim(READ_CHUNK) {
+        return;
+    }
+    if buf.capacity() - buf.len() < MIN_ROOM {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Room below which a read buffer grows (or is reclaimed) before a read.
+const MIN_ROOM: usize = 4 * 1024;
+
 fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
@@ -70,7 +108,7 @@ fn invalid(message: &'static str) -> io::Error {
 impl<Io: AsyncRead + Unpin> Conn<Io> {
     /// Reads what the upstream has sent into the buffer, making room first.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
+        make_room(&mut self.buf);
         poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
@@ -81,6 +119,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
             io,
             buf: BytesMut::new(),
             head: Vec::new(),
+            fields: Vec::new(),
         })
     }
 
@@ -147,13 +186,17 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
     ) -> io::Result<Response<ResponseBody<Io>>> {
         loop {
             if !self.buf.is_empty()
-                && let Some(parsed) = parse_head(&self.buf, method)?
+                && let Some(parsed) = parse_head(&self.buf, method, &mut self.fields)?
             {
-                self.buf.advance(parsed.len);
+                let head = self.buf.split_to(parsed.len).freeze();
                 // Interim answers (100 Continue, 103 Early Hints) are not relayed.
                 if parsed.status.is_informational() {
+                    self.fields.clear();
                     continue;
                 }
+                let headers = header_map(&head, &mut self.fields).ok_or_else(|| {
+                    invalid("the upstream's response has an invalid header value")
+                })?;
                 let mut response = Response::new(ResponseBody {
                     conn: Some(self),
                     framing: parsed.framing,
@@ -162,7 +205,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
                 });
                 *response.status_mut() = parsed.status;
                 *response.version_mut() = parsed.version;
-                *response.headers_mut() = parsed.headers;
+                *response.headers_mut() = headers;
                 return Ok(response);
             }
             if self.buf.len() > MAX_HEAD {
@@ -235,13 +278,13 @@ struct ParsedHead {
     len: usize,
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
     framing: Framing,
     keep_alive: bool,
 }
 
-/// A complete response head at the start of `buf`, or `None` for more bytes.
-fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
+/// A complete response head at the start of `buf`, or `None` for more
+/// bytes. The fields to relay are left in `fields`.
+fn parse_head(buf: &[u8], method: &Method, fields: &mut Fields) -> io::Result<Option<ParsedHead>> {
     // Left uninitialised: the parser fills what it uses.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -266,12 +309,10 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
     let mut keep_alive = !http10;
     let mut content_length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    fields.clear();
     for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
+        let name = crate::headers::name_from_wire(field.name.as_bytes())
             .map_err(|_| invalid("the upstream's response has an invalid header name"))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| invalid("the upstream's response has an invalid header value"))?;
         if name == CONTENT_LENGTH {
             let n = parse_content_length(field.value)?;
             if content_length.is_some_and(|seen| seen != n) {
@@ -309,7 +350,9 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
             // Hop-by-hop, and only ever an idle-time hint: not relayed.
             continue;
         }
-        headers.append(name, value);
+        // Where the value lies in `buf` (httparse's slices point into it).
+        let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
+        fields.push((name, at..at + field.value.len()));
     }
     let no_body = *method == Method::HEAD
         || status.is_informational()
@@ -342,7 +385,6 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<ParsedHead>> {
         } else {
             Version::HTTP_11
         },
-        headers,
         framing,
         keep_alive,
     }))
@@ -594,6 +636,16 @@ impl<Io: AsyncRead + Unpin> Body for ResponseBody<Io> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parse_head` and the header map it leaves for the caller to build.
+    fn parse(head: &[u8]) -> io::Result<Option<(ParsedHead, HeaderMap)>> {
+        let mut fields = Fields::new();
+        let Some(parsed) = parse_head(head, &Method::POST, &mut fields)? else {
+            return Ok(None);
+        };
+        let headers = header_map(&Bytes::copy_from_slice(head), &mut fields).expect("valid values");
+        Ok(Some((parsed, headers)))
+    }
     use http_body_util::BodyExt;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, DuplexStream};
@@ -796,58 +848,43 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nbad\x01name: x\r\n\r\n",
         ] {
-            assert!(
-                parse_head(head, &Method::POST).is_err(),
-                "{}",
-                String::from_utf8_lossy(head)
-            );
+            assert!(parse(head).is_err(), "{}", String::from_utf8_lossy(head));
         }
         // A length beside chunked: the coding wins, the connection is not kept.
-        let parsed = parse_head(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
-            &Method::POST,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(parsed.framing, Framing::Chunked(Chunk::Size));
-        assert!(!parsed.keep_alive);
-        // HTTP/1.0 keeps the connection only when asked to.
-        let parsed = parse_head(
-            b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
-            &Method::POST,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(!parsed.keep_alive);
-        assert_eq!(parsed.version, Version::HTTP_10);
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::POST)
+        let parsed =
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n")
                 .unwrap()
-                .is_none()
-        );
+                .unwrap();
+        assert_eq!(parsed.0.framing, Framing::Chunked(Chunk::Size));
+        assert!(!parsed.0.keep_alive);
+        // HTTP/1.0 keeps the connection only when asked to.
+        let parsed = parse(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!parsed.0.keep_alive);
+        assert_eq!(parsed.0.version, Version::HTTP_10);
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap().is_none());
     }
 
     #[test]
     fn hop_by_hop_fields_are_read_and_not_relayed() {
-        let parsed = parse_head(
+        let parsed = parse(
             b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
               transfer-encoding: chunked\r\nrequest-id: r\r\n\r\n",
-            &Method::POST,
         )
         .unwrap()
         .unwrap();
-        assert_eq!(parsed.headers.len(), 1, "{:?}", parsed.headers);
-        assert_eq!(parsed.headers["request-id"], "r");
-        assert!(parsed.keep_alive);
+        assert_eq!(parsed.1.len(), 1, "{:?}", parsed.1);
+        assert_eq!(parsed.1["request-id"], "r");
+        assert!(parsed.0.keep_alive);
         // A Connection naming other fields stays, so that they are dropped too.
-        let parsed = parse_head(
+        let parsed = parse(
             b"HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
-            &Method::POST,
         )
         .unwrap()
         .unwrap();
-        assert_eq!(parsed.headers["connection"], "close, x-hop");
-        assert!(!parsed.keep_alive);
+        assert_eq!(parsed.1["connection"], "close, x-hop");
+        assert!(!parsed.0.keep_alive);
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{RelayBody, RequestBody};
-use crate::h1_client::push_decimal;
+use crate::h1_client::{Fields, header_map, make_room, push_decimal};
 use crate::runtime::App;
 use crate::stack;
 
@@ -58,7 +58,7 @@ pub async fn serve<Io>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     // Held for the life of the connection: shutdown waits for it.
     watcher: Watcher,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -66,19 +66,28 @@ pub async fn serve<Io>(
         io: stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
         out: Vec::with_capacity(4096),
+        fields: Fields::new(),
     };
+    // Armed once and moved only when it fires early: resetting a timer for
+    // every request is a timer-wheel update each time.
     let mut head_deadline = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT));
+    // One wait for shutdown for the life of the connection: made anew for
+    // every request, it joined and left the waiter list that every
+    // connection shares each time.
+    let mut stopping = stop.clone();
+    let stopped = stopping.wait_for(|stop| *stop);
+    tokio::pin!(stopped);
     loop {
-        head_deadline
-            .as_mut()
-            .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+        let head_due = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         let head = loop {
             if !conn.buf.is_empty() {
-                match parse_request(&conn.buf) {
+                match parse_request(&conn.buf, &mut conn.fields) {
                     Parse::Complete(head) => break head,
                     Parse::Partial if conn.buf.len() <= MAX_HEAD => {}
                     Parse::Partial | Parse::NotOurs => {
-                        return hand_over(app, conn, peer, &builder, watcher).await;
+                        // Boxed: hyper's connection state is not carried by
+                        // every connection this loop serves.
+                        return Box::pin(hand_over(app, conn, peer, &builder, watcher)).await;
                     }
                 }
             }
@@ -88,12 +97,21 @@ pub async fn serve<Io>(
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 },
-                () = &mut head_deadline => return,
+                () = &mut head_deadline => {
+                    if tokio::time::Instant::now() >= head_due {
+                        return;
+                    }
+                    head_deadline.as_mut().reset(head_due);
+                }
                 // Idle at shutdown: nothing is lost by closing now.
-                _ = stop.wait_for(|stop| *stop), if conn.buf.is_empty() => return,
+                _ = &mut stopped, if conn.buf.is_empty() => return,
             }
         };
-        conn.buf.advance(head.len);
+        let head_bytes = conn.buf.split_to(head.len).freeze();
+        // Checked by the parse, so this cannot fail.
+        let Some(headers) = header_map(&head_bytes, &mut conn.fields) else {
+            return;
+        };
         while (conn.buf.len() as u64) < head.body_len {
             match conn.read_more().await {
                 Ok(0) | Err(_) => return,
@@ -105,7 +123,7 @@ pub async fn serve<Io>(
         let mut request = Request::new(RequestBody::Left(Full::new(body)));
         *request.method_mut() = head.method;
         *request.uri_mut() = head.uri;
-        *request.headers_mut() = head.headers;
+        *request.headers_mut() = headers;
 
         // A client that goes away before the answer cancels the request.
         let answered = {
@@ -143,11 +161,13 @@ struct Conn<Io> {
     buf: BytesMut,
     /// Response bytes not yet written.
     out: Vec<u8>,
+    /// The fields of the request head being parsed; kept to reuse its allocation.
+    fields: Fields,
 }
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
     async fn read_more(&mut self) -> io::Result<usize> {
-        self.buf.reserve(READ_CHUNK);
+        make_room(&mut self.buf);
         poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await
     }
 
@@ -158,12 +178,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             // Enough kept; the client's close is seen at the next write.
             return Poll::Pending;
         }
-        self.buf.reserve(READ_CHUNK);
+        make_room(&mut self.buf);
         loop {
             match ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) if self.buf.len() > MAX_HEAD => return Poll::Pending,
-                Ok(_) => self.buf.reserve(READ_CHUNK),
+                Ok(_) => make_room(&mut self.buf),
             }
         }
     }
@@ -366,14 +386,10 @@ struct Head {
     len: usize,
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
     body_len: u64,
     keep_alive: bool,
 }
 
-// Returned once per request and taken apart at once: boxing the head would
-// cost an allocation per request.
-#[expect(clippy::large_enum_variant)]
 enum Parse {
     Complete(Head),
     Partial,
@@ -382,7 +398,9 @@ enum Parse {
     NotOurs,
 }
 
-fn parse_request(buf: &[u8]) -> Parse {
+/// A request head at the start of `buf`; its fields are left in `fields`,
+/// their values checked, to be cut from the head once it is taken.
+fn parse_request(buf: &[u8], fields: &mut Fields) -> Parse {
     // Left uninitialised: the parser fills what it uses.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -408,16 +426,21 @@ fn parse_request(buf: &[u8]) -> Parse {
     let Ok(uri) = Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())) else {
         return Parse::NotOurs;
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    fields.clear();
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
     for field in parsed.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(field.name.as_bytes()),
-            HeaderValue::from_bytes(field.value),
-        ) else {
+        let Ok(name) = crate::headers::name_from_wire(field.name.as_bytes()) else {
             return Parse::NotOurs;
         };
+        // What `HeaderValue` accepts (httparse also lets DEL through).
+        if !field
+            .value
+            .iter()
+            .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+        {
+            return Parse::NotOurs;
+        }
         if name == header::CONTENT_LENGTH {
             let digits = field.value.trim_ascii();
             let valid =
@@ -444,13 +467,14 @@ fn parse_request(buf: &[u8]) -> Parse {
                 }
             }
         }
-        headers.append(name, value);
+        // Where the value lies in `buf` (httparse's slices point into it).
+        let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
+        fields.push((name, at..at + field.value.len()));
     }
     Parse::Complete(Head {
         len,
         method,
         uri,
-        headers,
         body_len: body_len.unwrap_or(0),
         keep_alive,
     })
@@ -552,9 +576,10 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Replay<Io> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn parse(text: &str) -> Parse {
-        parse_request(text.as_bytes())
+        parse_request(text.as_bytes(), &mut Fields::new())
     }
 
     #[test]
@@ -568,8 +593,22 @@ mod tests {
         assert_eq!(head.method, Method::POST);
         assert_eq!(head.uri, "/v1/messages?beta=true");
         assert_eq!(head.body_len, 7);
-        assert_eq!(head.headers["x-api-key"], "k");
         assert!(head.keep_alive);
+        // The values are cut from the head as read, as the loop does.
+        let text = "POST /v1/messages HTTP/1.1\r\nHost: relay\r\nX-Api-Key:  k \r\n\
+                    anthropic-beta: a\r\nanthropic-beta: b\r\n\r\n";
+        let mut fields = Fields::new();
+        let Parse::Complete(head) = parse_request(text.as_bytes(), &mut fields) else {
+            panic!("not parsed");
+        };
+        let head_bytes = Bytes::copy_from_slice(&text.as_bytes()[..head.len]);
+        let headers = header_map(&head_bytes, &mut fields).unwrap();
+        assert_eq!(headers.len(), 4);
+        assert_eq!(headers["host"], "relay");
+        assert_eq!(headers["x-api-key"], "k");
+        let betas: Vec<_> = headers.get_all("anthropic-beta").iter().collect();
+        assert_eq!(betas, ["a", "b"]);
+        assert!(fields.is_empty());
         let Parse::Complete(head) = parse("GET /v1/models HTTP/1.1\r\nconnection: close\r\n\r\n")
         else {
             panic!("not parsed");
@@ -596,6 +635,7 @@ mod tests {
             "GET http://example.com/ HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
             "NOT HTTP AT ALL\r\n\r\n",
+            "GET / HTTP/1.1\r\nx-del: a\x7fb\r\n\r\n",
         ] {
             assert!(matches!(parse(text), Parse::NotOurs), "{text:?}");
         }

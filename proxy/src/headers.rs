@@ -1,6 +1,9 @@
 //! Which headers cross the relay.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
 
 /// The relay's own request id, beside the upstream's `request-id`.
 pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
@@ -9,6 +12,42 @@ pub const RELAY_REGION: HeaderName = HeaderName::from_static("x-relay-region");
 /// The Claude API's key header.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Names a worker keeps, so that each distinct name the parsers meet is
+/// validated (and, outside the standard table, allocated) once.
+const KEPT_NAMES: usize = 1024;
+/// A longer name is parsed every time rather than kept.
+const KEPT_NAME_LEN: usize = 64;
+
+thread_local! {
+    static NAMES: RefCell<HashMap<Box<[u8]>, HeaderName, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+/// A header name as a parser read it (any case). A name seen before on
+/// this thread costs a hash lookup; `HeaderName::from_bytes` lowercases,
+/// checks and, for names outside its table (`x-api-key`, every
+/// `anthropic-*`), allocates each time.
+pub fn name_from_wire(raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    NAMES.with_borrow_mut(|names| {
+        if let Some(name) = names.get(raw) {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        // Bounded: a client sending made-up names cannot grow it.
+        if raw.len() <= KEPT_NAME_LEN && names.len() < KEPT_NAMES {
+            names.insert(raw.into(), name.clone());
+        }
+        Ok(name)
+    })
+}
+
+/// Whether a request carries any of the relay's own headers (`x-relay-*`).
+pub fn has_relay_controls(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-relay-"))
+}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those that only make sense on one leg.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -112,6 +151,28 @@ mod tests {
         ] {
             assert!(!out.contains_key(gone), "{gone} leaked upstream");
         }
+    }
+
+    #[test]
+    fn names_from_the_wire_are_checked_and_lowercased_each_time_they_are_seen() {
+        for _ in 0..2 {
+            assert_eq!(name_from_wire(b"X-Api-Key").unwrap(), X_API_KEY);
+            assert_eq!(name_from_wire(b"x-api-key").unwrap(), X_API_KEY);
+            assert_eq!(
+                name_from_wire(b"Content-Type").unwrap(),
+                header::CONTENT_TYPE
+            );
+            assert!(name_from_wire(b"bad name").is_err());
+            assert!(name_from_wire(b"").is_err());
+        }
+        let long = "x-".repeat(KEPT_NAME_LEN);
+        assert_eq!(name_from_wire(long.as_bytes()).unwrap().as_str(), long);
+        // Past the bound, names are still parsed, only no longer kept.
+        for i in 0..KEPT_NAMES + 10 {
+            let name = format!("x-made-up-{i}");
+            assert_eq!(name_from_wire(name.as_bytes()).unwrap().as_str(), name);
+        }
+        assert!(NAMES.with_borrow(HashMap::len) <= KEPT_NAMES);
     }
 
     #[test]

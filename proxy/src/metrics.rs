@@ -94,8 +94,15 @@ pub const ROUTES: [&str; 6] = [
     "other",
 ];
 
+/// A map on the request path, keyed by label values and names: foldhash
+/// instead of SipHash, whose cost showed per request.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub struct Metrics {
     registry: Registry,
+    /// `requests` counters handed out, so a finished request finds its own
+    /// without the family's lock and SipHash of the labels.
+    request_counters: std::sync::Mutex<FastMap<RequestLabels, Counter>>,
     /// The duration histogram of each route, looked up once.
     route_durations: Vec<Histogram>,
     pub requests: Family<RequestLabels, Counter>,
@@ -319,6 +326,7 @@ impl Metrics {
         Self {
             registry,
             route_durations,
+            request_counters: std::sync::Mutex::default(),
             requests,
             request_duration,
             upstream_ttfb,
@@ -347,6 +355,26 @@ impl Metrics {
             cache_memory_bytes,
             cache_memory_entries,
         }
+    }
+
+    /// Counts an answered request.
+    pub fn count_request(&self, route: &'static str, status: u16, upstream: &Name) {
+        let labels = RequestLabels {
+            route,
+            status,
+            upstream: upstream.clone(),
+        };
+        let mut counters = self
+            .request_counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(counter) = counters.get(&labels) {
+            counter.inc();
+            return;
+        }
+        let counter = self.requests.get_or_create(&labels).clone();
+        counter.inc();
+        counters.insert(labels, counter);
     }
 
     pub fn route_duration(&self, route: &'static str) -> &Histogram {

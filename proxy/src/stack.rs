@@ -89,12 +89,13 @@ pub async fn handle(
 ) -> Response<RelayBody> {
     let request_id = app.ids.next();
     let route = route_of(request.uri().path());
-    let mut exchange = Exchange::start(
+    // Boxed: it rides in the response body, which is moved several times.
+    let mut exchange = Box::new(Exchange::start(
         app.metrics.clone(),
         request_id.clone(),
         route,
         request.method().clone(),
-    );
+    ));
     let snapshot = app.snapshot.load_full();
     let response = match relay(&app, &snapshot, request, peer, &mut exchange).await {
         Ok(response) => response,
@@ -137,7 +138,14 @@ async fn relay(
 ) -> Result<Response<RelayBody>, RelayError> {
     let (parts, body) = request.into_parts();
 
-    let signed = SignatureHeaders::from_headers(&parts.headers)?;
+    // The relay's own headers (`x-relay-*`) are rare: one pass over the
+    // names says whether to look for them, instead of a hashed lookup each.
+    let controls = headers::has_relay_controls(&parts.headers);
+    let signed = if controls {
+        SignatureHeaders::from_headers(&parts.headers)?
+    } else {
+        None
+    };
     let client = match &signed {
         Some(signature) => snapshot.clients.for_signature(signature.stamp.key_id)?,
         None => snapshot.clients.authenticate(&parts.headers)?,
@@ -155,7 +163,7 @@ async fn relay(
         .inc();
     exchange.client = Some(client.id.clone());
 
-    let route = choose_route(snapshot, &parts.headers, peer)?;
+    let route = choose_route(snapshot, &parts.headers, peer, controls)?;
 
     let body = read_body(body, &parts.headers, snapshot.config.server.max_body_bytes).await?;
     let replay = &snapshot.config.replay;
@@ -180,7 +188,9 @@ async fn relay(
         client.cache_enabled,
         &parts.method,
         parts.uri.path(),
-        &parts.headers,
+        controls
+            .then(|| parts.headers.get(crate::cache::RELAY_CACHE))
+            .flatten(),
     )?;
     // The body is parsed once: into a value when the cache keys it, else
     // only checked.
@@ -214,7 +224,7 @@ async fn relay(
             if let Some(hit) = cache.lookup_local(plan) {
                 // Replays and rate limits first: a cached answer is not for them.
                 if first_asks {
-                    admit(
+                    Box::pin(admit(
                         app,
                         snapshot,
                         client,
@@ -222,7 +232,7 @@ async fn relay(
                         client.rate_limit,
                         None,
                         exchange,
-                    )
+                    ))
                     .await?;
                 }
                 return Ok(cache_hit(app, hit, exchange));
@@ -230,16 +240,14 @@ async fn relay(
             // Level 1 missed: the admission and the level-2 read go together,
             // one round trip in time.
             let ask = client.quota.map(|q| q.ask(&exchange.request_id));
-            let (answer, level2) = snapshot
-                .store
-                .admit_and_get(
-                    &client.id.0,
-                    nonce,
-                    client.rate_limit,
-                    ask.as_ref(),
-                    cache.level2_key(plan, &snapshot.store).as_deref(),
-                )
-                .await;
+            let (answer, level2) = Box::pin(snapshot.store.admit_and_get(
+                &client.id.0,
+                nonce,
+                client.rate_limit,
+                ask.as_ref(),
+                cache.level2_key(plan, &snapshot.store).as_deref(),
+            ))
+            .await;
             let asked = Asked {
                 nonce,
                 rate: client.rate_limit,
@@ -276,8 +284,11 @@ async fn relay(
             exchange.cache = Some("miss");
             judge(app, snapshot, client, asked, ask.as_ref(), answer, exchange).await?
         }
+        // The store calls are boxed: a round trip to the store dwarfs an
+        // allocation, and unboxed their state (KBs) would ride in, and be
+        // copied with, the future of every request, the unsigned included.
         None if first_asks || client.quota.is_some() => {
-            admit(
+            Box::pin(admit(
                 app,
                 snapshot,
                 client,
@@ -285,7 +296,7 @@ async fn relay(
                 client.rate_limit,
                 client.quota,
                 exchange,
-            )
+            ))
             .await?
         }
         None => None,
@@ -523,8 +534,9 @@ fn choose_route<'s>(
     snapshot: &'s Snapshot,
     headers: &http::HeaderMap,
     peer: SocketAddr,
+    controls: bool,
 ) -> Result<&'s [usize], RelayError> {
-    if let Some(pinned) = headers.get(&RELAY_REGION) {
+    if let Some(pinned) = controls.then(|| headers.get(&RELAY_REGION)).flatten() {
         let name = pinned.to_str().unwrap_or_default();
         return match snapshot.regions.iter().position(|r| &*r.name.0 == name) {
             Some(i) => Ok(&snapshot.region_indices[i..=i]),
@@ -599,10 +611,11 @@ async fn read_body(
 }
 
 fn looks_like_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|ct| ct.contains("json"))
+    headers.get(header::CONTENT_TYPE).is_none_or(|ct| {
+        let ct = ct.as_bytes();
+        // The usual value without building a substring searcher.
+        ct == b"application/json" || ct.windows(4).any(|w| w == b"json")
+    })
 }
 
 fn check_json(body: &[u8]) -> Result<(), RelayError> {

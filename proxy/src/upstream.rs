@@ -305,7 +305,9 @@ impl Transport {
                 Err(Unsent::Failed(error)) => return Err(error),
             }
         }
-        let sender = self.connect(pool).await?;
+        // Boxed: connecting (TLS, tunnels) is several KB of future state that
+        // every request would otherwise carry and copy, for a rare step.
+        let sender = Box::pin(self.connect(pool)).await?;
         match self.send_on(pool, sender, request).await {
             Ok(response) => Ok(response),
             Err(Unsent::Back) => Err(SendError::Closed),

@@ -29,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::metrics::{Metrics, Name, TokenLabels};
+use crate::metrics::{FastMap, Metrics, Name, TokenLabels};
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
     unix_ms,
@@ -185,7 +185,7 @@ fn message_usage(body: &[u8]) -> Option<MessageUsage> {
 /// (whose object more brackets would follow) is never taken for it.
 fn trailing_usage(body: &[u8]) -> Option<ReportedUsage> {
     let inner = body.trim_ascii_end().strip_suffix(b"}")?;
-    let at = memchr::memmem::rfind(inner, b"\"usage\"")?;
+    let at = USAGE_KEY.rfind(inner)?;
     if !matches!(inner[..at].trim_ascii_end().last(), Some(b',' | b'{')) {
         return None;
     }
@@ -194,7 +194,196 @@ fn trailing_usage(body: &[u8]) -> Option<ReportedUsage> {
     if !value.starts_with(b"{") {
         return None;
     }
-    serde_json::from_slice(value).ok()
+    match flat_usage(value) {
+        Some(usage) => Some(usage),
+        None => serde_json::from_slice(value).ok(),
+    }
+}
+
+/// `"usage"`, searched from the end of a body; built once.
+static USAGE_KEY: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(b"\"usage\""));
+
+/// The usage object in the form the API writes it: token counts, and
+/// plain strings, numbers, literals and flat objects (`cache_creation`,
+/// `server_tool_use`) beside them. Read by hand at a fraction of serde's
+/// cost; `None` means "not this form", and serde then decides, so the
+/// answer is always serde's.
+fn flat_usage(value: &[u8]) -> Option<ReportedUsage> {
+    let mut json = Flat { s: value, at: 0 };
+    let mut usage = ReportedUsage::default();
+    let mut seen = [false; 4];
+    json.byte(b'{')?;
+    json.ws();
+    if !json.eat(b'}') {
+        loop {
+            json.ws();
+            let key = json.plain_string()?;
+            json.ws();
+            json.byte(b':')?;
+            json.ws();
+            let field = match key {
+                b"input_tokens" => Some(0),
+                b"output_tokens" => Some(1),
+                b"cache_creation_input_tokens" => Some(2),
+                b"cache_read_input_tokens" => Some(3),
+                _ => None,
+            };
+            match field {
+                Some(i) => {
+                    // serde refuses a repeated field; let it say so.
+                    if std::mem::replace(&mut seen[i], true) {
+                        return None;
+                    }
+                    let count = json.count()?;
+                    *[
+                        &mut usage.input_tokens,
+                        &mut usage.output_tokens,
+                        &mut usage.cache_creation_input_tokens,
+                        &mut usage.cache_read_input_tokens,
+                    ][i] = count;
+                }
+                None => json.skip_value(true)?,
+            }
+            json.ws();
+            if json.eat(b',') {
+                continue;
+            }
+            json.byte(b'}')?;
+            break;
+        }
+    }
+    json.ws();
+    (json.at == value.len()).then_some(usage)
+}
+
+/// A cursor for [`flat_usage`]: every step either reads exactly what JSON
+/// allows there or gives up.
+struct Flat<'a> {
+    s: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Flat<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.at).copied()
+    }
+
+    fn eat(&mut self, b: u8) -> bool {
+        let here = self.peek() == Some(b);
+        self.at += usize::from(here);
+        here
+    }
+
+    fn byte(&mut self, b: u8) -> Option<()> {
+        self.eat(b).then_some(())
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// A string of printable ASCII without escapes (else: give up).
+    fn plain_string(&mut self) -> Option<&'a [u8]> {
+        self.byte(b'"')?;
+        let rest = &self.s[self.at..];
+        let end = rest.iter().position(|&b| b == b'"')?;
+        let content = &rest[..end];
+        if !content
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            return None;
+        }
+        self.at += end + 1;
+        Some(content)
+    }
+
+    /// A token count: `null` (absent) or an integer that fits a u64.
+    fn count(&mut self) -> Option<Option<u64>> {
+        if self.literal(b"null") {
+            return Some(None);
+        }
+        let digits = self.digits()?;
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E'))
+            || (digits.len() > 1 && digits[0] == b'0')
+        {
+            return None;
+        }
+        digits
+            .iter()
+            .try_fold(0u64, |n, d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+            .map(Some)
+    }
+
+    fn digits(&mut self) -> Option<&'a [u8]> {
+        let start = self.at;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.at += 1;
+        }
+        (self.at > start).then(|| &self.s[start..self.at])
+    }
+
+    fn literal(&mut self, word: &[u8]) -> bool {
+        let here = self.s[self.at..].starts_with(word);
+        if here {
+            self.at += word.len();
+        }
+        here
+    }
+
+    /// A value beside the counts: a plain string, a number, a literal, or
+    /// (when `nested` is allowed) an object of those.
+    fn skip_value(&mut self, nested: bool) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.plain_string().map(drop),
+            b'-' | b'0'..=b'9' => self.number(),
+            b'{' if nested => {
+                self.at += 1;
+                self.ws();
+                if self.eat(b'}') {
+                    return Some(());
+                }
+                loop {
+                    self.ws();
+                    self.plain_string()?;
+                    self.ws();
+                    self.byte(b':')?;
+                    self.ws();
+                    self.skip_value(false)?;
+                    self.ws();
+                    if !self.eat(b',') {
+                        return self.byte(b'}');
+                    }
+                }
+            }
+            _ => (self.literal(b"null") || self.literal(b"true") || self.literal(b"false"))
+                .then_some(()),
+        }
+    }
+
+    /// JSON's number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+    fn number(&mut self) -> Option<()> {
+        self.eat(b'-');
+        let int = self.digits()?;
+        if int.len() > 1 && int[0] == b'0' {
+            return None;
+        }
+        if self.eat(b'.') {
+            self.digits()?;
+        }
+        if self.eat(b'e') || self.eat(b'E') {
+            if !self.eat(b'+') {
+                self.eat(b'-');
+            }
+            self.digits()?;
+        }
+        Some(())
+    }
 }
 
 /// `model` among the leading members of the top-level object, when only
@@ -535,17 +724,17 @@ struct Pending {
 pub struct Accounting {
     metrics: Arc<Metrics>,
     /// Slots held in the store by this replica: slot → (client, store).
-    slots: Mutex<HashMap<Arc<str>, HeldSlot>>,
+    slots: Mutex<FastMap<Arc<str>, HeldSlot>>,
     /// Since when the store has failed quota checks, if it does now.
     outage_since: Mutex<Option<Instant>>,
     /// This replica's own budgets, used once an outage outlasts its grace.
     pub fallback: MemoryStore,
     /// Model label values in use, to bound the metric's cardinality.
-    models: Mutex<HashSet<Arc<str>>>,
+    models: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
-    token_counters: Mutex<HashMap<TokenKey, [Counter; 4]>>,
+    token_counters: Mutex<FastMap<TokenKey, [Counter; 4]>>,
     /// Per client, what the next flush writes to the store.
-    outbox: Mutex<HashMap<Name, Pending>>,
+    outbox: Mutex<FastMap<Name, Pending>>,
 }
 
 /// The client holding a slot, and the store it is held in (`None`: this
@@ -939,6 +1128,67 @@ mod tests {
                 .usage
                 .map(|u| to_usage(&u).input_tokens),
             Some(7)
+        );
+    }
+
+    #[test]
+    fn the_usage_read_by_hand_is_always_what_serde_reads() {
+        let api = br#"{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":7,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":180,"service_tier":"standard","server_tool_use":{"web_search_requests":1}}"#;
+        let cases: [&[u8]; 26] = [
+            api,
+            br#"{"input_tokens":25,"output_tokens":180}"#,
+            b"{ \"input_tokens\" : 1 ,\n\t\"output_tokens\":2\r\n}  ",
+            br#"{}"#,
+            br#"{"input_tokens":null,"output_tokens":0}"#,
+            br#"{"x":-1.5e+3,"y":true,"z":false,"w":null,"v":{},"input_tokens":3}"#,
+            br#"{"input_tokens":18446744073709551615}"#,
+            // Given up on by hand; serde decides.
+            br#"{"input_tokens":18446744073709551616}"#,
+            br#"{"input_tokens":1.0}"#,
+            br#"{"input_tokens":1e3}"#,
+            br#"{"input_tokens":-1}"#,
+            br#"{"input_tokens":01}"#,
+            br#"{"input_tokens":"5"}"#,
+            br#"{"input_tokens":1,"input_tokens":2}"#,
+            br#"{"input_tokens":1,}"#,
+            br#"{"input_tokens":1"#,
+            br#"{"input_tokens":1} x"#,
+            br#"{"inp\u0075t_tokens":4}"#,
+            br#"{"tier":"caf\u00e9","input_tokens":4}"#,
+            "{\"tier\":\"café\",\"input_tokens\":4}".as_bytes(),
+            b"{\"tier\":\"a\tb\",\"input_tokens\":4}",
+            br#"{"a":{"b":{"c":1}},"input_tokens":4}"#,
+            br#"{"a":[1,2],"input_tokens":4}"#,
+            br#"{"a":01,"input_tokens":4}"#,
+            br#"{"a":1.,"input_tokens":4}"#,
+            br#"{"a":tru,"input_tokens":4}"#,
+        ];
+        let counts = |u: &ReportedUsage| {
+            (
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_creation_input_tokens,
+                u.cache_read_input_tokens,
+            )
+        };
+        let mut by_hand = 0;
+        for case in cases {
+            let serde = serde_json::from_slice::<ReportedUsage>(case).ok();
+            if let Some(flat) = flat_usage(case) {
+                by_hand += 1;
+                assert_eq!(
+                    Some(counts(&flat)),
+                    serde.as_ref().map(counts),
+                    "{}",
+                    String::from_utf8_lossy(case)
+                );
+            }
+        }
+        // The API's own forms are read by hand.
+        assert_eq!(by_hand, 7);
+        assert_eq!(
+            flat_usage(api).map(|u| counts(&u)),
+            Some((Some(25), Some(180), Some(0), Some(7)))
         );
     }
 
