@@ -4,7 +4,8 @@
 //! `Expect: 100-continue`, HTTP/1.0, malformed heads) served or refused as
 //! before, even after the loop has served the same connection; a client
 //! leaving before its answer cancels the request; HTTPS HTTP/1.1 clients
-//! go through the same loop.
+//! go through the same loop; at SIGTERM idle connections close at once
+//! while a request in flight finishes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,4 +229,71 @@ async fn https_http1_clients_are_served_by_the_same_loop() {
     let text = String::from_utf8_lossy(&got);
     assert_eq!(statuses(&text), ["200", "200"], "{text}");
     assert_eq!(upstream.request_count(), 2);
+}
+
+/// Reads one response with a `content-length` body off `stream`.
+async fn read_one(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .expect("no whole response within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before the response was whole: {text}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn at_sigterm_idle_connections_close_and_a_request_in_flight_finishes() {
+    let upstream = MockUpstream::start().await;
+    let mut proxy = start_with(&upstream, "shutdown_grace: 20s");
+    // An idle keep-alive connection, after one answer.
+    let mut idle = TcpStream::connect(proxy.api).await.unwrap();
+    idle.write_all(message("").as_bytes()).await.unwrap();
+    assert!(read_one(&mut idle).await.starts_with("HTTP/1.1 200"));
+    // A request in flight: its upstream takes 1.5 s to answer.
+    let mut busy = TcpStream::connect(proxy.api).await.unwrap();
+    busy.write_all(message("x-mock-delay-ms: 1500\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stopped_at = std::time::Instant::now();
+    proxy.terminate();
+    // The idle connection is closed at once, not held for the grace period.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle connection stayed open");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // The one in flight gets its whole answer, told that the connection ends.
+    let text = read_to_close(&mut busy).await;
+    assert_eq!(statuses(&text), ["200"], "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(8),
+        "the relay waited for its grace period: {:?}",
+        stopped_at.elapsed()
+    );
 }
