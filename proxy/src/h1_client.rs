@@ -61,6 +61,12 @@ pub struct Conn<Io> {
 /// copy or an allocation each.
 pub(crate) type Fields = Vec<(HeaderName, std::ops::Range<usize>)>;
 
+/// Where `value`, a slice httparse took from `head`, lies in it.
+pub(crate) fn place_in(head: &[u8], value: &[u8]) -> std::ops::Range<usize> {
+    let at = value.as_ptr() as usize - head.as_ptr() as usize;
+    at..at + value.len()
+}
+
 /// The header map of a parsed head: `fields` taken, values sharing `head`.
 pub(crate) fn header_map(head: &Bytes, fields: &mut Fields) -> Option<HeaderMap> {
     let mut headers = HeaderMap::with_capacity(fields.len());
@@ -350,9 +356,7 @@ fn parse_head(buf: &[u8], method: &Method, fields: &mut Fields) -> io::Result<Op
             // Hop-by-hop, and only ever an idle-time hint: not relayed.
             continue;
         }
-        // Where the value lies in `buf` (httparse's slices point into it).
-        let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
-        fields.push((name, at..at + field.value.len()));
+        fields.push((name, place_in(buf, field.value)));
     }
     let no_body = *method == Method::HEAD
         || status.is_informational()

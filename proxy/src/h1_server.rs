@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{RelayBody, RequestBody};
-use crate::h1_client::{Fields, header_map, make_room, push_decimal};
+use crate::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
 use crate::runtime::App;
 use crate::stack;
 
@@ -467,9 +467,7 @@ fn parse_request(buf: &[u8], fields: &mut Fields) -> Parse {
                 }
             }
         }
-        // Where the value lies in `buf` (httparse's slices point into it).
-        let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
-        fields.push((name, at..at + field.value.len()));
+        fields.push((name, place_in(buf, field.value)));
     }
     Parse::Complete(Head {
         len,

@@ -1,9 +1,10 @@
 //! Which headers cross the relay.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
+
+use crate::metrics::FastMap;
 
 /// The relay's own request id, beside the upstream's `request-id`.
 pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
@@ -20,8 +21,7 @@ const KEPT_NAMES: usize = 1024;
 const KEPT_NAME_LEN: usize = 64;
 
 thread_local! {
-    static NAMES: RefCell<HashMap<Box<[u8]>, HeaderName, foldhash::fast::RandomState>> =
-        RefCell::new(HashMap::default());
+    static NAMES: RefCell<FastMap<Box<[u8]>, HeaderName>> = RefCell::new(FastMap::default());
 }
 
 /// A header name as a parser read it (any case). A name seen before on
@@ -172,7 +172,7 @@ mod tests {
             let name = format!("x-made-up-{i}");
             assert_eq!(name_from_wire(name.as_bytes()).unwrap().as_str(), name);
         }
-        assert!(NAMES.with_borrow(HashMap::len) <= KEPT_NAMES);
+        assert!(NAMES.with_borrow(FastMap::len) <= KEPT_NAMES);
     }
 
     #[test]

@@ -213,46 +213,26 @@ fn flat_usage(value: &[u8]) -> Option<ReportedUsage> {
     let mut json = Flat { s: value, at: 0 };
     let mut usage = ReportedUsage::default();
     let mut seen = [false; 4];
-    json.byte(b'{')?;
-    json.ws();
-    if !json.eat(b'}') {
-        loop {
-            json.ws();
-            let key = json.plain_string()?;
-            json.ws();
-            json.byte(b':')?;
-            json.ws();
-            let field = match key {
-                b"input_tokens" => Some(0),
-                b"output_tokens" => Some(1),
-                b"cache_creation_input_tokens" => Some(2),
-                b"cache_read_input_tokens" => Some(3),
-                _ => None,
-            };
-            match field {
-                Some(i) => {
-                    // serde refuses a repeated field; let it say so.
-                    if std::mem::replace(&mut seen[i], true) {
-                        return None;
-                    }
-                    let count = json.count()?;
-                    *[
-                        &mut usage.input_tokens,
-                        &mut usage.output_tokens,
-                        &mut usage.cache_creation_input_tokens,
-                        &mut usage.cache_read_input_tokens,
-                    ][i] = count;
-                }
-                None => json.skip_value(true)?,
-            }
-            json.ws();
-            if json.eat(b',') {
-                continue;
-            }
-            json.byte(b'}')?;
-            break;
+    json.object(|json, key| {
+        let field = match key {
+            b"input_tokens" => 0,
+            b"output_tokens" => 1,
+            b"cache_creation_input_tokens" => 2,
+            b"cache_read_input_tokens" => 3,
+            _ => return json.skip_value(true),
+        };
+        // serde refuses a repeated field; let it say so.
+        if std::mem::replace(&mut seen[field], true) {
+            return None;
         }
-    }
+        *[
+            &mut usage.input_tokens,
+            &mut usage.output_tokens,
+            &mut usage.cache_creation_input_tokens,
+            &mut usage.cache_read_input_tokens,
+        ][field] = json.count()?;
+        Some(())
+    })?;
     json.ws();
     (json.at == value.len()).then_some(usage)
 }
@@ -336,31 +316,35 @@ impl<'a> Flat<'a> {
         here
     }
 
+    /// An object whose keys are plain strings: `value` reads the value of
+    /// each member, given its key.
+    fn object(&mut self, mut value: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.byte(b'{')?;
+        self.ws();
+        if self.eat(b'}') {
+            return Some(());
+        }
+        loop {
+            self.ws();
+            let key = self.plain_string()?;
+            self.ws();
+            self.byte(b':')?;
+            self.ws();
+            value(self, key)?;
+            self.ws();
+            if !self.eat(b',') {
+                return self.byte(b'}');
+            }
+        }
+    }
+
     /// A value beside the counts: a plain string, a number, a literal, or
     /// (when `nested` is allowed) an object of those.
     fn skip_value(&mut self, nested: bool) -> Option<()> {
         match self.peek()? {
             b'"' => self.plain_string().map(drop),
             b'-' | b'0'..=b'9' => self.number(),
-            b'{' if nested => {
-                self.at += 1;
-                self.ws();
-                if self.eat(b'}') {
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.plain_string()?;
-                    self.ws();
-                    self.byte(b':')?;
-                    self.ws();
-                    self.skip_value(false)?;
-                    self.ws();
-                    if !self.eat(b',') {
-                        return self.byte(b'}');
-                    }
-                }
-            }
+            b'{' if nested => self.object(|json, _| json.skip_value(false)),
             _ => (self.literal(b"null") || self.literal(b"true") || self.literal(b"false"))
                 .then_some(()),
         }
