@@ -24,6 +24,9 @@ pub enum RelayError {
     NotFound(String),
     #[error("request body is larger than the relay's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// A request body in a content coding the relay cannot read (415).
+    #[error("{0}")]
+    UnsupportedEncoding(String),
     #[error("{message}")]
     RateLimited {
         message: String,
@@ -49,6 +52,7 @@ impl RelayError {
             Self::Unauthenticated(_) | Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -59,7 +63,7 @@ impl RelayError {
     /// The `error.type` of the Claude API envelope.
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) => "invalid_request_error",
+            Self::InvalidRequest(_) | Self::UnsupportedEncoding(_) => "invalid_request_error",
             Self::Unauthenticated(_) | Self::Signature(_) => "authentication_error",
             Self::NotFound(_) => "not_found_error",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -78,13 +82,21 @@ impl RelayError {
     }
 
     pub fn into_response(self, request_id: &str) -> Response<RelayBody> {
-        error_response(
+        let mut response = error_response(
             self.status(),
             self.error_type(),
             &self.to_string(),
             request_id,
             self.retry_after(),
-        )
+        );
+        if let Self::UnsupportedEncoding(_) = self {
+            // RFC 9110 §15.5.16: a 415 for a content coding names the ones taken.
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(crate::request_encoding::ACCEPTED),
+            );
+        }
+        response
     }
 }
 

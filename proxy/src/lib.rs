@@ -14,6 +14,7 @@ pub mod headers;
 pub mod keypool;
 pub mod metrics;
 pub mod reload;
+pub mod request_encoding;
 pub mod routing;
 pub mod runtime;
 pub mod secrets;

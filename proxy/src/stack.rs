@@ -12,8 +12,11 @@
 //! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it).
 //! 6. **verify** — a signed request's HMAC over method, path with query,
 //!    timestamp (within `replay.window`), nonce and body hash (401 naming
-//!    the failed check). Then a JSON body must parse (400), so garbage never
-//!    spends an upstream call.
+//!    the failed check), all over the bytes as sent. Then a JSON body must
+//!    parse (400), so garbage never spends an upstream call; a compressed
+//!    one (`Content-Encoding: gzip` or `deflate`) is decoded for this check
+//!    and the cache key only, within `server.max_body_bytes` decoded (413),
+//!    ([`crate::request_encoding`]; other codings 415, corrupt ones 400).
 //! 7. **admit** — one store round trip, only when there is something to ask:
 //!    the nonce claimed once across replicas (401 on replay), the client's
 //!    rate window (429 with retry-after) and its quota: token budgets of the
@@ -64,6 +67,7 @@ use crate::keypool::KeyLease;
 use crate::metrics::Name;
 use crate::metrics::QuotaLabels;
 use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
+use crate::request_encoding::Coding;
 use crate::runtime::{App, Region, Snapshot};
 use crate::signing::{self, SignatureError, SignatureHeaders};
 use crate::store::{BudgetPeriod, QuotaDecision};
@@ -192,10 +196,22 @@ async fn relay(
             .then(|| parts.headers.get(crate::cache::RELAY_CACHE))
             .flatten(),
     )?;
+    // The readers of the body see it decoded (`Content-Encoding: gzip`);
+    // upstream gets the bytes as sent.
+    let (decoded, cache_wanted) = if must_be_json || cache_wanted.is_some() {
+        match decoded_for_readers(&body, &parts.headers, snapshot.config.server.max_body_bytes) {
+            Ok(decoded) => (decoded, cache_wanted),
+            Err(error) if must_be_json => return Err(error),
+            // Not JSON by its type: it is not cached, nor refused.
+            Err(_) => (Bytes::new(), None),
+        }
+    } else {
+        (Bytes::new(), None)
+    };
     // The body is parsed once: into a value when the cache keys it, else
     // only checked.
     let cache_plan = match cache_wanted {
-        Some(asked) => match serde_json::from_slice::<serde_json::Value>(&body) {
+        Some(asked) => match serde_json::from_slice::<serde_json::Value>(&decoded) {
             Ok(serde_json::Value::Object(request)) => snapshot.cache.plan_parsed(
                 &client.id.0,
                 client.cache_enabled,
@@ -209,7 +225,7 @@ async fn relay(
         },
         None => {
             if must_be_json {
-                check_json(&body)?;
+                check_json(&decoded)?;
             }
             None
         }
@@ -608,6 +624,19 @@ async fn read_body(
         }
     }
     Ok(first.unwrap_or_else(|| Bytes::from(buffer)))
+}
+
+/// The body as the relay's readers see it: decoded when it came compressed,
+/// within `limit` bytes decoded (413), refused when it cannot be decoded.
+fn decoded_for_readers(
+    body: &Bytes,
+    headers: &http::HeaderMap,
+    limit: u64,
+) -> Result<Bytes, RelayError> {
+    match Coding::of(headers)? {
+        Coding::Identity => Ok(body.clone()),
+        coding => crate::request_encoding::decode(body, coding, limit),
+    }
 }
 
 fn looks_like_json(headers: &http::HeaderMap) -> bool {
