@@ -201,24 +201,33 @@ impl KeyPool {
 
     /// The key for the next attempt. Lock-free: a few atomics per key.
     pub fn pick(self: &Arc<Self>) -> Result<KeyLease, NoKey> {
+        self.pick_except(&[])
+    }
+
+    /// The key for the next attempt of a request whose keys `tried` (by
+    /// index) answered 429: those are not asked again, even when their
+    /// rest is already over (a `retry-after` in the past).
+    pub fn pick_except(self: &Arc<Self>, tried: &[usize]) -> Result<KeyLease, NoKey> {
         let n = self.keys.len();
         let now = unix_ms();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let usable = |k: &Key| {
+        let usable = |i: usize| {
+            let k = &self.keys[i];
             !k.disabled.load(Ordering::Relaxed)
                 && k.cooldown_until_ms.load(Ordering::Relaxed) <= now
+                && !tried.contains(&i)
         };
         let order = (0..n).map(|j| (start + j) % n);
         match self.strategy {
             KeyStrategy::RoundRobin => {
                 for i in order {
-                    if usable(&self.keys[i]) && self.try_take(i) {
+                    if usable(i) && self.try_take(i) {
                         return Ok(self.lease(i));
                     }
                 }
             }
             KeyStrategy::LeastInFlight => {
-                let mut candidates: Vec<usize> = order.filter(|&i| usable(&self.keys[i])).collect();
+                let mut candidates: Vec<usize> = order.filter(|&i| usable(i)).collect();
                 // Stable: equal loads keep the rotated order, so ties take turns.
                 candidates.sort_by_key(|&i| self.keys[i].in_flight.load(Ordering::Relaxed));
                 for i in candidates {
@@ -228,7 +237,23 @@ impl KeyPool {
                 }
             }
         }
-        Err(self.why_none(now))
+        Err(self.why_none(now, tried))
+    }
+
+    /// How long until a key of the region can be used again: zero when one
+    /// is free now (or only busy), `None` when every key is disabled.
+    pub fn rest_left(&self) -> Option<Duration> {
+        let now = unix_ms();
+        self.keys
+            .iter()
+            .filter(|k| !k.disabled.load(Ordering::Relaxed))
+            .map(|k| {
+                k.cooldown_until_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(now)
+            })
+            .min()
+            .map(Duration::from_millis)
     }
 
     /// Counts one more in flight on key `i`, unless that passes the cap.
@@ -254,17 +279,20 @@ impl KeyPool {
         }
     }
 
-    fn why_none(&self, now: u64) -> NoKey {
-        let enabled = self
+    /// Why no key was found; keys `tried` by this request count as resting
+    /// (they answered 429), for however long their rest still runs.
+    fn why_none(&self, now: u64, tried: &[usize]) -> NoKey {
+        let back_in = self
             .keys
             .iter()
-            .filter(|k| !k.disabled.load(Ordering::Relaxed));
-        let back_in = enabled
-            .clone()
-            .map(|k| {
-                k.cooldown_until_ms
+            .enumerate()
+            .filter(|(_, k)| !k.disabled.load(Ordering::Relaxed))
+            .map(|(i, k)| {
+                let left = k
+                    .cooldown_until_ms
                     .load(Ordering::Relaxed)
-                    .saturating_sub(now)
+                    .saturating_sub(now);
+                (tried.contains(&i), left)
             })
             .collect::<Vec<_>>();
         if back_in.is_empty() {
@@ -272,7 +300,7 @@ impl KeyPool {
                 reason: NoKeyReason::AllDisabled,
                 retry_after: None,
             }
-        } else if back_in.contains(&0) {
+        } else if back_in.iter().any(|&(tried, left)| !tried && left == 0) {
             NoKey {
                 reason: NoKeyReason::AtCapacity,
                 retry_after: None,
@@ -280,7 +308,11 @@ impl KeyPool {
         } else {
             NoKey {
                 reason: NoKeyReason::CoolingDown,
-                retry_after: back_in.iter().min().map(|ms| Duration::from_millis(*ms)),
+                retry_after: back_in
+                    .iter()
+                    .map(|&(_, left)| left)
+                    .min()
+                    .map(Duration::from_millis),
             }
         }
     }
@@ -582,6 +614,39 @@ mod tests {
         assert!(
             wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
             "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn keys_a_request_tried_are_skipped_even_when_their_rest_is_over() {
+        let (_, pool, _) = pool(2, KeyPoolConfig::default());
+        let first = pool.pick().unwrap();
+        let limited = first.index();
+        // A retry-after already past: the key does not rest.
+        first.record(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after", "0")]),
+        );
+        drop(first);
+        for _ in 0..3 {
+            assert_ne!(pool.pick_except(&[limited]).unwrap().index(), limited);
+        }
+        let none = pool.pick_except(&[0, 1]).err().unwrap();
+        assert_eq!(none.reason, NoKeyReason::CoolingDown);
+        assert_eq!(none.retry_after, Some(Duration::ZERO));
+        assert_eq!(pool.rest_left(), Some(Duration::ZERO));
+        pool.pick().unwrap().record(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after", "30")]),
+        );
+        pool.pick().unwrap().record(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after", "20")]),
+        );
+        let left = pool.rest_left().unwrap();
+        assert!(
+            left > Duration::from_secs(18) && left <= Duration::from_secs(20),
+            "{left:?}"
         );
     }
 

@@ -121,6 +121,7 @@ pub struct Metrics {
     pub breaker_state: Family<UpstreamLabels, Gauge>,
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     pub failovers: Family<UpstreamLabels, Counter>,
+    pub key_retries: Family<UpstreamLabels, Counter>,
     pub key_cooldowns: Family<UpstreamLabels, Counter>,
     pub keys_disabled: Family<UpstreamLabels, Counter>,
     pub store_errors: Family<ResultLabels, Counter>,
@@ -300,8 +301,14 @@ impl Metrics {
         let failovers = Family::<UpstreamLabels, Counter>::default();
         registry.register(
             "failovers",
-            "Requests moved on to the next region, by the region left",
+            "Requests moved on to the next region, by the region moved to",
             failovers.clone(),
+        );
+        let key_retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_key_retries",
+            "Attempts moved on to another key of the same region after a key's 429, by region",
+            key_retries.clone(),
         );
         let key_cooldowns = Family::<UpstreamLabels, Counter>::default();
         registry.register(
@@ -343,6 +350,7 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             failovers,
+            key_retries,
             key_cooldowns,
             keys_disabled,
             store_errors,

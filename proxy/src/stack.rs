@@ -34,7 +34,10 @@
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
 //!    `timeouts.response_headers` (504), connect failures (the region's
-//!    egress proxy refusing the tunnel among them) 502.
+//!    egress proxy refusing the tunnel among them) 502. A key's 429 rests
+//!    the key and the request goes on with the next free key, then region
+//!    (within `routing.max_attempts`); when the route's keys all rest, the
+//!    relay's own 429 with `retry-after` at the first key's return.
 //! 9. **respond** — status, headers (hop-by-hop dropped) and body passed
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
@@ -63,7 +66,7 @@ use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
 use crate::error::RelayError;
 use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
-use crate::keypool::KeyLease;
+use crate::keypool::{KeyLease, NoKeyReason};
 use crate::metrics::Name;
 use crate::metrics::QuotaLabels;
 use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
@@ -661,8 +664,11 @@ fn not_json(error: &serde_json::Error) -> RelayError {
 /// Sends to the route's regions in turn. A region whose breaker is open or
 /// whose keys all rest is skipped; an attempt that fails before the
 /// response headers (connect error, timeout, 5xx, 529) moves on to the next
-/// region, up to `routing.max_attempts` attempts. Nothing has reached the
-/// client before a response is returned, so no generation is duplicated.
+/// region. A key's 429 rests that key and moves on to the region's next
+/// free key, then to the next region: it is the key's limit, not the
+/// region's failure, so the breaker does not hear of it. Every attempt
+/// counts toward `routing.max_attempts`. Nothing has reached the client
+/// before a response is returned, so no generation is duplicated.
 async fn forward(
     app: &App,
     snapshot: &Snapshot,
@@ -678,70 +684,136 @@ async fn forward(
     let mut fallback: Option<Attempt> = None;
     let mut soonest: Option<Duration> = None;
     let mut wait_at_least = |d: Duration| soonest = Some(soonest.map_or(d, |s| s.min(d)));
+    // Whether keys' rate limits stood in the way, and nothing else did
+    // (an open breaker, disabled or busy keys): then the client's answer
+    // is a 429, not a 503.
+    let mut keys_limited = false;
+    let mut only_keys_limited = true;
 
-    for &index in route {
+    'route: for &index in route {
         if attempts >= max_attempts {
             break;
         }
         let region = &snapshot.regions[index];
+        // One ticket for the region, whichever of its keys answers: a 429
+        // tells the breaker nothing, so the ticket waits for the next key.
         let ticket = match region.breaker.admit().await {
             Ok(ticket) => ticket,
             Err(denied) => {
                 wait_at_least(denied.retry_after);
+                only_keys_limited = false;
                 continue;
             }
         };
-        let lease = match region.keys.pick() {
-            Ok(lease) => lease,
-            Err(no_key) => {
-                if let Some(after) = no_key.retry_after {
-                    wait_at_least(after);
-                }
-                continue;
+        // Keys of this region that answered this request with 429.
+        let mut limited: Vec<usize> = Vec::new();
+        loop {
+            if attempts >= max_attempts {
+                break 'route;
             }
-        };
-        attempts += 1;
-        if attempts > 1 {
-            app.metrics
-                .failovers
-                .get_or_create(&UpstreamLabels {
-                    upstream: region.name.clone(),
-                })
-                .inc();
-        }
-        let sent = attempt(app, region, &parts, body.clone(), lease.header(), exchange).await;
-        match sent {
-            Ok(mut answer) => {
-                let status = answer.response.status();
-                lease.record(status, answer.response.headers());
-                let after = retry_after(answer.response.headers(), std::time::SystemTime::now());
-                let outcome = Outcome::of_status(status, after);
-                ticket.record(outcome);
-                answer.lease = Some(lease);
-                if outcome.is_failure() {
-                    tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %status, "upstream failed before the body; trying the next region");
-                    fallback = Some(answer);
-                    continue;
+            let lease = match region.keys.pick_except(&limited) {
+                Ok(lease) => lease,
+                Err(no_key) => {
+                    if no_key.reason == NoKeyReason::CoolingDown {
+                        keys_limited = true;
+                    } else {
+                        only_keys_limited = false;
+                    }
+                    if let Some(after) = no_key.retry_after {
+                        wait_at_least(after);
+                    }
+                    continue 'route;
                 }
-                return Ok(respond(answer, exchange));
+            };
+            attempts += 1;
+            if !limited.is_empty() {
+                app.metrics
+                    .key_retries
+                    .get_or_create(&UpstreamLabels {
+                        upstream: region.name.clone(),
+                    })
+                    .inc();
+            } else if attempts > 1 {
+                app.metrics
+                    .failovers
+                    .get_or_create(&UpstreamLabels {
+                        upstream: region.name.clone(),
+                    })
+                    .inc();
             }
-            Err((error, kind)) => {
-                ticket.record(Outcome::Failure {
-                    kind,
-                    retry_after: None,
-                });
-                tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %error, "upstream attempt failed");
-                last_error = Some(error);
+            let sent = attempt(app, region, &parts, body.clone(), lease.header(), exchange).await;
+            match sent {
+                Ok(mut answer) => {
+                    let status = answer.response.status();
+                    lease.record(status, answer.response.headers());
+                    if status == http::StatusCode::TOO_MANY_REQUESTS {
+                        // The key rests (`record`); its answer is dropped unread.
+                        tracing::debug!(request_id = %exchange.request_id, region = &*region.name.0, key_id = lease.id(), "upstream key answered 429; trying the next key");
+                        keys_limited = true;
+                        limited.push(lease.index());
+                        continue;
+                    }
+                    let after =
+                        retry_after(answer.response.headers(), std::time::SystemTime::now());
+                    let outcome = Outcome::of_status(status, after);
+                    ticket.record(outcome);
+                    answer.lease = Some(lease);
+                    if outcome.is_failure() {
+                        tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %status, "upstream failed before the body; trying the next region");
+                        fallback = Some(answer);
+                        continue 'route;
+                    }
+                    return Ok(respond(answer, exchange));
+                }
+                Err((error, kind)) => {
+                    ticket.record(Outcome::Failure {
+                        kind,
+                        retry_after: None,
+                    });
+                    tracing::warn!(request_id = %exchange.request_id, region = &*region.name.0, %error, "upstream attempt failed");
+                    last_error = Some(error);
+                    continue 'route;
+                }
             }
         }
     }
     if let Some(answer) = fallback {
         return Ok(respond(answer, exchange));
     }
-    Err(last_error.unwrap_or_else(|| RelayError::Overloaded {
+    if let Some(error) = last_error {
+        return Err(error);
+    }
+    if keys_limited && only_keys_limited {
+        return Err(keys_rate_limited(snapshot, route, attempts));
+    }
+    Err(RelayError::Overloaded {
         message: "no upstream region can take the request now (circuit breakers open or upstream keys cooling down)".into(),
         retry_after: Some(soonest.unwrap_or(Duration::from_secs(1))),
-    }))
+    })
+}
+
+/// The relay's 429 when the route's upstream keys are rate limited: every
+/// one rests, or the attempts ran out on keys answering 429. `retry-after`
+/// is when the first key of the route is free again.
+fn keys_rate_limited(snapshot: &Snapshot, route: &[usize], attempts: usize) -> RelayError {
+    let free_in = route
+        .iter()
+        .filter_map(|&i| snapshot.regions[i].keys.rest_left())
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+    let message = if free_in.is_zero() {
+        // Out of attempts (or the keys' rest is already over): one is free.
+        format!(
+            "the upstream keys tried were rate limited (429 on {attempts} attempts, routing.max_attempts {}); retry shortly",
+            snapshot.router.max_attempts()
+        )
+    } else {
+        "every upstream key of the route is rate limited (429) and resting; retry after the time given".to_string()
+    };
+    RelayError::RateLimited {
+        message,
+        retry_after: free_in,
+    }
 }
 
 /// One region's answer, not yet passed to the client.

@@ -154,8 +154,8 @@ async fn never_retries_a_4xx_or_a_stream_that_began() {
 }
 
 /// A region with keys A and B, where A's first answer is a 429 with this
-/// `retry-after`: round robin starts with A, its 429 passes through, then A
-/// rests while four requests go to B.
+/// `retry-after`: round robin starts with A, whose 429 sends the request on
+/// to B, then A rests while four requests go to B.
 async fn key_a_answers_429(retry_after: &str) -> (MockUpstream, ProxyProcess, th::TestClient) {
     let upstream = MockUpstream::start().await;
     upstream.force_for_key("sk-ant-a", Some(&format!("status-429:{retry_after}")));
@@ -165,7 +165,14 @@ async fn key_a_answers_429(retry_after: &str) -> (MockUpstream, ProxyProcess, th
     ));
     let client = th::client();
     let first = send(&client, message(&proxy, &[])).await;
-    assert_eq!(first.status, 429);
+    assert_eq!(first.status, 200, "key B answers: {:?}", first.body);
+    assert_eq!(
+        (
+            upstream.requests_with_key("sk-ant-a"),
+            upstream.requests_with_key("sk-ant-b")
+        ),
+        (1, 1)
+    );
     upstream.force_for_key("sk-ant-a", None);
     for _ in 0..4 {
         assert_eq!(send(&client, message(&proxy, &[])).await.status, 200);
@@ -181,7 +188,7 @@ async fn key_a_answers_429(retry_after: &str) -> (MockUpstream, ProxyProcess, th
 #[tokio::test]
 async fn a_key_answered_429_rests_and_comes_back() {
     let (upstream, proxy, client) = key_a_answers_429("1").await;
-    assert_eq!(upstream.requests_with_key("sk-ant-b"), 4);
+    assert_eq!(upstream.requests_with_key("sk-ant-b"), 5);
     // After the 1 s cooldown key A is used again.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     for _ in 0..4 {
@@ -218,7 +225,8 @@ async fn retry_after_as_an_http_date_rests_a_key_until_then_and_a_past_one_not_a
     );
 
     // A date already past: the only key does not rest (with the default
-    // cooldown the next request would find no key).
+    // cooldown the next request would find no key). It is not asked twice
+    // for one request: the client gets the relay's 429.
     let single = MockUpstream::start().await;
     let past = http_date_in(Duration::from_secs(60), true);
     single.force_for_key("sk-ant-a", Some(&format!("status-429:{past}")));
@@ -227,6 +235,7 @@ async fn retry_after_as_an_http_date_rests_a_key_until_then_and_a_past_one_not_a
         "",
     ));
     assert_eq!(send(&client, message(&proxy, &[])).await.status, 429);
+    assert_eq!(single.request_count(), 1);
     single.force_for_key("sk-ant-a", None);
     let answer = send(&client, message(&proxy, &[])).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
@@ -282,6 +291,198 @@ async fn a_key_refused_with_401_is_disabled_until_the_config_changes() {
     assert_eq!(upstream.requests_with_key("sk-ant-a"), 1);
     let log = proxy.log();
     assert!(!log.contains("sk-ant-a"), "the key itself reached the log");
+}
+
+/// A relay-made 429 (not the upstream's): the Claude envelope with the
+/// relay's request id, and its `retry-after` in seconds.
+fn relay_429(answer: &th::Answer) -> u64 {
+    assert_eq!(answer.status, 429, "{:?}", answer.body);
+    let json = answer.json();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    assert!(
+        json["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("relay_")),
+        "{json}"
+    );
+    answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_stream_meeting_a_key_429_goes_on_with_the_next_key() {
+    let upstream = MockUpstream::start().await;
+    upstream.force_for_key("sk-ant-a", Some("status-429:30"));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "",
+    ));
+    let client = th::client();
+    let answer = send(&client, message(&proxy, &[("x-mock", "stream")])).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.headers["content-type"], "text/event-stream");
+    assert!(String::from_utf8_lossy(&answer.body).contains("event: message_stop"));
+    assert_eq!(
+        (
+            upstream.requests_with_key("sk-ant-a"),
+            upstream.requests_with_key("sk-ant-b")
+        ),
+        (1, 1)
+    );
+    // A rests: the next streams go to B alone.
+    for _ in 0..3 {
+        let answer = send(&client, message(&proxy, &[("x-mock", "stream")])).await;
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(upstream.requests_with_key("sk-ant-a"), 1);
+    let text = proxy.metrics().await;
+    assert!(
+        text.contains("claude_relay_upstream_key_retries_total{upstream=\"only\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("claude_relay_failovers_total{"),
+        "a key retry is not a failover: {text}"
+    );
+}
+
+#[tokio::test]
+async fn when_every_key_rests_the_client_gets_429_until_the_first_is_free() {
+    let upstream = MockUpstream::start().await;
+    upstream.force_for_key("sk-ant-a", Some("status-429:30"));
+    upstream.force_for_key("sk-ant-b", Some("status-429:3"));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "breaker: {window: 10s, min_requests: 2, failure_rate: 0.1, open_for: 30s}\n",
+    ));
+    let client = th::client();
+    let answer = send(&client, message(&proxy, &[("x-mock", "stream")])).await;
+    let wait = relay_429(&answer);
+    assert_eq!(wait, 3, "the soonest key (B) is free in 3 s");
+    assert_eq!(upstream.request_count(), 2, "both keys were asked once");
+    // Both rest: refused without an upstream call.
+    for _ in 0..3 {
+        let wait = relay_429(&send(&client, message(&proxy, &[])).await);
+        assert!((1..=3).contains(&wait), "{wait}");
+    }
+    assert_eq!(upstream.request_count(), 2);
+    // Key 429s are not the region's failures: the breaker stays closed, and
+    // B serves as soon as its rest is over.
+    upstream.force_for_key("sk-ant-b", None);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let answer = send(&client, message(&proxy, &[])).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let text = proxy.metrics().await;
+    assert!(
+        !text.contains("claude_relay_breaker_transitions_total{upstream=\"only\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn key_429s_leave_the_breaker_closed() {
+    let upstream = MockUpstream::start().await;
+    // `retry-after: 0`: A never rests, so every other request meets its 429.
+    upstream.force_for_key("sk-ant-a", Some("status-429:0"));
+    let proxy = start(&config(
+        &region("only", &upstream.base_url(), 0, &["KEY_A", "KEY_B"]),
+        "breaker: {window: 10s, min_requests: 2, failure_rate: 0.1, open_for: 30s}\n",
+    ));
+    let client = th::client();
+    for _ in 0..8 {
+        let answer = send(&client, message(&proxy, &[])).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    assert!(upstream.requests_with_key("sk-ant-a") >= 3);
+    assert_eq!(upstream.requests_with_key("sk-ant-b"), 8);
+    assert_ne!(
+        proxy
+            .metric("claude_relay_breaker_state{upstream=\"only\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_region_whose_only_key_is_limited_hands_the_request_to_the_next() {
+    let first = MockUpstream::start().await;
+    first.force_for_key("sk-ant-a", Some("status-429:30"));
+    let second = MockUpstream::start().await;
+    let proxy = start(&config(
+        &(region("first", &first.base_url(), 0, &["KEY_A"])
+            + &region("second", &second.base_url(), 1, &["KEY_B"])),
+        "",
+    ));
+    let client = th::client();
+    for _ in 0..3 {
+        let answer = send(&client, message(&proxy, &[])).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    assert_eq!(first.request_count(), 1, "key A rests after its 429");
+    assert_eq!(second.request_count(), 3);
+    assert_eq!(
+        proxy
+            .metric("claude_relay_failovers_total{upstream=\"second\"}")
+            .await,
+        Some(1.0)
+    );
+
+    // Pinned to a region: the next key of that region, never another region.
+    let pinned = MockUpstream::start().await;
+    pinned.force_for_key("sk-ant-b", Some("status-429:30"));
+    let other = MockUpstream::start().await;
+    let proxy = start(&config(
+        &(region("other", &other.base_url(), 0, &["KEY_A"])
+            + &region("pinned", &pinned.base_url(), 1, &["KEY_B", "KEY_C"])),
+        "",
+    ));
+    let answer = send(&client, message(&proxy, &[("x-relay-region", "pinned")])).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        (
+            pinned.requests_with_key("sk-ant-b"),
+            pinned.requests_with_key("sk-ant-c")
+        ),
+        (1, 1)
+    );
+    pinned.force_for_key("sk-ant-c", Some("status-429:20"));
+    let wait = relay_429(&send(&client, message(&proxy, &[("x-relay-region", "pinned")])).await);
+    assert!((19..=20).contains(&wait), "{wait}");
+    assert_eq!(
+        other.request_count(),
+        0,
+        "a pinned request stays in its region"
+    );
+}
+
+#[tokio::test]
+async fn key_retries_count_toward_max_attempts() {
+    let upstream = MockUpstream::start().await;
+    for key in ["sk-ant-a", "sk-ant-b", "sk-ant-c"] {
+        upstream.force_for_key(key, Some("status-429:30"));
+    }
+    let proxy = start(&config(
+        &region(
+            "only",
+            &upstream.base_url(),
+            0,
+            &["KEY_A", "KEY_B", "KEY_C"],
+        ),
+        "routing: {max_attempts: 2}\n",
+    ));
+    let client = th::client();
+    let answer = send(&client, message(&proxy, &[])).await;
+    // The third key is free: try again at once.
+    assert_eq!(relay_429(&answer), 1);
+    assert_eq!(upstream.request_count(), 2, "two attempts, then no more");
+    // The next request finds two keys resting and spends one attempt.
+    let answer = send(&client, message(&proxy, &[])).await;
+    assert!((29..=30).contains(&relay_429(&answer)));
+    assert_eq!(upstream.request_count(), 3);
 }
 
 const BREAKER: &str = "breaker: {window: 10s, min_requests: 4, failure_rate: 0.5, open_for: 30s}\n";
