@@ -233,6 +233,8 @@ async fn relay(
             None
         }
     };
+    // Up to `max_body_bytes` of decoded JSON need not wait for the upstream.
+    drop(decoded);
     let nonce = signed
         .as_ref()
         .map(|s| (s.stamp.nonce, signing::nonce_ttl(*replay.window)));
