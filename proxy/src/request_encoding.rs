@@ -10,9 +10,11 @@
 //! the upstream would not take it either, and SDKs do not retry a 415.
 
 use std::io::Read;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
+use tokio::sync::Semaphore;
 
 use crate::error::RelayError;
 
@@ -62,6 +64,27 @@ fn unsupported(token: &str) -> RelayError {
     RelayError::UnsupportedEncoding(format!(
         "request body Content-Encoding {shown:?} is not supported; send it as gzip, deflate or uncompressed"
     ))
+}
+
+/// [`decode`] on the blocking pool, as many at a time as there are cores.
+/// Off the worker: inflating up to `limit` bytes takes tens of
+/// milliseconds, which every other connection of the single-threaded
+/// worker would wait out (compressed requests are rare; the hand-over costs
+/// microseconds). A few at a time: each may hold `limit` bytes, so a flood
+/// of small bombs holds at most cores × `limit`, as decoding in place did.
+pub async fn decode_aside(body: Bytes, coding: Coding, limit: u64) -> Result<Bytes, RelayError> {
+    static DECODING: LazyLock<Semaphore> = LazyLock::new(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    // Never closed.
+    let _turn = DECODING.acquire().await;
+    tokio::task::spawn_blocking(move || decode(&body, coding, limit))
+        .await
+        .unwrap_or_else(|error| {
+            Err(RelayError::InvalidRequest(format!(
+                "request body could not be decoded: {error}"
+            )))
+        })
 }
 
 /// The body as its readers see it: decoded, at most `limit` bytes (413

@@ -202,7 +202,9 @@ async fn relay(
     // The readers of the body see it decoded (`Content-Encoding: gzip`);
     // upstream gets the bytes as sent.
     let (decoded, cache_wanted) = if must_be_json || cache_wanted.is_some() {
-        match decoded_for_readers(&body, &parts.headers, snapshot.config.server.max_body_bytes) {
+        match decoded_for_readers(&body, &parts.headers, snapshot.config.server.max_body_bytes)
+            .await
+        {
             Ok(decoded) => (decoded, cache_wanted),
             Err(error) if must_be_json => return Err(error),
             // Not JSON by its type: it is not cached, nor refused.
@@ -633,14 +635,14 @@ async fn read_body(
 
 /// The body as the relay's readers see it: decoded when it came compressed,
 /// within `limit` bytes decoded (413), refused when it cannot be decoded.
-fn decoded_for_readers(
+async fn decoded_for_readers(
     body: &Bytes,
     headers: &http::HeaderMap,
     limit: u64,
 ) -> Result<Bytes, RelayError> {
     match Coding::of(headers)? {
         Coding::Identity => Ok(body.clone()),
-        coding => crate::request_encoding::decode(body, coding, limit),
+        coding => crate::request_encoding::decode_aside(body.clone(), coding, limit).await,
     }
 }
 

@@ -24,11 +24,11 @@ fn gzip(data: &[u8]) -> Bytes {
 }
 
 /// `app` uses its relay key (and the cache); `other` signs with [`SECRET`].
-fn config(setup: &Setup, secret_file: &std::path::Path) -> String {
+fn config(setup: &Setup, secret_file: &std::path::Path, max_body: usize) -> String {
     format!(
         r#"
 relay_name: gzip-test
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}", max_body_bytes: {MAX_BODY}}}
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}", max_body_bytes: {max_body}}}
 clients:
   - id: app
     relay_keys: [{{env: TEST_APP_KEY}}]
@@ -46,12 +46,24 @@ regions:
 }
 
 async fn start() -> (Setup, ProxyProcess, tempfile::TempDir) {
+    start_with(MAX_BODY).await
+}
+
+async fn start_with(max_body: usize) -> (Setup, ProxyProcess, tempfile::TempDir) {
     let setup = Setup::standalone().await;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
-    let proxy = setup.proxy(&config(&setup, &secret));
+    let proxy = setup.proxy(&config(&setup, &secret, max_body));
     (setup, proxy, dir)
+}
+
+/// The most memory the process has held (`VmHWM`), in bytes.
+fn peak_memory(proxy: &ProxyProcess) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid().unwrap())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
 }
 
 /// `POST /v1/messages` by `app` with `body` sent as `encoding`.
@@ -166,6 +178,30 @@ async fn a_gzip_bomb_is_refused_at_max_body_bytes_decoded() {
     fits.extend_from_slice(br#""}]}"#);
     let answer = post_encoded(&setup, &proxy, "gzip", gzip(&fits)).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_gzip_bombs_leaves_the_relay_its_size() {
+    const CAP: usize = 4 << 20;
+    let (setup, proxy, _dir) = start_with(CAP).await;
+    // 1 GiB inside, 1 MB on the wire: one compressed MiB, as 1024 gzip members.
+    let member = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&vec![b'a'; 1 << 20]).unwrap();
+        e.finish().unwrap()
+    };
+    let bomb = Bytes::from(member.repeat(1024));
+    assert!(bomb.len() < CAP / 2, "{}", bomb.len());
+    assert_eq!(setup.messages(&proxy, APP_KEY, BODY, &[]).await.status, 200);
+    let before = peak_memory(&proxy);
+    let floods = (0..8).map(|_| post_encoded(&setup, &proxy, "gzip", bomb.clone()));
+    for answer in futures_util::future::join_all(floods).await {
+        assert_refused(&answer, 413, "request_too_large");
+    }
+    let grown = peak_memory(&proxy).saturating_sub(before);
+    // Eight 1 MB bodies and a few 4 MiB decodings at a time, not 8 GiB.
+    assert!(grown < 96 << 20, "the relay grew by {} MiB", grown >> 20);
+    assert_eq!(setup.upstream.messages_answered(), 1);
 }
 
 /// A request signed by `other` over `signed_body`, sending `sent` gzipped.
