@@ -16,8 +16,10 @@ use crate::upstream::UpstreamBody;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request's body as the relay takes it: read whole already by the
-/// relay's own HTTP/1 server (left), or still coming through hyper (right).
-pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, hyper::body::Incoming>;
+/// relay's own HTTP/1 server (left), or still coming through hyper (right),
+/// within the body's deadlines.
+pub type RequestBody =
+    http_body_util::Either<http_body_util::Full<Bytes>, crate::body_deadline::TimedIncoming>;
 
 pub struct RelayBody {
     inner: Inner,
@@ -38,7 +40,9 @@ struct Streaming {
     idle: Duration,
     deadline: Instant,
     /// An SSE stream whose last chunk ended an event: a relay error event
-    /// can be appended without corrupting the stream.
+    /// can be appended without corrupting the stream. `None` for any other
+    /// body, and for an event stream framed by `Content-Length`, which has
+    /// no room for bytes beyond those it declared.
     sse_boundary: Option<bool>,
     ended: bool,
     /// The chunk that went out last, read for usage on the next poll (or
@@ -67,13 +71,14 @@ impl RelayBody {
     /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
     pub fn upstream(body: UpstreamBody, idle: Duration, deadline: Instant, sse: bool) -> Self {
         let first = (Instant::now() + idle).min(deadline);
+        let length_framed = body.size_hint().exact().is_some();
         Self {
             inner: Inner::Upstream(Box::new(Streaming {
                 body,
                 timer: Box::pin(tokio::time::sleep_until(first)),
                 idle,
                 deadline,
-                sse_boundary: sse.then_some(true),
+                sse_boundary: (sse && !length_framed).then_some(true),
                 ended: false,
                 unread: None,
             })),
