@@ -45,6 +45,10 @@ struct Streaming {
     /// no room for bytes beyond those it declared.
     sse_boundary: Option<bool>,
     ended: bool,
+    /// The upstream's failure, handed on at the poll after the one that saw
+    /// it: a writer given the last chunk in the same pass writes it out
+    /// first (hyper drops what it holds when a body fails).
+    broke: Option<BoxError>,
     /// The chunk that went out last, read for usage on the next poll (or
     /// when the exchange ends): after it is on its way to the client, so
     /// reading it never delays an event.
@@ -80,6 +84,7 @@ impl RelayBody {
                 deadline,
                 sse_boundary: (sse && !length_framed).then_some(true),
                 ended: false,
+                broke: None,
                 unread: None,
             })),
             exchange: None,
@@ -154,7 +159,7 @@ impl Body for RelayBody {
             Inner::Upstream(stream) => stream,
         };
         if stream.ended {
-            return Poll::Ready(None);
+            return Poll::Ready(stream.broke.take().map(Err));
         }
         match Pin::new(&mut stream.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -191,6 +196,9 @@ impl Body for RelayBody {
             Poll::Ready(Some(Err(error))) => {
                 let can_tell = stream.sse_boundary == Some(true);
                 stream.ended = true;
+                if !can_tell {
+                    stream.broke = Some(error);
+                }
                 this.finish(Outcome::UpstreamBodyError);
                 if can_tell {
                     // SDKs turn an error event into an exception with this message.
@@ -198,7 +206,8 @@ impl Body for RelayBody {
                         "the upstream connection broke off the stream",
                     )))))
                 } else {
-                    Poll::Ready(Some(Err(error)))
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
             }
             Poll::Pending => {
@@ -225,7 +234,7 @@ impl Body for RelayBody {
             // NB: claiming the end early would let hyper skip polling, and the
             // exchange would be logged as abandoned.
             Inner::Full(bytes) => bytes.is_none(),
-            Inner::Upstream(stream) => stream.ended,
+            Inner::Upstream(stream) => stream.ended && stream.broke.is_none(),
         }
     }
 

@@ -101,7 +101,7 @@ pub async fn serve<Io>(
                                 &Method::from_bytes(b"PRI").unwrap_or_default(),
                                 "*",
                                 RelayError::InvalidRequest(
-                                    "an HTTP/2 preface after an HTTP/1.1 request: a connection does not change its version".into(),
+                                    "an HTTP/2 preface on a connection that has spoken HTTP/1: a connection keeps its version".into(),
                                 ),
                             );
                             conn.buf.clear();
@@ -299,9 +299,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                     return self.flush_out().await;
                 }
                 // The body broke off, or the client went away: the client
-                // sees the connection end before the body does, as hyper
-                // would show it.
+                // gets what came before the break, then sees the connection
+                // end before the body does, as hyper would show it.
                 Next::BrokeOff => {
+                    self.flush_out().await?;
                     return Err(io::Error::other("the response body broke off"));
                 }
                 Next::Frame(frame) => {
