@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -39,7 +40,13 @@ const FD_RESERVE: u64 = 256;
 fn open_files_room() -> (u64, usize) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limits = getrlimit(Resource::Nofile);
-    if limits.current < limits.maximum || limits.maximum.is_none() {
+    // None is unlimited.
+    let below_hard = match (limits.current, limits.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
         let raised = rustix::process::Rlimit {
             current: limits.maximum,
             ..limits
@@ -48,7 +55,7 @@ fn open_files_room() -> (u64, usize) {
             tracing::debug!(%error, "cannot raise the open-files limit");
         }
     }
-    // None is unlimited; count it as a large limit.
+    // Unlimited counts as a large limit.
     let files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
     let room = (files.saturating_sub(FD_RESERVE) / 2).max(1);
     (files, usize::try_from(room).unwrap_or(usize::MAX))
@@ -215,10 +222,15 @@ async fn serve_api(
             return;
         }
     };
-    let builder = Arc::new(connection_builder());
-    let graceful = GracefulShutdown::new();
-    // What each connection watches; the loop's own copy waits below.
-    let connections_stop = stop.clone();
+    let serving = Serving {
+        app: app.clone(),
+        builder: Arc::new(connection_builder()),
+        tls,
+        graceful: GracefulShutdown::new(),
+        // What each connection watches; the loop's own copy waits below.
+        stop: stop.clone(),
+        slots: slots.clone(),
+    };
     let mut warned: Option<tokio::time::Instant> = None;
     loop {
         // Room for one more connection before accepting it: past
@@ -250,13 +262,13 @@ async fn serve_api(
                         continue;
                     }
                 };
-                spawn_connection(app.clone(), builder.clone(), &graceful, tls.clone(), stream, peer, &connections_stop, &slots);
+                spawn_connection(&serving, stream, peer);
             }
             _ = stop.wait_for(|stop| *stop) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(app.shutdown_grace(), graceful.shutdown())
+    if tokio::time::timeout(app.shutdown_grace(), serving.graceful.shutdown())
         .await
         .is_err()
     {
@@ -267,26 +279,31 @@ async fn serve_api(
     }
 }
 
-fn spawn_connection(
+/// What a worker gives each connection it accepts.
+struct Serving {
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
     tls: Option<TlsAcceptor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: &watch::Receiver<bool>,
-    slots: &Arc<Semaphore>,
-) {
+    graceful: GracefulShutdown,
+    stop: watch::Receiver<bool>,
+    /// `server.max_connections`, shared by the workers.
+    slots: Arc<Semaphore>,
+}
+
+fn spawn_connection(serving: &Serving, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let watcher = graceful.watcher();
-    let mut stop = stop.clone();
+    let (app, builder) = (serving.app.clone(), serving.builder.clone());
+    let watcher = serving.graceful.watcher();
+    let mut stop = serving.stop.clone();
+    let slots = &serving.slots;
     let slot = slots.clone().try_acquire_owned().map_err(|_| slots.clone());
+    let open = serving.app.metrics.client_connections.clone();
     // HTTP/1 goes to the relay's own loop, which hands anything it does
     // not serve (HTTP/2 prior knowledge included) to hyper.
-    let Some(acceptor) = tls else {
+    let Some(acceptor) = serving.tls.clone() else {
         tokio::spawn(async move {
             // Held for the life of the connection.
-            let Some(_slot) = take_slot(slot, &mut stop).await else {
+            let Some(_slot) = take_slot(slot, &mut stop, open).await else {
                 return;
             };
             h1_server::serve(app, stream, peer, builder, watcher, stop).await;
@@ -294,7 +311,7 @@ fn spawn_connection(
         return;
     };
     tokio::spawn(async move {
-        let Some(_slot) = take_slot(slot, &mut stop).await else {
+        let Some(_slot) = take_slot(slot, &mut stop, open).await else {
             return;
         };
         let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -317,15 +334,29 @@ fn spawn_connection(
     });
 }
 
+/// A connection's place under `server.max_connections`, counted in
+/// `claude_relay_client_connections` while it is held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 /// A connection's slot: at hand, or, when another worker took the room
 /// this one saw before accepting, the next one to free up; `None` at
 /// shutdown.
 async fn take_slot(
     slot: Result<OwnedSemaphorePermit, Arc<Semaphore>>,
     stop: &mut watch::Receiver<bool>,
-) -> Option<OwnedSemaphorePermit> {
-    match slot {
-        Ok(slot) => Some(slot),
+    open: Gauge,
+) -> Option<Slot> {
+    let permit = match slot {
+        Ok(permit) => permit,
         // Boxed: rare, and kept out of every connection's future.
         Err(slots) => {
             Box::pin(async move {
@@ -334,9 +365,14 @@ async fn take_slot(
                     _ = stop.wait_for(|stop| *stop) => None,
                 }
             })
-            .await
+            .await?
         }
-    }
+    };
+    open.inc();
+    Some(Slot {
+        _permit: permit,
+        open,
+    })
 }
 
 async fn serve_admin(app: Arc<App>, listener: TcpListener) {

@@ -291,6 +291,10 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
         .await
         .unwrap();
     assert_eq!(health, Some(200));
+    assert_eq!(
+        proxy.metric("claude_relay_client_connections ").await,
+        Some(3.0)
+    );
     // One closes: one waiting connection is served.
     drop(open.pop());
     let mut served = 0;
