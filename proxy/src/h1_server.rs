@@ -7,7 +7,15 @@
 //! at hand, no dispatch loop. Anything else on the connection (HTTP/2
 //! prior knowledge, a chunked or large body, `Expect: 100-continue`,
 //! HTTP/1.0, `HEAD`, an upgrade, a head that does not parse) goes, with the
-//! bytes already read, to hyper, which serves the connection from then on.
+//! bytes already read, to hyper, which serves the connection from then on
+//! (HTTP/1 only once a request was answered here).
+//!
+//! A body that did not come with its head is waited for only after the head
+//! passed authentication ([`stack::refuse_before_body`]), and within the
+//! body's deadlines ([`crate::body_deadline`]); a request refused or late
+//! is answered and its connection closed, its body unread. A response is
+//! framed by its length when its body knows it: never more is written, and
+//! a body that ends short of it closes the connection.
 
 use std::future::poll_fn;
 use std::io;
@@ -105,7 +113,7 @@ pub async fn serve<Io>(
                                 ),
                             );
                             conn.buf.clear();
-                            conn.respond_and_close(refused).await;
+                            Box::pin(conn.respond_and_close(refused)).await;
                             return;
                         }
                         // Boxed: hyper's connection state is not carried by
@@ -142,7 +150,7 @@ pub async fn serve<Io>(
             if let Some(refused) =
                 stack::refuse_before_body(&app, &head.method, head.uri.path(), &headers)
             {
-                conn.respond_and_close(refused).await;
+                Box::pin(conn.respond_and_close(refused)).await;
                 return;
             }
             let limits = BodyLimits::of(&app.snapshot.load().config.server);
@@ -156,7 +164,7 @@ pub async fn serve<Io>(
                         let late =
                             stack::refuse(&app, &head.method, head.uri.path(), clock.error());
                         conn.buf.clear();
-                        conn.respond_and_close(late).await;
+                        Box::pin(conn.respond_and_close(late)).await;
                         return;
                     }
                 }
@@ -335,7 +343,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
         }
     }
 
-    /// Answers a request whose body is left unread, then closes: the
+    /// Answers a request whose body is left unread, then closes (boxed by
+    /// its callers: rare, and kept out of every connection's future): the
     /// client is told, its write side is shut, and what it still sends is
     /// read and thrown away for a moment, so that the close does not reset
     /// the connection (and lose the answer) while its bytes are in flight.
