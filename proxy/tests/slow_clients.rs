@@ -327,3 +327,68 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
         proxy.log()
     );
 }
+
+/// With no `server.max_connections`, the cap follows the open-files limit:
+/// under a limit of 300, 320 clients do not run the relay out of file
+/// descriptors (the issue saw `accept failed: Too many open files` and
+/// legitimate clients unserved); those past the cap wait, and are served
+/// once the others leave.
+#[tokio::test]
+async fn the_default_cap_keeps_the_relay_within_its_open_files_limit() {
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("relay-with-300-files");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nulimit -n 300 || exit 1\nexec {BIN} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = format!(
+        r#"
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+  - name: local
+    base_url: {}
+    api_keys: [{{env: TEST_RELAY_KEY}}]
+"#,
+        upstream.base_url()
+    );
+    let proxy = ProxyProcess::start(&wrapper, &config, &[("TEST_RELAY_KEY", RELAY_KEY)]);
+    // (300 - 256) / 2
+    assert!(proxy.log().contains("max_connections=22"), "{}", proxy.log());
+    let mut idle = Vec::new();
+    for _ in 0..320 {
+        idle.push(TcpStream::connect(proxy.api).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = proxy.admin;
+    let health = tokio::task::spawn_blocking(move || blocking_get_status(admin, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health, Some(200));
+    assert_eq!(
+        proxy.metric("claude_relay_client_connections ").await,
+        Some(22.0)
+    );
+    let mut late = TcpStream::connect(proxy.api).await.unwrap();
+    send_message(&mut late).await;
+    assert!(
+        read_response(&mut late, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "served past the cap"
+    );
+    idle.clear();
+    let answer = read_response(&mut late, Duration::from_secs(5)).await;
+    assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+    assert!(
+        !proxy.log().contains("Too many open files"),
+        "{}",
+        proxy.log()
+    );
+}
