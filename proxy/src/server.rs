@@ -5,6 +5,11 @@
 //! address; and this control thread, which runs the admin listener, the
 //! config reloader and the signal handling. HTTP/1 connections are served
 //! by the relay's own loop ([`crate::h1_server`]), HTTP/2 by hyper.
+//!
+//! Client connections are capped by `server.max_connections`, across the
+//! workers: at the cap a worker stops accepting, so new connections wait in
+//! the kernel's listen backlog instead of taking file descriptors. The
+//! admin listener has no cap.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -145,7 +150,7 @@ pub fn run(
         None => room,
     };
     // Shared by the workers: the cap is on the process.
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let api = bind_api(listen, app.workers)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
     let bound = api[0].local_addr()?;

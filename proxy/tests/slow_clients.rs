@@ -360,7 +360,11 @@ regions:
     );
     let proxy = ProxyProcess::start(&wrapper, &config, &[("TEST_RELAY_KEY", RELAY_KEY)]);
     // (300 - 256) / 2
-    assert!(proxy.log().contains("max_connections=22"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("max_connections=22"),
+        "{}",
+        proxy.log()
+    );
     let mut idle = Vec::new();
     for _ in 0..320 {
         idle.push(TcpStream::connect(proxy.api).await.unwrap());
