@@ -3,8 +3,9 @@
 //! `timeouts.total`): the client never gets more bytes than the relay
 //! declared, gets no SSE error event inside the declared body, and sees the
 //! connection close instead of a next response read as the rest of this
-//! one; on the relay's own HTTP/1 loop and on hyper's. A chunked stream cut
-//! the same way still ends with the relay's error event.
+//! one; on the relay's own HTTP/1 loop and on hyper's. A chunked stream, or
+//! one that ends with its connection, cut the same way still ends with the
+//! relay's error event.
 
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ enum Cut {
     Endless,
     /// Chunked: two events, then the connection closes.
     ChunkedClose,
+    /// Neither length nor chunks (the body ends when the connection does):
+    /// two events, then silence.
+    UnframedSilence,
 }
 
 impl Cut {
@@ -37,6 +41,7 @@ impl Cut {
             Cut::Silence => "silence",
             Cut::Endless => "endless",
             Cut::ChunkedClose => "chunked-close",
+            Cut::UnframedSilence => "unframed-silence",
         }
     }
 
@@ -62,10 +67,16 @@ async fn cutting_upstream() -> String {
                 let Some(head) = read_request(&mut stream).await else {
                     return;
                 };
-                let cut = [Cut::Close, Cut::Silence, Cut::Endless, Cut::ChunkedClose]
-                    .into_iter()
-                    .find(|cut| head.contains(&format!("x-cut: {}\r\n", cut.name())))
-                    .expect("an x-cut header");
+                let cut = [
+                    Cut::Close,
+                    Cut::Silence,
+                    Cut::Endless,
+                    Cut::ChunkedClose,
+                    Cut::UnframedSilence,
+                ]
+                .into_iter()
+                .find(|cut| head.contains(&format!("x-cut: {}\r\n", cut.name())))
+                .expect("an x-cut header");
                 if let Cut::ChunkedClose = cut {
                     let mut answer = String::from(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -74,6 +85,15 @@ async fn cutting_upstream() -> String {
                         answer.push_str(&format!("{:x}\r\n{EVENT}\r\n", EVENT.len()));
                     }
                     let _ = stream.write_all(answer.as_bytes()).await;
+                    return;
+                }
+                if let Cut::UnframedSilence = cut {
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{}",
+                        EVENT.repeat(2)
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
                     return;
                 }
                 let head = format!(
@@ -93,7 +113,7 @@ async fn cutting_upstream() -> String {
                             }
                         }
                     }
-                    Cut::ChunkedClose => unreachable!(),
+                    Cut::ChunkedClose | Cut::UnframedSilence => unreachable!(),
                 }
             });
         }
@@ -227,18 +247,20 @@ async fn a_length_framed_stream_cut_by_the_total_timeout_is_never_overrun_and_it
 }
 
 #[tokio::test]
-async fn a_chunked_stream_cut_by_the_upstream_still_ends_with_an_error_event() {
+async fn a_chunked_or_unframed_stream_cut_still_ends_with_an_error_event() {
     let proxy = start(&cutting_upstream().await);
-    for chunked in [false, true] {
-        let (head, body) = exchange(
-            &proxy,
-            &request(Cut::ChunkedClose, chunked, "connection: close\r\n"),
-        )
-        .await;
-        assert!(head.contains("transfer-encoding: chunked"), "{head}");
-        let body = String::from_utf8_lossy(&body);
-        assert!(body.contains("event: error\ndata: "), "{body:?}");
-        assert!(body.contains("broke off"), "{body:?}");
-        assert!(body.ends_with("0\r\n\r\n"), "{body:?}");
+    for (cut, why) in [
+        (Cut::ChunkedClose, "broke off"),
+        (Cut::UnframedSilence, "idle timeout"),
+    ] {
+        for chunked in [false, true] {
+            let (head, body) =
+                exchange(&proxy, &request(cut, chunked, "connection: close\r\n")).await;
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains("event: error\ndata: "), "{cut:?}: {body:?}");
+            assert!(body.contains(why), "{cut:?}: {body:?}");
+            assert!(body.ends_with("0\r\n\r\n"), "{cut:?}: {body:?}");
+        }
     }
 }
