@@ -88,6 +88,22 @@ pub struct ServerConfig {
     /// Serve HTTPS instead of plain HTTP. Files are re-read when they change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<DownstreamTls>,
+    /// Longest wait for the next bytes of a request body; past it the
+    /// client gets 408 and the connection closes.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: HumanDuration,
+    /// Slowest average rate, in bytes per second, at which a request body
+    /// may arrive once `body_read_timeout` has passed since its start (each
+    /// `min_body_rate` bytes received earn one more second); slower gets
+    /// 408 and the connection closes. 0: no minimum.
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: u64,
+    /// Client connections served at once (API listener); more wait in the
+    /// listen backlog until one closes. Absent: half the process's
+    /// open-files limit, less a reserve, since every stream also holds an
+    /// upstream connection. A change needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +116,9 @@ impl Default for ServerConfig {
             workers: 0,
             reload_interval: default_reload_interval(),
             tls: None,
+            body_read_timeout: default_body_read_timeout(),
+            min_body_rate: default_min_body_rate(),
+            max_connections: None,
         }
     }
 }
@@ -886,6 +905,12 @@ fn default_max_body_bytes() -> u64 {
 fn default_shutdown_grace() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
+fn default_body_read_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_min_body_rate() -> u64 {
+    1024
+}
 fn default_reload_interval() -> HumanDuration {
     HumanDuration::from_secs(1)
 }
@@ -966,6 +991,12 @@ impl ProxyConfig {
         }
         if self.server.reload_interval.is_zero() {
             bad("server.reload_interval".into(), "must be greater than 0");
+        }
+        if self.server.body_read_timeout.is_zero() {
+            bad("server.body_read_timeout".into(), "must be greater than 0");
+        }
+        if self.server.max_connections == Some(0) {
+            bad("server.max_connections".into(), "must be greater than 0");
         }
         if self.clients.is_empty() {
             bad("clients".into(), "at least one client is required");
@@ -1509,6 +1540,9 @@ regions:
         assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(config.regions[0].timeouts.connect.as_secs(), 1);
         assert_eq!(config.regions[0].timeouts.idle.as_secs(), 60);
+        assert_eq!(config.server.body_read_timeout.as_secs(), 30);
+        assert_eq!(config.server.min_body_rate, 1024);
+        assert_eq!(config.server.max_connections, None);
         assert_eq!(
             config.regions[0].api_keys[0],
             SecretSource::File("/secrets/key".into())
@@ -1539,6 +1573,18 @@ regions:
         let text = format!("{MINIMAL}    timeouts: {{connect: soon}}\n");
         let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
         assert!(err.contains("regions[0].timeouts.connect"), "{err}");
+    }
+
+    #[test]
+    fn server_limits_must_be_positive() {
+        let text = format!(
+            "server: {{body_read_timeout: 0s, max_connections: 0, min_body_rate: 0}}\n{MINIMAL}"
+        );
+        let err = ProxyConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("server.body_read_timeout"), "{err}");
+        assert!(err.contains("server.max_connections"), "{err}");
+        // No minimum rate is a choice, not a mistake.
+        assert!(!err.contains("server.min_body_rate"), "{err}");
     }
 
     #[test]

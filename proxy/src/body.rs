@@ -16,8 +16,10 @@ use crate::upstream::UpstreamBody;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request's body as the relay takes it: read whole already by the
-/// relay's own HTTP/1 server (left), or still coming through hyper (right).
-pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, hyper::body::Incoming>;
+/// relay's own HTTP/1 server (left), or still coming through hyper (right),
+/// within the body's deadlines.
+pub type RequestBody =
+    http_body_util::Either<http_body_util::Full<Bytes>, crate::body_deadline::TimedIncoming>;
 
 pub struct RelayBody {
     inner: Inner,
@@ -38,9 +40,15 @@ struct Streaming {
     idle: Duration,
     deadline: Instant,
     /// An SSE stream whose last chunk ended an event: a relay error event
-    /// can be appended without corrupting the stream.
+    /// can be appended without corrupting the stream. `None` for any other
+    /// body, and for an event stream framed by `Content-Length`, which has
+    /// no room for bytes beyond those it declared.
     sse_boundary: Option<bool>,
     ended: bool,
+    /// The upstream's failure, handed on at the poll after the one that saw
+    /// it: a writer given the last chunk in the same pass writes it out
+    /// first (hyper drops what it holds when a body fails).
+    broke: Option<BoxError>,
     /// The chunk that went out last, read for usage on the next poll (or
     /// when the exchange ends): after it is on its way to the client, so
     /// reading it never delays an event.
@@ -67,14 +75,16 @@ impl RelayBody {
     /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
     pub fn upstream(body: UpstreamBody, idle: Duration, deadline: Instant, sse: bool) -> Self {
         let first = (Instant::now() + idle).min(deadline);
+        let length_framed = body.size_hint().exact().is_some();
         Self {
             inner: Inner::Upstream(Box::new(Streaming {
                 body,
                 timer: Box::pin(tokio::time::sleep_until(first)),
                 idle,
                 deadline,
-                sse_boundary: sse.then_some(true),
+                sse_boundary: (sse && !length_framed).then_some(true),
                 ended: false,
+                broke: None,
                 unread: None,
             })),
             exchange: None,
@@ -149,7 +159,7 @@ impl Body for RelayBody {
             Inner::Upstream(stream) => stream,
         };
         if stream.ended {
-            return Poll::Ready(None);
+            return Poll::Ready(stream.broke.take().map(Err));
         }
         match Pin::new(&mut stream.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -186,6 +196,9 @@ impl Body for RelayBody {
             Poll::Ready(Some(Err(error))) => {
                 let can_tell = stream.sse_boundary == Some(true);
                 stream.ended = true;
+                if !can_tell {
+                    stream.broke = Some(error);
+                }
                 this.finish(Outcome::UpstreamBodyError);
                 if can_tell {
                     // SDKs turn an error event into an exception with this message.
@@ -193,7 +206,8 @@ impl Body for RelayBody {
                         "the upstream connection broke off the stream",
                     )))))
                 } else {
-                    Poll::Ready(Some(Err(error)))
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
             }
             Poll::Pending => {
@@ -220,7 +234,7 @@ impl Body for RelayBody {
             // NB: claiming the end early would let hyper skip polling, and the
             // exchange would be logged as abandoned.
             Inner::Full(bytes) => bytes.is_none(),
-            Inner::Upstream(stream) => stream.ended,
+            Inner::Upstream(stream) => stream.ended && stream.broke.is_none(),
         }
     }
 

@@ -22,6 +22,9 @@ pub enum RelayError {
     Signature(#[from] crate::signing::SignatureError),
     #[error("{0}")]
     NotFound(String),
+    /// The client sent its request body too slowly.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("request body is larger than the relay's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     /// A request body in a content coding the relay cannot read (415).
@@ -51,6 +54,7 @@ impl RelayError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthenticated(_) | Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -63,7 +67,9 @@ impl RelayError {
     /// The `error.type` of the Claude API envelope.
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) | Self::UnsupportedEncoding(_) => "invalid_request_error",
+            // The API uses this type for the 4xx statuses it lists no
+            // type for; the SDKs retry a 408 of their own accord.
+            Self::InvalidRequest(_) | Self::RequestTimeout(_) | Self::UnsupportedEncoding(_) => "invalid_request_error",
             Self::Unauthenticated(_) | Self::Signature(_) => "authentication_error",
             Self::NotFound(_) => "not_found_error",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -158,7 +164,12 @@ mod tests {
 
     #[test]
     fn statuses_match_what_sdks_expect() {
-        let cases: [(RelayError, u16, &str); 5] = [
+        let cases: [(RelayError, u16, &str); 6] = [
+            (
+                RelayError::RequestTimeout("slow".into()),
+                408,
+                "invalid_request_error",
+            ),
             (
                 RelayError::BodyTooLarge { limit: 1 },
                 413,

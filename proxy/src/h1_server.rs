@@ -7,7 +7,15 @@
 //! at hand, no dispatch loop. Anything else on the connection (HTTP/2
 //! prior knowledge, a chunked or large body, `Expect: 100-continue`,
 //! HTTP/1.0, `HEAD`, an upgrade, a head that does not parse) goes, with the
-//! bytes already read, to hyper, which serves the connection from then on.
+//! bytes already read, to hyper, which serves the connection from then on
+//! (HTTP/1 only once a request was answered here).
+//!
+//! A body that did not come with its head is waited for only after the head
+//! passed authentication ([`stack::refuse_before_body`]), and within the
+//! body's deadlines ([`crate::body_deadline`]); a request refused or late
+//! is answered and its connection closed, its body unread. A response is
+//! framed by its length when its body knows it: never more is written, and
+//! a body that ends short of it closes the connection.
 
 use std::future::poll_fn;
 use std::io;
@@ -31,6 +39,8 @@ use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{RelayBody, RequestBody};
+use crate::body_deadline::{BodyClock, BodyLimits, TimedIncoming};
+use crate::error::RelayError;
 use crate::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
 use crate::runtime::App;
 use crate::stack;
@@ -46,6 +56,12 @@ const MAX_HEADERS: usize = 100;
 /// hyper's `header_read_timeout` gives the connections it serves.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 8 * 1024;
+/// How long, and how much, a refused client's unread bytes are thrown away
+/// before its connection closes (what nginx's lingering close does).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+/// An HTTP/2 client's first line.
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 /// Response bytes gathered before a write, when the body has more at hand.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -77,6 +93,8 @@ pub async fn serve<Io>(
     let mut stopping = stop.clone();
     let stopped = stopping.wait_for(|stop| *stop);
     tokio::pin!(stopped);
+    // Once a request is answered here the connection is HTTP/1 for good.
+    let mut served = false;
     loop {
         let head_due = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         let head = loop {
@@ -85,9 +103,23 @@ pub async fn serve<Io>(
                     Parse::Complete(head) => break head,
                     Parse::Partial if conn.buf.len() <= MAX_HEAD => {}
                     Parse::Partial | Parse::NotOurs => {
+                        if served && conn.buf.starts_with(H2_PREFACE_START) {
+                            let refused = stack::refuse(
+                                &app,
+                                &Method::from_bytes(b"PRI").unwrap_or_default(),
+                                "*",
+                                RelayError::InvalidRequest(
+                                    "an HTTP/2 preface on a connection that has spoken HTTP/1: a connection keeps its version".into(),
+                                ),
+                            );
+                            conn.buf.clear();
+                            Box::pin(conn.respond_and_close(refused)).await;
+                            return;
+                        }
                         // Boxed: hyper's connection state is not carried by
                         // every connection this loop serves.
-                        return Box::pin(hand_over(app, conn, peer, &builder, watcher)).await;
+                        return Box::pin(hand_over(app, conn, peer, &builder, watcher, served))
+                            .await;
                     }
                 }
             }
@@ -112,10 +144,30 @@ pub async fn serve<Io>(
         let Some(headers) = header_map(&head_bytes, &mut conn.fields) else {
             return;
         };
-        while (conn.buf.len() as u64) < head.body_len {
-            match conn.read_more().await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+        if (conn.buf.len() as u64) < head.body_len {
+            // Memory and time for the rest of the body only if the client may
+            // send it: a refused one is answered now and the body left unread.
+            if let Some(refused) =
+                stack::refuse_before_body(&app, &head.method, head.uri.path(), &headers)
+            {
+                Box::pin(conn.respond_and_close(refused)).await;
+                return;
+            }
+            let limits = BodyLimits::of(&app.snapshot.load().config.server);
+            let mut clock = BodyClock::start(limits);
+            clock.received(conn.buf.len());
+            while (conn.buf.len() as u64) < head.body_len {
+                match tokio::time::timeout_at(clock.due(), conn.read_more()).await {
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(n)) => clock.received(n),
+                    Err(_) => {
+                        let late =
+                            stack::refuse(&app, &head.method, head.uri.path(), clock.error());
+                        conn.buf.clear();
+                        Box::pin(conn.respond_and_close(late)).await;
+                        return;
+                    }
+                }
             }
         }
         let body = conn.buf.split_to(head.body_len as usize).freeze();
@@ -147,6 +199,7 @@ pub async fn serve<Io>(
         if conn.respond(response, closing).await.is_err() {
             return;
         }
+        served = true;
         if closing {
             // A TLS client is told the end is meant (close_notify).
             let _ = conn.io.shutdown().await;
@@ -221,6 +274,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             return self.flush_out().await;
         }
         let chunked = framing == Framing::Chunked;
+        // What the declared length still owes: never more is written, and a
+        // body that ends short of it leaves the connection unusable.
+        let mut owed = match framing {
+            Framing::Length(length) => length,
+            _ => u64::MAX,
+        };
         loop {
             let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
@@ -236,13 +295,22 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                 Next::End => {
                     if chunked {
                         self.out.extend_from_slice(b"0\r\n\r\n");
+                    } else if owed > 0 {
+                        // Short of its length: the client must see the end
+                        // of the connection, not read the next response as
+                        // the rest of this one.
+                        self.flush_out().await?;
+                        return Err(io::Error::other(
+                            "the response body ended short of its length",
+                        ));
                     }
                     return self.flush_out().await;
                 }
                 // The body broke off, or the client went away: the client
-                // sees the connection end before the body does, as hyper
-                // would show it.
+                // gets what came before the break, then sees the connection
+                // end before the body does, as hyper would show it.
                 Next::BrokeOff => {
+                    self.flush_out().await?;
                     return Err(io::Error::other("the response body broke off"));
                 }
                 Next::Frame(frame) => {
@@ -257,7 +325,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                         self.out.extend_from_slice(b"\r\n");
                         self.out.extend_from_slice(&data);
                         self.out.extend_from_slice(b"\r\n");
+                    } else if data.len() as u64 > owed {
+                        // More than declared: the bytes past the length
+                        // would be read as the start of the next response.
+                        self.out.extend_from_slice(&data[..owed as usize]);
+                        self.flush_out().await?;
+                        return Err(io::Error::other("the response body overran its length"));
                     } else {
+                        owed -= data.len() as u64;
                         self.out.extend_from_slice(&data);
                     }
                     if self.out.len() >= WRITE_BATCH {
@@ -266,6 +341,28 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                 }
             }
         }
+    }
+
+    /// Answers a request whose body is left unread, then closes (boxed by
+    /// its callers: rare, and kept out of every connection's future): the
+    /// client is told, its write side is shut, and what it still sends is
+    /// read and thrown away for a moment, so that the close does not reset
+    /// the connection (and lose the answer) while its bytes are in flight.
+    async fn respond_and_close(&mut self, response: http::Response<RelayBody>) {
+        if self.respond(response, true).await.is_err() || self.io.shutdown().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            let mut discarded = 0;
+            while discarded < LINGER_BYTES {
+                self.buf.clear();
+                match self.read_more().await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => discarded += n,
+                }
+            }
+        })
+        .await;
     }
 
     async fn flush_out(&mut self) -> io::Result<()> {
@@ -485,6 +582,7 @@ async fn hand_over<Io>(
     peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
+    served: bool,
 ) where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -493,7 +591,13 @@ async fn hand_over<Io>(
         read: buf.freeze(),
         io,
     };
-    serve_with_hyper(app, io, peer, builder, watcher).await;
+    if served {
+        // HTTP/1 already spoken here: no switch to HTTP/2 now.
+        let http1 = builder.clone().http1_only();
+        serve_with_hyper(app, io, peer, &http1, watcher).await;
+    } else {
+        serve_with_hyper(app, io, peer, builder, watcher).await;
+    }
 }
 
 /// Serves a connection with hyper (HTTP/1 or HTTP/2) until it ends.
@@ -509,7 +613,8 @@ pub async fn serve_with_hyper<Io>(
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
         let app = app.clone();
         async move {
-            let request = request.map(RequestBody::Right);
+            let limits = BodyLimits::of(&app.snapshot.load().config.server);
+            let request = request.map(|body| RequestBody::Right(TimedIncoming::new(body, limits)));
             Ok::<_, std::convert::Infallible>(stack::handle(app, request, peer).await)
         }
     });

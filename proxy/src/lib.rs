@@ -5,6 +5,7 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod body_deadline;
 pub mod breaker;
 pub mod cache;
 pub mod error;

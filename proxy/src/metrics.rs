@@ -110,6 +110,8 @@ pub struct Metrics {
     pub upstream_ttfb: Family<UpstreamLabels, Histogram>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub in_flight: Gauge,
+    /// Client connections holding a `server.max_connections` slot.
+    pub client_connections: Gauge,
     pub pool_open: Family<UpstreamLabels, Gauge>,
     pub pool_idle: Family<UpstreamLabels, Gauge>,
     pub pool_in_use: Family<UpstreamLabels, Gauge>,
@@ -183,6 +185,12 @@ impl Metrics {
             "in_flight_requests",
             "Requests being served, streams included",
             in_flight.clone(),
+        );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open on the API port (at most server.max_connections)",
+            client_connections.clone(),
         );
         let pool_open = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
@@ -339,6 +347,7 @@ impl Metrics {
             upstream_ttfb,
             upstream_errors,
             in_flight,
+            client_connections,
             pool_open,
             pool_idle,
             pool_in_use,

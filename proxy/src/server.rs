@@ -5,6 +5,11 @@
 //! address; and this control thread, which runs the admin listener, the
 //! config reloader and the signal handling. HTTP/1 connections are served
 //! by the relay's own loop ([`crate::h1_server`]), HTTP/2 by hyper.
+//!
+//! Client connections are capped by `server.max_connections`, across the
+//! workers: at the cap a worker stops accepting, so new connections wait in
+//! the kernel's listen backlog instead of taking file descriptors. The
+//! admin listener has no cap.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,9 +22,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::reload::{ConfigSource, Reloader};
@@ -27,6 +33,38 @@ use crate::runtime::App;
 use crate::{admin, h1_server, worker};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// File descriptors kept aside from client connections and the upstream
+/// connections their requests hold: listeners, the store, idle pooled
+/// connections, config and secret files.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft open-files limit to the hard one (as Go programs do at
+/// start), and says how many client connections it leaves room for: one
+/// descriptor each, and one more for the upstream connection a request
+/// holds.
+fn open_files_room() -> (u64, usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limits = getrlimit(Resource::Nofile);
+    // None is unlimited.
+    let below_hard = match (limits.current, limits.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
+        let raised = rustix::process::Rlimit {
+            current: limits.maximum,
+            ..limits
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(%error, "cannot raise the open-files limit");
+        }
+    }
+    // Unlimited counts as a large limit.
+    let files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
+    let room = (files.saturating_sub(FD_RESERVE) / 2).max(1);
+    (files, usize::try_from(room).unwrap_or(usize::MAX))
+}
 
 /// Binds `count` listeners on one address with SO_REUSEPORT, so the kernel
 /// spreads connections over the workers. Port 0 picks one port for all.
@@ -87,15 +125,32 @@ pub fn run(
     listen_override: ListenOverride,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (listen, admin_listen) = {
+    let (listen, admin_listen, max_connections) = {
         let snapshot = app.snapshot.load();
         (
             listen_override.api.unwrap_or(snapshot.config.server.listen),
             listen_override
                 .admin
                 .unwrap_or(snapshot.config.server.admin_listen),
+            snapshot.config.server.max_connections,
         )
     };
+    let (open_files, room) = open_files_room();
+    let max_connections = match max_connections {
+        Some(max) => {
+            if max as usize > room {
+                tracing::warn!(
+                    max_connections = max,
+                    open_files,
+                    "server.max_connections is more than the open-files limit leaves room for; the relay may run out of file descriptors"
+                );
+            }
+            max as usize
+        }
+        None => room,
+    };
+    // Shared by the workers: the cap is on the process.
+    let slots = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let api = bind_api(listen, app.workers)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
     let bound = api[0].local_addr()?;
@@ -113,7 +168,7 @@ pub fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = Vec::with_capacity(api.len());
     for (index, listener) in api.into_iter().enumerate() {
-        let (app, tls, stop) = (app.clone(), tls.clone(), stop_rx.clone());
+        let (app, tls, stop, slots) = (app.clone(), tls.clone(), stop_rx.clone(), slots.clone());
         let thread = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || {
@@ -122,7 +177,7 @@ pub fn run(
                     .enable_all()
                     .build()
                     .expect("worker runtime");
-                runtime.block_on(serve_api(app, listener, tls, stop));
+                runtime.block_on(serve_api(app, listener, tls, stop, slots));
             })?;
         workers.push(thread);
     }
@@ -134,7 +189,7 @@ pub fn run(
         }
         let admin_task = tokio::spawn(serve_admin(app.clone(), admin));
         app.ready.store(true, Ordering::Relaxed);
-        tracing::info!(listen = %bound, workers = app.workers, tls = tls.is_some(), "claude-relay proxy serving");
+        tracing::info!(listen = %bound, workers = app.workers, tls = tls.is_some(), max_connections, "claude-relay proxy serving");
 
         shutdown.await;
         app.ready.store(false, Ordering::Relaxed);
@@ -163,6 +218,7 @@ async fn serve_api(
     listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
+    slots: Arc<Semaphore>,
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -171,11 +227,35 @@ async fn serve_api(
             return;
         }
     };
-    let builder = Arc::new(connection_builder());
-    let graceful = GracefulShutdown::new();
-    // What each connection watches; the loop's own copy waits below.
-    let connections_stop = stop.clone();
+    let serving = Serving {
+        app: app.clone(),
+        builder: Arc::new(connection_builder()),
+        tls,
+        graceful: GracefulShutdown::new(),
+        // What each connection watches; the loop's own copy waits below.
+        stop: stop.clone(),
+        slots: slots.clone(),
+    };
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
+        // Room for one more connection before accepting it: past
+        // `server.max_connections` new connections wait in the listen
+        // backlog, not on a file descriptor. The room is only looked at:
+        // a worker waiting in accept must not hold a slot that a
+        // connection queued at another worker's listener needs.
+        if slots.available_permits() == 0
+            && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            warned = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                worker = worker::current(),
+                "server.max_connections reached; new connections wait until one closes"
+            );
+        }
+        tokio::select! {
+            room = slots.acquire() => drop(room),
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -187,13 +267,13 @@ async fn serve_api(
                         continue;
                     }
                 };
-                spawn_connection(app.clone(), builder.clone(), &graceful, tls.clone(), stream, peer, &connections_stop);
+                spawn_connection(&serving, stream, peer);
             }
             _ = stop.wait_for(|stop| *stop) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(app.shutdown_grace(), graceful.shutdown())
+    if tokio::time::timeout(app.shutdown_grace(), serving.graceful.shutdown())
         .await
         .is_err()
     {
@@ -204,25 +284,41 @@ async fn serve_api(
     }
 }
 
-fn spawn_connection(
+/// What a worker gives each connection it accepts.
+struct Serving {
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
     tls: Option<TlsAcceptor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: &watch::Receiver<bool>,
-) {
+    graceful: GracefulShutdown,
+    stop: watch::Receiver<bool>,
+    /// `server.max_connections`, shared by the workers.
+    slots: Arc<Semaphore>,
+}
+
+fn spawn_connection(serving: &Serving, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let watcher = graceful.watcher();
-    let stop = stop.clone();
+    let (app, builder) = (serving.app.clone(), serving.builder.clone());
+    let watcher = serving.graceful.watcher();
+    let mut stop = serving.stop.clone();
+    let slots = &serving.slots;
+    let slot = slots.clone().try_acquire_owned().map_err(|_| slots.clone());
+    let open = serving.app.metrics.client_connections.clone();
     // HTTP/1 goes to the relay's own loop, which hands anything it does
     // not serve (HTTP/2 prior knowledge included) to hyper.
-    let Some(acceptor) = tls else {
-        tokio::spawn(h1_server::serve(app, stream, peer, builder, watcher, stop));
+    let Some(acceptor) = serving.tls.clone() else {
+        tokio::spawn(async move {
+            // Held for the life of the connection.
+            let Some(_slot) = take_slot(slot, &mut stop, open).await else {
+                return;
+            };
+            h1_server::serve(app, stream, peer, builder, watcher, stop).await;
+        });
         return;
     };
     tokio::spawn(async move {
+        let Some(_slot) = take_slot(slot, &mut stop, open).await else {
+            return;
+        };
         let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
         let stream = match handshake.await {
             Ok(Ok(stream)) => stream,
@@ -241,6 +337,47 @@ fn spawn_connection(
         }
         h1_server::serve_with_hyper(app, stream, peer, &builder, watcher).await;
     });
+}
+
+/// A connection's place under `server.max_connections`, counted in
+/// `claude_relay_client_connections` while it is held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A connection's slot: at hand, or, when another worker took the room
+/// this one saw before accepting, the next one to free up; `None` at
+/// shutdown.
+async fn take_slot(
+    slot: Result<OwnedSemaphorePermit, Arc<Semaphore>>,
+    stop: &mut watch::Receiver<bool>,
+    open: Gauge,
+) -> Option<Slot> {
+    let permit = match slot {
+        Ok(permit) => permit,
+        // Boxed: rare, and kept out of every connection's future.
+        Err(slots) => {
+            Box::pin(async move {
+                tokio::select! {
+                    slot = slots.acquire_owned() => slot.ok(),
+                    _ = stop.wait_for(|stop| *stop) => None,
+                }
+            })
+            .await?
+        }
+    };
+    open.inc();
+    Some(Slot {
+        _permit: permit,
+        open,
+    })
 }
 
 async fn serve_admin(app: Arc<App>, listener: TcpListener) {

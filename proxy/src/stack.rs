@@ -6,10 +6,15 @@
 //! 3. **authenticate** — a signed request (`x-relay-*` headers) names its
 //!    client by key id; otherwise a relay key (`x-api-key` or
 //!    `Authorization: Bearer`) finds it → client id on the exchange. The
-//!    method must be allowed for the client.
+//!    method must be allowed for the client. The relay's own HTTP/1 loop
+//!    asks this of the head before it reads a body it does not hold yet
+//!    ([`refuse_before_body`]): a refused client is answered 401 and its
+//!    connection closed, its body never read.
 //! 4. **route** — `x-relay-region` pins a region by name (unknown: 400);
 //!    otherwise the region with the lowest priority.
-//! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it).
+//! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it),
+//!    within `server.body_read_timeout` and `server.min_body_rate` (408,
+//!    [`crate::body_deadline`]).
 //! 6. **verify** — a signed request's HMAC over method, path with query,
 //!    timestamp (within `replay.window`), nonce and body hash (401 naming
 //!    the failed check), all over the bytes as sent. Then a JSON body must
@@ -62,6 +67,7 @@ use tokio::time::Instant;
 use crate::access::Exchange;
 use crate::auth::Client;
 use crate::body::{RelayBody, RequestBody};
+use crate::body_deadline::BodyLate;
 use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
 use crate::error::RelayError;
@@ -106,24 +112,79 @@ pub async fn handle(
     let snapshot = app.snapshot.load_full();
     let response = match relay(&app, &snapshot, request, peer, &mut exchange).await {
         Ok(response) => response,
-        Err(error) => {
-            let auth_failure = match &error {
-                RelayError::Unauthenticated(reason) => Some(reason_label(reason)),
-                RelayError::Signature(error) => Some(error.label()),
-                _ => None,
-            };
-            if let Some(result) = auth_failure {
-                app.metrics
-                    .auth_failures
-                    .get_or_create(&ResultLabels { result })
-                    .inc();
-            }
-            error.into_response(&request_id)
-        }
+        Err(error) => refusal(&app, error, &request_id),
     };
     exchange.status = response.status().as_u16();
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, body.with_exchange(exchange))
+}
+
+/// For a server holding a request's head and not yet its body: the answer
+/// to a request refused before its body is read (the relay key or the
+/// signing key id fails), so that no memory goes to the body of a client
+/// that may not send one. `None`: read the body and [`handle`] it; a
+/// signature is checked after the body, over it.
+pub fn refuse_before_body(
+    app: &App,
+    method: &Method,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Option<Response<RelayBody>> {
+    let snapshot = app.snapshot.load();
+    let controls = headers::has_relay_controls(headers);
+    let error = identify(&snapshot, headers, controls).err()?;
+    Some(refuse(app, method, path, error))
+}
+
+/// The answer to a request the server refuses itself (too slow, refused
+/// before its body), recorded like any other.
+pub fn refuse(app: &App, method: &Method, path: &str, error: RelayError) -> Response<RelayBody> {
+    let request_id = app.ids.next();
+    let mut exchange = Box::new(Exchange::start(
+        app.metrics.clone(),
+        request_id.clone(),
+        route_of(path),
+        method.clone(),
+    ));
+    let response = refusal(app, error, &request_id);
+    exchange.status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, body.with_exchange(exchange))
+}
+
+fn refusal(app: &App, error: RelayError, request_id: &str) -> Response<RelayBody> {
+    let auth_failure = match &error {
+        RelayError::Unauthenticated(reason) => Some(reason_label(reason)),
+        RelayError::Signature(error) => Some(error.label()),
+        _ => None,
+    };
+    if let Some(result) = auth_failure {
+        app.metrics
+            .auth_failures
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+    error.into_response(request_id)
+}
+
+/// Who sends the request, from its head: the client a signed request names
+/// (its signature is verified later, over the body), or the one whose relay
+/// key it carries.
+fn identify<'a>(
+    snapshot: &'a Snapshot,
+    headers: &'a http::HeaderMap,
+    controls: bool,
+) -> Result<(&'a Client, Option<SignatureHeaders<'a>>), RelayError> {
+    let signed = if controls {
+        SignatureHeaders::from_headers(headers)?
+    } else {
+        None
+    };
+    let client = match &signed {
+        Some(signature) => snapshot.clients.for_signature(signature.stamp.key_id)?,
+        None => snapshot.clients.authenticate(headers)?,
+    };
+    Ok((client, signed))
 }
 
 fn reason_label(reason: &str) -> &'static str {
@@ -148,15 +209,7 @@ async fn relay(
     // The relay's own headers (`x-relay-*`) are rare: one pass over the
     // names says whether to look for them, instead of a hashed lookup each.
     let controls = headers::has_relay_controls(&parts.headers);
-    let signed = if controls {
-        SignatureHeaders::from_headers(&parts.headers)?
-    } else {
-        None
-    };
-    let client = match &signed {
-        Some(signature) => snapshot.clients.for_signature(signature.stamp.key_id)?,
-        None => snapshot.clients.authenticate(&parts.headers)?,
-    };
+    let (client, signed) = identify(snapshot, &parts.headers, controls)?;
     client
         .requests
         .get_or_init(|| {
@@ -600,7 +653,9 @@ async fn read_body(
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| {
-            RelayError::InvalidRequest(format!("could not read the request body: {error}"))
+            BodyLate::in_error(&*error).unwrap_or_else(|| {
+                RelayError::InvalidRequest(format!("could not read the request body: {error}"))
+            })
         })?;
         let Ok(data) = frame.into_data() else {
             continue;

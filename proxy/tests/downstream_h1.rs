@@ -5,7 +5,8 @@
 //! before, even after the loop has served the same connection; a client
 //! leaving before its answer cancels the request; HTTPS HTTP/1.1 clients
 //! go through the same loop; at SIGTERM idle connections close at once
-//! while a request in flight finishes.
+//! while a request in flight finishes; once the loop has served a request,
+//! an HTTP/2 preface on the connection is a bad request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +137,29 @@ async fn requests_left_to_hyper_are_served_after_the_loop_served_the_connection(
     assert_eq!(statuses(&text), ["400"], "{text}");
 
     assert_eq!(upstream.request_count(), 4);
+}
+
+#[tokio::test]
+async fn an_http2_preface_after_an_http1_request_is_a_bad_request() {
+    let upstream = MockUpstream::start().await;
+    let proxy = start(&upstream);
+    let text = exchange(
+        &proxy,
+        format!("{}PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", message("")).as_bytes(),
+    )
+    .await;
+    assert_eq!(statuses(&text), ["200", "400"], "{text}");
+    assert!(text.contains(r#""type":"invalid_request_error""#), "{text}");
+    // On a fresh connection the preface still starts HTTP/2 (prior knowledge).
+    let mut stream = TcpStream::connect(proxy.api).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut frame_head = [0u8; 9];
+    stream.read_exact(&mut frame_head).await.unwrap();
+    assert_eq!(frame_head[3], 0x4, "the server's first frame is SETTINGS");
+    assert_eq!(upstream.request_count(), 1);
 }
 
 #[tokio::test]
