@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use claude_relay_testkit::http::{next_chunk, request, send_streaming};
+use claude_relay_testkit::http::{TestClient, next_chunk, request, send, send_streaming};
 use claude_relay_testkit::proxy::ProxyProcess;
 use common::*;
 use http::Method;
@@ -17,7 +17,7 @@ const ONE_AT_A_TIME: &str = "    quota: {max_concurrent: 1}";
 
 /// 20 requests, each sent once the answer before it was read to its end,
 /// JSON and streams in turn, to the replicas in turn: every one passes.
-async fn sequential_requests_all_pass(setup: &Setup, replicas: &[&ProxyProcess]) {
+async fn sequential_requests_all_pass(client: &TestClient, replicas: &[&ProxyProcess]) {
     for i in 0..20 {
         let proxy = replicas[i % replicas.len()];
         let (body, mock) = if i % 4 < 2 {
@@ -25,9 +25,11 @@ async fn sequential_requests_all_pass(setup: &Setup, replicas: &[&ProxyProcess])
         } else {
             (STREAM_BODY, "stream")
         };
-        let answer = setup
-            .messages(proxy, APP_KEY, body, &[("x-mock", mock)])
-            .await;
+        let answer = send(
+            client,
+            messages_request(proxy, APP_KEY, body, &[("x-mock", mock)]),
+        )
+        .await;
         assert_eq!(
             answer.status, 200,
             "request {i} ({}) refused: {:?}",
@@ -43,7 +45,7 @@ async fn sequential_requests_all_pass(setup: &Setup, replicas: &[&ProxyProcess])
 async fn sequential_requests_never_meet_their_own_slot_with_the_memory_store() {
     let setup = Setup::standalone().await;
     let proxy = setup.proxy(&setup.config(ONE_AT_A_TIME, "", ""));
-    sequential_requests_all_pass(&setup, &[&proxy]).await;
+    sequential_requests_all_pass(&setup.client, &[&proxy]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,9 +53,23 @@ async fn sequential_requests_never_meet_their_own_slot_across_replicas_sharing_r
     let setup = Setup::with_redis().await;
     let config = setup.config(ONE_AT_A_TIME, "", "");
     let (a, b) = (setup.proxy(&config), setup.proxy(&config));
-    sequential_requests_all_pass(&setup, &[&a, &b]).await;
+    sequential_requests_all_pass(&setup.client, &[&a, &b]).await;
     // One replica alone, too: the release is not left to a batch.
-    sequential_requests_all_pass(&setup, &[&a]).await;
+    sequential_requests_all_pass(&setup.client, &[&a]).await;
+}
+
+/// The same over HTTP/2, which hyper serves (the relay's own loop serves
+/// the HTTP/1 requests above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_http2_requests_never_meet_their_own_slot_across_replicas() {
+    let setup = Setup::with_redis().await;
+    let config = setup.config(ONE_AT_A_TIME, "", "");
+    let (a, b) = (setup.proxy(&config), setup.proxy(&config));
+    let h2: TestClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    sequential_requests_all_pass(&h2, &[&a, &b]).await;
 }
 
 /// A client that leaves mid-stream: its slot is free well within the
