@@ -12,6 +12,7 @@ use claude_relay_testkit::http::{TestClient, next_chunk, request, send, send_str
 use claude_relay_testkit::proxy::ProxyProcess;
 use common::*;
 use http::Method;
+use http_body_util::BodyExt;
 
 const ONE_AT_A_TIME: &str = "    quota: {max_concurrent: 1}";
 
@@ -162,4 +163,41 @@ async fn the_limit_holds_for_requests_at_once_across_replicas() {
     let config = setup.config(ONE_AT_A_TIME, "", "");
     let (a, b) = (setup.proxy(&config), setup.proxy(&config));
     the_limit_holds_for_requests_at_once(&setup, &a, &b).await;
+}
+
+/// Redis stalls as an answer ends: the end waits for the release no longer
+/// than the store's command timeout (200 ms here), and the release, left to
+/// the outbox, reaches Redis once it answers again, long before the slot's
+/// 60 s lease would lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_redis_does_not_answer_is_bounded_and_retried() {
+    let setup = Setup::with_redis().await;
+    let redis = setup.redis.as_ref().unwrap();
+    let proxy = setup.proxy(&setup.config(ONE_AT_A_TIME, "", ""));
+    let gated = messages_request(&proxy, APP_KEY, STREAM_BODY, &[("x-mock", "stream-gated")]);
+    let response = send_streaming(&setup.client, gated).await;
+    assert_eq!(response.status(), 200);
+    let in_flight = "claude-relay:usage-test:{app}:inflight";
+    assert_eq!(redis.cli(&["ZCARD", in_flight]).unwrap().trim(), "1");
+
+    // Writes (the release's ZREM among them) wait for 1.5 s.
+    redis.cli(&["CLIENT", "PAUSE", "1500", "WRITE"]).unwrap();
+    let paused = Instant::now();
+    setup.upstream.open_gate();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let ended = paused.elapsed();
+    assert!(body.ends_with(b"message_stop\"}\n\n"));
+    assert!(
+        ended < Duration::from_millis(1000),
+        "the end waited {ended:?} for a stalled release"
+    );
+    let failed = proxy
+        .metric(r#"claude_relay_store_errors_total{result="unavailable"}"#)
+        .await;
+    assert!(failed >= Some(1.0), "the release did not meet the stall");
+    eventually(Duration::from_secs(10), "the slot released", || async {
+        (redis.cli(&["ZCARD", in_flight]).unwrap().trim() == "0").then_some(())
+    })
+    .await;
+    assert_eq!(setup.messages(&proxy, APP_KEY, BODY, &[]).await.status, 200);
 }
