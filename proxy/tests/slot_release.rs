@@ -133,7 +133,7 @@ async fn the_limit_holds_for_requests_at_once(setup: &Setup, a: &ProxyProcess, b
             &[
                 ("x-api-key", APP_KEY),
                 ("content-type", "application/json"),
-                ("x-mock-delay-ms", "300"),
+                ("x-mock-delay-ms", "800"),
             ],
             BODY,
         )

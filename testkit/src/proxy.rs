@@ -15,7 +15,9 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Free loopback addresses for the API and admin listeners.
+/// Two free loopback addresses. Found free, then released: another process
+/// may take one before it is bound, so a server that can bind port 0
+/// should ([`ANY_PORT`]).
 pub fn free_addresses() -> (SocketAddr, SocketAddr) {
     let addr = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
     (addr(), addr())
