@@ -76,7 +76,9 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Starts the operator with `KUBECONFIG`, its Lease in `namespace`,
     /// refreshing status every `status_refresh`; waits until `/readyz`
-    /// answers (the CRDs are found).
+    /// answers (the CRDs are found). The admin port is picked free; should
+    /// another process take it before the operator binds it (the operator
+    /// then stops at once), it starts again on another.
     pub fn start(
         kubeconfig: &Path,
         namespace: &str,
@@ -85,52 +87,63 @@ impl OperatorProcess {
         status_refresh: Duration,
         dir: &Path,
     ) -> Self {
-        let (_, admin) = free_addresses();
-        let log_path = dir.join(format!("{identity}.log"));
-        let log = std::fs::File::create(&log_path).expect("operator log file");
-        let mut command = Command::new(binary("claude-relay-operator"));
-        command
-            .env("KUBECONFIG", kubeconfig)
-            .env("ADMIN_LISTEN", admin.to_string())
-            .env("POD_NAMESPACE", namespace)
-            .env("POD_NAME", identity)
-            .env(
-                "STATUS_REFRESH",
-                format!("{}ms", status_refresh.as_millis()),
-            )
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .stdin(Stdio::null());
-        if let Some(ns) = watch_namespace {
-            command.env("WATCH_NAMESPACE", ns);
+        let mut attempts = 3;
+        loop {
+            let (_, admin) = free_addresses();
+            let log_path = dir.join(format!("{identity}.log"));
+            let log = std::fs::File::create(&log_path).expect("operator log file");
+            let mut command = Command::new(binary("claude-relay-operator"));
+            command
+                .env("KUBECONFIG", kubeconfig)
+                .env("ADMIN_LISTEN", admin.to_string())
+                .env("POD_NAMESPACE", namespace)
+                .env("POD_NAME", identity)
+                .env(
+                    "STATUS_REFRESH",
+                    format!("{}ms", status_refresh.as_millis()),
+                )
+                .env("RUST_LOG", "info,kube=warn")
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .stdin(Stdio::null());
+            if let Some(ns) = watch_namespace {
+                command.env("WATCH_NAMESPACE", ns);
+            }
+            let child = command.spawn().expect("start claude-relay-operator");
+            let mut process = Self {
+                admin,
+                identity: identity.into(),
+                log_path,
+                child: Some(child),
+            };
+            match process.wait_ready(Duration::from_secs(30)) {
+                Ok(()) => return process,
+                Err(log) if attempts > 1 && log.contains("Address already in use") => {
+                    attempts -= 1;
+                }
+                Err(log) => panic!("the operator exited before ready:\n{log}"),
+            }
         }
-        let child = command.spawn().expect("start claude-relay-operator");
-        let mut process = Self {
-            admin,
-            identity: identity.into(),
-            log_path,
-            child: Some(child),
-        };
-        process.wait_ready(Duration::from_secs(30));
-        process
     }
 
-    fn wait_ready(&mut self, within: Duration) {
+    /// `Err` with the log when the process exits before `/readyz` answers.
+    fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self
+            if self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
+                .is_some()
             {
-                panic!(
-                    "the operator exited with {status} before ready:\n{}",
-                    self.log()
-                );
+                return Err(self.log());
             }
-            if blocking_get_status(self.admin, "/readyz") == Some(200) {
-                return;
+            // Its own listener, not another process's on the same port:
+            // the operator logs it once bound.
+            if self.log().contains("admin listener")
+                && blocking_get_status(self.admin, "/readyz") == Some(200)
+            {
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -29,7 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use kube::ResourceExt;
 use serde_json::json;
 
-use claude_relay_testkit::proxy::{ProxyProcess, free_addresses};
+use claude_relay_testkit::proxy::{ANY_PORT, ProxyProcess};
 
 use crate::cluster::Cluster;
 use crate::operator::binary;
@@ -263,7 +263,6 @@ pub async fn start(
             &proxy_binary,
         ];
         command.extend(args.iter().map(String::as_str));
-        let (api, admin) = free_addresses();
         // Against the double, the pod is its service account, and RBAC
         // checks what the operator's Role grants it; a real cluster gets the
         // tests' own credentials (in-cluster ones do not work off the cluster).
@@ -276,14 +275,15 @@ pub async fn start(
             None => cluster.kubeconfig.clone(),
         };
         let kubeconfig = kubeconfig.display().to_string();
-        let (api_text, admin_text) = (api.to_string(), admin.to_string());
         let mut vars: Vec<(&str, &str)> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         vars.push(("KUBECONFIG", &kubeconfig));
-        vars.push(("CLAUDE_RELAY_LISTEN", &api_text));
-        vars.push(("CLAUDE_RELAY_ADMIN_LISTEN", &admin_text));
+        // Free ports the proxy picks itself and reports (its ready file):
+        // none can be taken by another process between a pick and the bind.
+        vars.push(("CLAUDE_RELAY_LISTEN", ANY_PORT));
+        vars.push(("CLAUDE_RELAY_ADMIN_LISTEN", ANY_PORT));
         let proxy = tokio::task::block_in_place(|| {
-            ProxyProcess::start_with_args(Path::new("unshare"), &command, &vars, api, admin)
+            ProxyProcess::start_with_args_in(Path::new("unshare"), &command, &vars, &pod_dir)
         });
         pods.push(Pod { name, proxy });
     }

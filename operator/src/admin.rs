@@ -1,6 +1,5 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -70,13 +69,14 @@ pub fn respond(state: &State, path: &str) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves on `listener` (bound by the caller, so that a taken port stops
+/// the operator at start instead of leaving it without probes) until
+/// `shutdown` resolves.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     state: Arc<State>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

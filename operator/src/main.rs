@@ -72,12 +72,15 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let state = Arc::new(State::new(registry));
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (ADMIN_LISTEN)", args.admin_listen))?;
+    info!(listen = %listener.local_addr()?, "admin listener");
     let admin = tokio::spawn(admin::serve(
-        args.admin_listen,
+        listener,
         state.clone(),
         stopped(stop_rx.clone()),
     ));
-    info!(listen = %args.admin_listen, "admin listener");
 
     let client = Client::try_default()
         .await

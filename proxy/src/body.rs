@@ -26,6 +26,19 @@ pub struct RelayBody {
     /// Boxed: the record is large, and a response is moved several times
     /// on its way out.
     exchange: Option<Box<Exchange>>,
+    /// The body has ended and its concurrency slot is being released in
+    /// the store: its last frame (or its end) waits for that.
+    ending: Option<Box<Ending>>,
+}
+
+/// The end of a body whose client caps its concurrent requests: the slot
+/// goes back before the client can see the end and send its next request,
+/// which any replica then admits.
+struct Ending {
+    release: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// What the body gives once the slot is released; `None` until the
+    /// poll that ended the body has returned it.
+    then: Option<Option<Result<Frame<Bytes>, BoxError>>>,
 }
 
 enum Inner {
@@ -65,6 +78,7 @@ impl RelayBody {
         Self {
             inner: Inner::Full(Some(bytes)),
             exchange: None,
+            ending: None,
         }
     }
 
@@ -88,6 +102,7 @@ impl RelayBody {
                 unread: None,
             })),
             exchange: None,
+            ending: None,
         }
     }
 
@@ -101,6 +116,18 @@ impl RelayBody {
         self.read_usage();
         if let Some(mut exchange) = self.exchange.take() {
             exchange.outcome = outcome;
+            // Released in this process at once, or in Redis before the end
+            // goes out (see `poll_frame`).
+            if let Some(release) = exchange
+                .meter
+                .as_mut()
+                .and_then(crate::usage::Meter::release_slot)
+            {
+                self.ending = Some(Box::new(Ending {
+                    release: Box::pin(release.run()),
+                    then: None,
+                }));
+            }
         }
     }
 
@@ -128,6 +155,12 @@ impl Drop for RelayBody {
     fn drop(&mut self) {
         // The client went away: what the last chunk reported still counts.
         self.read_usage();
+        // Gone while the slot was being released: the release still goes on.
+        if let Some(ending) = self.ending.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            drop(runtime.spawn(ending.release));
+        }
     }
 }
 
@@ -148,6 +181,61 @@ impl Body for RelayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        loop {
+            if let Some(ending) = this.ending.as_mut() {
+                ready!(ending.release.as_mut().poll(cx));
+                if let Some(then) = this.ending.take().and_then(|ending| ending.then) {
+                    return Poll::Ready(then);
+                }
+                // NB: the poll that ended the body gave nothing yet (a break
+                // is handed on at the next one): the body still has its say.
+            }
+            let next = ready!(this.poll_body(cx));
+            match &mut this.ending {
+                None => return Poll::Ready(next),
+                // This poll ended the body: what it gives waits for the release.
+                Some(ending) => ending.then = Some(next),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.ending.is_some() {
+            return false;
+        }
+        match &self.inner {
+            // NB: claiming the end early would let hyper skip polling, and the
+            // exchange would be logged as abandoned.
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Upstream(stream) => stream.ended && stream.broke.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = match &self.inner {
+            Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream(stream) => stream.body.size_hint(),
+        };
+        // A last frame held back while the slot is released is still to come.
+        if let Some(Some(Some(Ok(frame)))) = self.ending.as_ref().map(|e| &e.then)
+            && let Some(data) = frame.data_ref()
+        {
+            let held = data.len() as u64;
+            // Upper first: a lower bound above the upper one panics.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + held);
+            }
+            hint.set_lower(hint.lower() + held);
+        }
+        hint
+    }
+}
+
+impl RelayBody {
+    /// The next frame of the body itself.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         this.read_usage();
         let stream = match &mut this.inner {
             Inner::Full(bytes) => {
@@ -226,23 +314,6 @@ impl Body for RelayBody {
                     Poll::Ready(Some(Err(Box::new(StreamCut(why)))))
                 }
             }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            // NB: claiming the end early would let hyper skip polling, and the
-            // exchange would be logged as abandoned.
-            Inner::Full(bytes) => bytes.is_none(),
-            Inner::Upstream(stream) => stream.ended && stream.broke.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Upstream(stream) => stream.body.size_hint(),
         }
     }
 }

@@ -51,8 +51,12 @@ pub fn has_relay_controls(headers: &HeaderMap) -> bool {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those that only make sense on one leg.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str())
+}
+
+fn is_hop_by_hop_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -78,19 +82,30 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// What goes upstream of the client's headers: everything but hop-by-hop
 /// headers, the client's credentials, `host` (the upstream URI carries it),
-/// the `content-length` (recomputed from the buffered body) and the relay's
-/// own control headers.
+/// the `content-length` (recomputed from the buffered body), the relay's
+/// own control headers, and any name that becomes one of those when its
+/// `_` are read as `-` (`Content_Length`, `Transfer_Encoding`, `X_Api_Key`):
+/// a CGI-style server behind the upstream (or a gateway that maps `_` to
+/// `-`) would take them for the real thing, and see another body boundary
+/// or another key. Other names with `_` pass (SDKs send custom headers).
 pub fn for_upstream(from: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let listed = connection_listed(from);
     from.iter().filter(move |(name, _)| {
-        !(is_hop_by_hop(name)
-            || matches!(
-                name.as_str(),
-                "host" | "x-api-key" | "authorization" | "content-length"
-            )
-            || name.as_str().starts_with("x-relay-")
-            || listed.contains(name))
+        !(stays_behind(name.as_str(), &listed)
+            || (name.as_str().contains('_')
+                && stays_behind(&name.as_str().replace('_', "-"), &listed)))
     })
+}
+
+/// Whether a (lowercase) header name is one the relay keeps from the upstream.
+fn stays_behind(name: &str, listed: &[HeaderName]) -> bool {
+    is_hop_by_hop_name(name)
+        || matches!(
+            name,
+            "host" | "x-api-key" | "authorization" | "content-length"
+        )
+        || name.starts_with("x-relay-")
+        || listed.iter().any(|l| l.as_str() == name)
 }
 
 /// [`for_upstream`] as a header map, with room for the key and `host`.
@@ -151,6 +166,31 @@ mod tests {
         ] {
             assert!(!out.contains_key(gone), "{gone} leaked upstream");
         }
+    }
+
+    #[test]
+    fn underscore_look_alikes_of_what_stays_behind_stay_behind_too() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("x-trace"));
+        for name in [
+            "content_length",
+            "transfer_encoding",
+            "x_api_key",
+            "proxy_authorization",
+            "keep_alive",
+            "x_relay_region",
+            "x_trace",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("5"),
+            );
+        }
+        h.insert("x_request_tag", HeaderValue::from_static("kept"));
+        h.insert("anthropic_beta_", HeaderValue::from_static("kept"));
+        let out = upstream_request_headers(&h);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x_request_tag", "anthropic_beta_"]);
     }
 
     #[test]

@@ -55,6 +55,11 @@ struct Cli {
     /// Listen here instead of the config's `server.admin_listen`.
     #[arg(long, env = "CLAUDE_RELAY_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<std::net::SocketAddr>,
+    /// Once serving, write the addresses listened on to this file as JSON,
+    /// `{"api": "127.0.0.1:41234", "admin": "127.0.0.1:41235"}`: what a
+    /// harness that asks for port 0 (any free port) reads.
+    #[arg(long, env = "CLAUDE_RELAY_READY_FILE", value_name = "PATH")]
+    ready_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
             let listen = server::ListenOverride {
                 api: cli.listen,
                 admin: cli.admin_listen,
+                ready_file: cli.ready_file,
             };
             match (cli.config, cli.config_map) {
                 (Some(path), _) => run(Origin::File(path), listen),

@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -109,10 +110,23 @@ pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Listen addresses given on the command line; they replace the config's
 /// `server.listen` and `server.admin_listen` for the life of the process.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ListenOverride {
     pub api: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// Where to write the addresses bound, once serving (`--ready-file`):
+    /// with port 0 in an address, the only way to learn the port.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Writes `{"api": "…", "admin": "…"}` to `path`, whole or not at all
+/// (written aside, then renamed), so a reader never sees half of it.
+fn write_ready_file(path: &Path, api: SocketAddr, admin: SocketAddr) -> std::io::Result<()> {
+    let text = serde_json::json!({"api": api.to_string(), "admin": admin.to_string()}).to_string();
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".tmp");
+    std::fs::write(&aside, text)?;
+    std::fs::rename(&aside, path)
 }
 
 /// Serves until `shutdown` resolves, then drains connections for at most
@@ -158,6 +172,7 @@ pub fn run(
         anyhow::anyhow!("cannot listen on {admin_listen} (server.admin_listen): {e}")
     })?;
     admin.set_nonblocking(true)?;
+    let admin_bound = admin.local_addr()?;
     let tls = match app.snapshot.load().downstream_cert {
         Some(_) => Some(TlsAcceptor::from(Arc::new(
             crate::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
@@ -189,7 +204,12 @@ pub fn run(
         }
         let admin_task = tokio::spawn(serve_admin(app.clone(), admin));
         app.ready.store(true, Ordering::Relaxed);
-        tracing::info!(listen = %bound, workers = app.workers, tls = tls.is_some(), max_connections, "claude-relay proxy serving");
+        tracing::info!(listen = %bound, admin_listen = %admin_bound, workers = app.workers, tls = tls.is_some(), max_connections, "claude-relay proxy serving");
+        if let Some(path) = &listen_override.ready_file {
+            write_ready_file(path, bound, admin_bound).map_err(|e| {
+                anyhow::anyhow!("cannot write the ready file {}: {e}", path.display())
+            })?;
+        }
 
         shutdown.await;
         app.ready.store(false, Ordering::Relaxed);

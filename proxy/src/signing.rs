@@ -7,7 +7,7 @@
 //! | `x-relay-key-id` | the client id from the config: 1-63 of `A-Z a-z 0-9 . _ -` |
 //! | `x-relay-timestamp` | unix seconds, decimal, no sign or leading zeros |
 //! | `x-relay-nonce` | 16-64 of `A-Z a-z 0-9 _ -`, fresh for every request |
-//! | `x-relay-signature` | `v1=` and the HMAC-SHA256 as 64 lowercase hex digits |
+//! | `x-relay-signature` | `v1=` and the HMAC-SHA256 as 64 hex digits (written lowercase; uppercase is read too) |
 //!
 //! The HMAC is computed over the canonical string: these lines joined by `\n`,
 //! no trailing newline:

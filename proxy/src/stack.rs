@@ -47,8 +47,10 @@
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
 //!    answer gets a [`crate::usage::UsageTap`] that reads its usage as it
-//!    passes; when the exchange ends the meter settles in the background
-//!    (metrics, budgets, usage counters, slot release, cache fill).
+//!    passes; the concurrency slot goes back before the client sees the
+//!    end ([`RelayBody`] waits for the store's answer); when the exchange
+//!    ends the meter settles in the background (metrics, budgets, usage
+//!    counters, cache fill).
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.

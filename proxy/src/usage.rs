@@ -8,13 +8,15 @@
 //! read where the API puts them once the response is over, off the
 //! response path.
 //!
-//! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
-//! exchange ends (complete, cut off or abandoned) what was reported is
-//! counted in metrics and put in an outbox. Every 100 ms the outbox is
-//! written to the store, one script per client for all its finished
-//! requests: tokens charged to its budgets, usage added to its day's
-//! counters, concurrency slots released. No request waits for it; a store
-//! that is down gets it when it is back.
+//! [`Meter`] rides on the request's [`crate::access::Exchange`]. Its
+//! concurrency slot goes back as the answer ends, before the client sees
+//! the end ([`Meter::release_slot`]), so that a client's next request never
+//! meets its own last one. When the exchange ends (complete, cut off or
+//! abandoned) what was reported is counted in metrics and put in an outbox.
+//! Every 100 ms the outbox is written to the store, one script per client
+//! for all its finished requests: tokens charged to its budgets, usage
+//! added to its day's counters. No request waits for it; a store that is
+//! down gets it when it is back.
 //!
 //! [`Accounting`] outlives reloads: the slots in flight (their leases are
 //! renewed in the background), the state of a store outage, and the local
@@ -587,6 +589,71 @@ pub struct Meter {
     pub cache_fill: Option<crate::cache::Fill>,
 }
 
+impl Meter {
+    /// Releases the request's concurrency slot now, if it holds one: in
+    /// this process at once (the memory store, or this replica's fallback
+    /// budgets); in Redis by the [`SlotRelease`] returned, which the end of
+    /// the response waits for. Afterwards the slot is no longer renewed.
+    pub fn release_slot(&mut self) -> Option<SlotRelease> {
+        let (slot, held) = self.slot.take()?;
+        self.accounting.forget_slot(&slot);
+        match (held, &*self.store) {
+            (SlotHeld::Local, _) => {
+                self.accounting.fallback.release(&self.client.0, &slot);
+                None
+            }
+            (SlotHeld::Store, AnyStore::Memory(memory)) => {
+                memory.release(&self.client.0, &slot);
+                None
+            }
+            (SlotHeld::Store, AnyStore::Redis(_)) => Some(SlotRelease {
+                accounting: self.accounting.clone(),
+                store: self.store.clone(),
+                client: self.client.clone(),
+                slot,
+                retention: self.retention,
+            }),
+        }
+    }
+}
+
+/// A concurrency slot to release in Redis: one command on the worker's own
+/// connection, awaited before the response's last bytes go out, so that
+/// the client's next request, on any replica, finds the slot free.
+pub struct SlotRelease {
+    accounting: Arc<Accounting>,
+    store: Arc<AnyStore>,
+    client: Name,
+    slot: Arc<str>,
+    retention: Duration,
+}
+
+impl SlotRelease {
+    /// Releases the slot; a store that fails gets the release again with
+    /// the outbox's next flush (and its retries), while the lease runs out
+    /// anyway.
+    pub async fn run(self) {
+        if let Err(error) = self.store.release_slot(&self.client.0, &self.slot).await {
+            self.accounting.store_error(&error);
+            tracing::debug!(client = &*self.client.0, %error, "slot not released yet; retried with the next flush");
+            self.to_outbox();
+        }
+    }
+
+    /// Leaves the release to the outbox's next flush.
+    fn to_outbox(&self) {
+        let settlement = Settlement {
+            quota_tokens: 0,
+            usage: None,
+            slot: Some(&self.slot),
+            now_ms: unix_ms(),
+            retention: self.retention,
+        };
+        self.accounting
+            .enqueue(&self.client, &self.store, &settlement);
+    }
+}
+
 /// Everything a finished request leaves for the background task.
 pub struct Finished {
     pub meter: Meter,
@@ -603,12 +670,21 @@ impl Finished {
     /// a cache fill, which waits for the store, goes to a task, boxed so the
     /// task stays small. With no runtime (a test dropping an exchange
     /// outside one) a cache fill is skipped and the request accounted here.
-    pub fn spawn(self) {
+    pub fn spawn(mut self) {
+        let runtime = tokio::runtime::Handle::try_current();
+        // Still held: the response did not reach its end (the client left,
+        // or it never got its body). The slot goes back at once.
+        if let Some(release) = self.meter.release_slot() {
+            match &runtime {
+                Ok(runtime) => drop(runtime.spawn(release.run())),
+                Err(_) => release.to_outbox(),
+            }
+        }
         let meter = &self.meter;
-        if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
+        if meter.tap.is_none() && meter.cache_fill.is_none() {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
+        match runtime {
             Ok(runtime) if meter.cache_fill.is_some() => {
                 runtime.spawn(Box::pin(self.settle()));
             }
@@ -627,8 +703,9 @@ impl Finished {
         self.account();
     }
 
-    /// Metrics and the usage log line now; budgets, usage counters and the
-    /// slot release go to the outbox, which the store sees at the next flush.
+    /// Metrics and the usage log line now; budgets and usage counters go
+    /// to the outbox, which the store sees at the next flush (the slot went
+    /// back before, see [`Meter::release_slot`]).
     fn account(self) {
         let Finished {
             meter,
@@ -663,32 +740,14 @@ impl Finished {
             .quota
             .filter(|q| q.tokens_per_minute > 0 || q.tokens_per_day > 0)
             .map_or(0, |q| reported.usage.quota_tokens(q.count_cache_reads));
-        let (slot, held) = match &meter.slot {
-            Some((slot, held)) => (Some(&**slot), Some(*held)),
-            None => (None, None),
-        };
-        if let Some(slot) = slot {
-            accounting.forget_slot(slot);
-        }
-        let now_ms = unix_ms();
-        if let (Some(slot), Some(SlotHeld::Local)) = (slot, held) {
-            // A slot taken from this replica's budgets goes back there.
-            accounting.fallback.apply(
-                &meter.client.0,
-                &Charges {
-                    release: vec![slot.to_owned()],
-                    ..Charges::default()
-                },
-            );
-        }
         let settlement = Settlement {
             quota_tokens,
             usage: reported.seen.then_some((model, reported.usage)),
-            slot: slot.filter(|_| held == Some(SlotHeld::Store)),
-            now_ms,
+            slot: None,
+            now_ms: unix_ms(),
             retention: meter.retention,
         };
-        if quota_tokens > 0 || settlement.usage.is_some() || settlement.slot.is_some() {
+        if quota_tokens > 0 || settlement.usage.is_some() {
             accounting.enqueue(&meter.client, &meter.store, &settlement);
         }
     }

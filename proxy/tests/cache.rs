@@ -5,16 +5,20 @@ mod common;
 
 use std::time::Duration;
 
-use claude_relay_testkit::http::{Answer, request, send};
+use claude_relay_testkit::http::{Answer, request, send, send_streaming};
 use claude_relay_testkit::proxy::ProxyProcess;
 use common::*;
 use http::Method;
+use http_body_util::BodyExt;
 
 const CACHED: &str = "    cache: {enabled: true}";
 
 fn cache_header(answer: &Answer) -> &str {
-    answer
-        .headers
+    cache_header_of(&answer.headers)
+}
+
+fn cache_header_of(headers: &http::HeaderMap) -> &str {
+    headers
         .get("x-relay-cache")
         .map_or("-", |v| v.to_str().unwrap())
 }
@@ -315,7 +319,9 @@ async fn routes_headers_and_config_changes() {
 /// (rate window, quota with a concurrency slot, the level-2 read), so
 /// through a link where each round trip takes `DELAY` it is answered in
 /// about one `DELAY`, where asking one thing after the other took three.
-/// A level-2 hit costs no quota: the slot the store gave goes back.
+/// A level-2 hit costs no quota: the slot the store gave goes back. The
+/// slot's release is the one other round trip, at the end of the answer
+/// (the client's next request must find it free).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_level_one_miss_costs_one_round_trip_to_the_store() {
     const DELAY: Duration = Duration::from_millis(300);
@@ -334,11 +340,23 @@ async fn a_level_one_miss_costs_one_round_trip_to_the_store() {
         .replace("command_timeout: 200ms", "command_timeout: 3s");
     assert!(config.contains(&link.url()));
     let setup = &setup;
+    // Time to the answer's head: the admission; then the whole answer,
+    // which waits for the slot's release too.
     let timed = |proxy| async move {
         let started = std::time::Instant::now();
-        let answer = setup.messages(proxy, APP_KEY, BODY, &[]).await;
-        assert_eq!(answer.status, 200, "{:?}", answer.body);
-        (cache_header(&answer).to_owned(), started.elapsed())
+        let response =
+            send_streaming(&setup.client, messages_request(proxy, APP_KEY, BODY, &[])).await;
+        let head = started.elapsed();
+        assert_eq!(response.status(), 200);
+        let cache = cache_header_of(response.headers()).to_owned();
+        response.into_body().collect().await.unwrap();
+        let whole = started.elapsed();
+        assert!(
+            whole < head + DELAY * 2,
+            "the end took {:?} after the head: more than the slot's release",
+            whole - head
+        );
+        (cache, head)
     };
 
     let a = setup.proxy(&config);

@@ -4,14 +4,13 @@
 //! watch errors, and refuses to start without its ConfigMap.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use claude_relay_e2e::apiserver::{ApiServer, service_account_token};
 use claude_relay_testkit::http::{self as th, request, send, wait_for};
-use claude_relay_testkit::proxy::{ProxyProcess, free_addresses};
+use claude_relay_testkit::proxy::{ANY_PORT, ProxyProcess};
 use claude_relay_testkit::upstream::MockUpstream;
 use http::Method;
 use serde_json::{Value, json};
@@ -131,12 +130,12 @@ impl KubeApi {
 
 // ---------------------------------------------------------------------------
 
-fn config(api: SocketAddr, admin: SocketAddr, upstream: &str, key_file: &str) -> String {
+fn config(upstream: &str, key_file: &str) -> String {
     format!(
         r#"
 server:
-  listen: "{api}"
-  admin_listen: "{admin}"
+  listen: "{ANY_PORT}"
+  admin_listen: "{ANY_PORT}"
   reload_interval: 100ms
   shutdown_grace: 5s
 clients:
@@ -184,7 +183,7 @@ fn keys_seen(upstream: &MockUpstream) -> HashSet<String> {
 }
 
 /// Starts the proxy on `--config-map team-a/main-config`.
-fn start_proxy(kube: &KubeApi, api: SocketAddr, admin: SocketAddr) -> ProxyProcess {
+fn start_proxy(kube: &KubeApi) -> ProxyProcess {
     ProxyProcess::start_with_args(
         BIN.as_ref(),
         &["--config-map", &format!("{NAMESPACE}/{NAME}")],
@@ -192,8 +191,6 @@ fn start_proxy(kube: &KubeApi, api: SocketAddr, admin: SocketAddr) -> ProxyProce
             ("KUBECONFIG", kube.kubeconfig.as_str()),
             ("TEST_RELAY_KEY", RELAY_KEY),
         ],
-        api,
-        admin,
     )
 }
 
@@ -204,8 +201,7 @@ async fn a_new_configmap_version_takes_effect_within_seconds_without_failing_req
     let secrets = tempfile::tempdir().unwrap();
     let key_a = write(&secrets, "key-a", "sk-ant-A1\n");
     let key_b = write(&secrets, "key-b", "sk-ant-B1\n");
-    let (api, admin) = free_addresses();
-    kube.put_config(&config(api, admin, &first.base_url(), &key_a));
+    kube.put_config(&config(&first.base_url(), &key_a));
 
     // The bare name and the environment variable, as a pod may give them.
     let proxy = ProxyProcess::start_with_args(
@@ -217,8 +213,6 @@ async fn a_new_configmap_version_takes_effect_within_seconds_without_failing_req
             ("CLAUDE_RELAY_CONFIG_MAP", NAME),
             ("POD_NAMESPACE", NAMESPACE),
         ],
-        api,
-        admin,
     );
     assert_eq!(message(&proxy).await.status, 200);
     assert_eq!(keys_seen(&first), HashSet::from(["sk-ant-A1".to_string()]));
@@ -248,7 +242,7 @@ async fn a_new_configmap_version_takes_effect_within_seconds_without_failing_req
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A new region with a new key: what a changed UpstreamRegion renders.
-    kube.put_config(&config(api, admin, &second.base_url(), &key_b));
+    kube.put_config(&config(&second.base_url(), &key_b));
     let took = wait_for("the new region", Duration::from_secs(5), async || {
         keys_seen(&second).contains("sk-ant-B1")
     })
@@ -323,10 +317,9 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
     let secrets = tempfile::tempdir().unwrap();
     let key_a = write(&secrets, "key-a", "sk-ant-A1\n");
     let key_b = write(&secrets, "key-b", "sk-ant-B1\n");
-    let (api, admin) = free_addresses();
-    let good = config(api, admin, &first.base_url(), &key_a);
+    let good = config(&first.base_url(), &key_a);
     kube.put_config(&good);
-    let proxy = start_proxy(&kube, api, admin);
+    let proxy = start_proxy(&kube);
     assert_eq!(message(&proxy).await.status, 200);
     let failed = "claude_relay_config_reloads_total{result=\"failed\"}";
 
@@ -368,7 +361,7 @@ async fn bad_versions_deletion_and_watch_errors_keep_the_config_in_force() {
     assert_eq!(first.request_count(), before + 1);
 
     // Created again with another region: followed as before.
-    kube.put_config(&config(api, admin, &second.base_url(), &key_b));
+    kube.put_config(&config(&second.base_url(), &key_b));
     wait_for(
         "the re-created ConfigMap",
         Duration::from_secs(5),

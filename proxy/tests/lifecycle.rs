@@ -207,16 +207,11 @@ async fn listen_flags_replace_the_configs_addresses() {
         .replace("{listen}", &config_api.to_string())
         .replace("{admin}", &config_admin.to_string());
     let path = files.write("config.yaml", &text);
-    let (api, admin) = claude_relay_testkit::proxy::free_addresses();
+    let any = claude_relay_testkit::proxy::ANY_PORT;
     let proxy = ProxyProcess::start_with_args(
         BIN.as_ref(),
-        &["--config", &path, "--admin-listen", &admin.to_string()],
-        &[
-            ("TEST_RELAY_KEY", RELAY_KEY),
-            ("CLAUDE_RELAY_LISTEN", &api.to_string()),
-        ],
-        api,
-        admin,
+        &["--config", &path, "--admin-listen", any],
+        &[("TEST_RELAY_KEY", RELAY_KEY), ("CLAUDE_RELAY_LISTEN", any)],
     );
     let answer = send(&th::client(), message(&proxy, &[])).await;
     assert_eq!(answer.status, 200);
@@ -242,6 +237,66 @@ async fn listen_flags_replace_the_configs_addresses() {
         "{}",
         proxy.log()
     );
+}
+
+/// Port 0 in both addresses: the proxy binds free ports itself and writes
+/// them to `--ready-file` once serving, so a harness never picks a port that
+/// another process takes before the proxy binds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_port_0_the_proxy_reports_the_ports_it_bound_and_they_answer() {
+    let upstream = MockUpstream::start().await;
+    let files = Files::new();
+    let key = files.write("key", "sk-upstream");
+    let text = config(&upstream.base_url(), &key, 1 << 20)
+        .replace("{listen}", "127.0.0.1:0")
+        .replace("{admin}", "127.0.0.1:0");
+    let path = files.write("config.yaml", &text);
+    let ready = files.dir.path().join("ready.json");
+    let log = std::fs::File::create(files.dir.path().join("log")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["--config", &path, "--ready-file"])
+        .arg(&ready)
+        .env("TEST_RELAY_KEY", RELAY_KEY)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for("the ready file", Duration::from_secs(20), async || {
+        ready.exists()
+    })
+    .await;
+    let text = std::fs::read_to_string(&ready).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let address =
+        |name: &str| -> std::net::SocketAddr { json[name].as_str().unwrap().parse().unwrap() };
+    let (api, admin) = (address("api"), address("admin"));
+    assert!(
+        api.port() != 0 && admin.port() != 0 && api != admin,
+        "{text}"
+    );
+    let client = th::client();
+    let ready_answer = send(
+        &client,
+        request(Method::GET, &format!("http://{admin}/readyz"), &[], ""),
+    )
+    .await;
+    assert_eq!(ready_answer.status, 200);
+    let answer = send(
+        &client,
+        request(
+            Method::POST,
+            &format!("http://{api}/v1/messages"),
+            &[
+                ("x-api-key", RELAY_KEY),
+                ("content-type", "application/json"),
+            ],
+            MESSAGE,
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -124,3 +124,63 @@ fn the_parser_notices_a_wrong_vector() {
     assert_eq!(parsed[0].get("body"), "");
     assert_eq!(parsed[0].canonical, "a\nb");
 }
+
+/// What the header table and the canonical string's description say of
+/// letter case: the signature header is accepted in either case (signers in
+/// Java or .NET often write uppercase hex); the body hash inside the signed
+/// string must be lowercase, so a signer that hashed it in uppercase gets
+/// `bad signature`.
+#[test]
+fn the_signature_is_read_in_either_case_but_the_signed_body_hash_is_lowercase() {
+    use hmac::{Hmac, KeyInit, Mac};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/signing.md");
+    let doc = std::fs::read_to_string(path).expect("docs/signing.md");
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| `x-relay-signature` |"))
+        .expect("the header table names x-relay-signature");
+    assert!(
+        row.contains("uppercase") && row.contains("accepted"),
+        "{row}"
+    );
+
+    for v in vectors(&doc) {
+        let secret = SigningSecret::new(v.get("secret").as_bytes()).unwrap();
+        let timestamp: u64 = v.get("timestamp").parse().unwrap();
+        let timestamp_text = timestamp.to_string();
+        let request = Request {
+            method: v.get("method"),
+            path_and_query: v.get("path"),
+            body: v.get("body").as_bytes(),
+        };
+        let verify = |signature: &str| {
+            let headers = SignatureHeaders::parse(
+                v.get("key_id"),
+                &timestamp_text,
+                v.get("nonce"),
+                signature,
+            )
+            .map_err(|e| e.to_string())?;
+            signing::verify(
+                &headers,
+                &request,
+                std::slice::from_ref(&secret),
+                timestamp,
+                Duration::from_secs(300),
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        let documented = v.get("signature");
+        let upper = format!("v1={}", documented["v1=".len()..].to_uppercase());
+        assert_eq!(verify(&upper), Ok(()), "{}: uppercase hex", v.get("key_id"));
+
+        let upper_hash = v
+            .canonical
+            .replace(v.get("body_sha256"), &v.get("body_sha256").to_uppercase());
+        let mut mac = Hmac::<Sha256>::new_from_slice(v.get("secret").as_bytes()).unwrap();
+        mac.update(upper_hash.as_bytes());
+        let wrong = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(verify(&wrong), Err("bad signature".to_owned()));
+    }
+}

@@ -304,6 +304,31 @@ async fn concurrency_cap_holds_and_slots_come_back<S: Store + 'static>(store: Ar
     );
 }
 
+async fn a_released_slot_is_free_at_once<S: Store>(store: Arc<S>) {
+    let now = unix_ms();
+    let take = |slot| ask(slot, now, 0, 0, 1);
+    assert_eq!(
+        store.check_quota("one", &take("first")).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    assert_eq!(
+        store.check_quota("one", &take("second")).await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+    store.release_slot("one", "first").await.unwrap();
+    assert_eq!(
+        store.check_quota("one", &take("third")).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // Releasing twice, or a slot never held, changes nothing.
+    store.release_slot("one", "first").await.unwrap();
+    store.release_slot("nobody", "never").await.unwrap();
+    assert_eq!(
+        store.check_quota("one", &take("fourth")).await,
+        Ok(QuotaDecision::OverConcurrency)
+    );
+}
+
 async fn slot_leases_lapse_unless_renewed<S: Store>(store: Arc<S>) {
     let now = unix_ms();
     let short = |slot, now: u64| QuotaAsk {
@@ -424,6 +449,7 @@ conformance!(
     rate_limit_holds_under_concurrency,
     budgets_refuse_once_spent_until_the_window_ends,
     concurrency_cap_holds_and_slots_come_back,
+    a_released_slot_is_free_at_once,
     slot_leases_lapse_unless_renewed,
     usage_adds_up_per_client_per_day,
 );

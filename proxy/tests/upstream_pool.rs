@@ -360,3 +360,47 @@ async fn an_http1_upstream_gets_the_request_whole_and_its_chunked_answer_is_rela
         "the connection is reused"
     );
 }
+
+/// Header names that become framing, hop-by-hop or credential headers when
+/// `_` is read as `-` (as CGI and some gateways do) never reach the
+/// upstream: it would see another body boundary, or another key. Other
+/// names with `_` pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_look_alikes_of_framing_headers_are_not_forwarded() {
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let (url, _, received) = recording_upstream(ANSWER).await;
+    let proxy = start(&config(&url, "", ""));
+    let answer = send(
+        &th::client(),
+        message(
+            &proxy,
+            &[
+                ("Content_Length", "5"),
+                ("Transfer_Encoding", "chunked"),
+                ("X_Api_Key", "sk-ant-client-own"),
+                ("Proxy_Authorization", "Basic eDp5"),
+                ("X_Request_Tag", "kept"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let sent = received.lock().unwrap().pop().unwrap();
+    let split = sent.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&sent[..split]).to_ascii_lowercase();
+    for gone in [
+        "content_length",
+        "transfer_encoding",
+        "x_api_key",
+        "proxy_authorization",
+    ] {
+        assert!(!head.contains(gone), "{gone} reached the upstream:\n{head}");
+    }
+    assert!(head.contains("\r\nx_request_tag: kept"), "{head}");
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}", MESSAGE.len())),
+        "{head}"
+    );
+    assert_eq!(&sent[split + 4..], MESSAGE.as_bytes());
+}

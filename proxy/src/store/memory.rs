@@ -101,6 +101,13 @@ impl MemoryStore {
         QuotaDecision::Allowed
     }
 
+    /// Releases a slot at once (see [`Store::release_slot`]).
+    pub fn release(&self, client: &str, slot: &str) {
+        if let Some(budget) = lock(&self.budgets).get_mut(client) {
+            budget.slots.remove(slot);
+        }
+    }
+
     /// Settles at once (the store is in this process).
     pub fn apply(&self, client: &str, charges: &Charges) {
         {
@@ -269,6 +276,11 @@ impl Store for MemoryStore {
 
     async fn settle(&self, client: &str, charges: &Charges) -> Result<(), StoreError> {
         self.apply(client, charges);
+        Ok(())
+    }
+
+    async fn release_slot(&self, client: &str, slot: &str) -> Result<(), StoreError> {
+        self.release(client, slot);
         Ok(())
     }
 

@@ -109,6 +109,15 @@ pub trait Store: Send + Sync {
         charges: &Charges,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Releases one concurrency slot at once, as its answer ends (the next
+    /// request of a client with `max_concurrent` may follow right away): one
+    /// command, not the batch of [`Store::settle`]. A slot not held is no error.
+    fn release_slot(
+        &self,
+        client: &str,
+        slot: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Extends the leases of concurrency slots still in use (long streams).
     fn renew_slots(
         &self,
@@ -598,6 +607,13 @@ impl Store for AnyStore {
         match self {
             Self::Memory(store) => store.settle(client, charges).await,
             Self::Redis(store) => store.settle(client, charges).await,
+        }
+    }
+
+    async fn release_slot(&self, client: &str, slot: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Memory(store) => store.release_slot(client, slot).await,
+            Self::Redis(store) => store.release_slot(client, slot).await,
         }
     }
 

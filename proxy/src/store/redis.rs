@@ -25,7 +25,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use bytes::Bytes;
-use fred::prelude::HashesInterface;
+use fred::prelude::{HashesInterface, SortedSetsInterface};
 use fred::types::FromValue;
 use futures_util::StreamExt;
 
@@ -528,6 +528,17 @@ impl Store for RedisStore {
         self.run_script::<i64>(SETTLE_LUA, SETTLE_SHA1, keys, args)
             .await
             .map(drop)
+    }
+
+    async fn release_slot(&self, client: &str, slot: &str) -> Result<(), StoreError> {
+        // On the worker's own connection, like the admission that took it.
+        self.bounded(
+            self.hot_pool()
+                .with_options(&self.options)
+                .zrem::<i64, _, _>(self.keys.in_flight(client), slot),
+        )
+        .await
+        .map(drop)
     }
 
     async fn renew_slots(
