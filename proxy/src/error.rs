@@ -69,7 +69,9 @@ impl RelayError {
         match self {
             // The API uses this type for the 4xx statuses it lists no
             // type for; the SDKs retry a 408 of their own accord.
-            Self::InvalidRequest(_) | Self::RequestTimeout(_) | Self::UnsupportedEncoding(_) => "invalid_request_error",
+            Self::InvalidRequest(_) | Self::RequestTimeout(_) | Self::UnsupportedEncoding(_) => {
+                "invalid_request_error"
+            }
             Self::Unauthenticated(_) | Self::Signature(_) => "authentication_error",
             Self::NotFound(_) => "not_found_error",
             Self::BodyTooLarge { .. } => "request_too_large",

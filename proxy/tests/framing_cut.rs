@@ -29,6 +29,9 @@ enum Cut {
     Endless,
     /// Chunked: two events, then the connection closes.
     ChunkedClose,
+    /// Chunked JSON (no room for an error event): part of it, then the
+    /// connection closes.
+    ChunkedJsonClose,
     /// Neither length nor chunks (the body ends when the connection does):
     /// two events, then silence.
     UnframedSilence,
@@ -41,6 +44,7 @@ impl Cut {
             Cut::Silence => "silence",
             Cut::Endless => "endless",
             Cut::ChunkedClose => "chunked-close",
+            Cut::ChunkedJsonClose => "chunked-json-close",
             Cut::UnframedSilence => "unframed-silence",
         }
     }
@@ -72,6 +76,7 @@ async fn cutting_upstream() -> String {
                     Cut::Silence,
                     Cut::Endless,
                     Cut::ChunkedClose,
+                    Cut::ChunkedJsonClose,
                     Cut::UnframedSilence,
                 ]
                 .into_iter()
@@ -84,6 +89,15 @@ async fn cutting_upstream() -> String {
                     for _ in 0..2 {
                         answer.push_str(&format!("{:x}\r\n{EVENT}\r\n", EVENT.len()));
                     }
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    return;
+                }
+                if let Cut::ChunkedJsonClose = cut {
+                    let part = r#"{"id":"msg_1","type":"message","content":["#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{part}\r\n",
+                        part.len()
+                    );
                     let _ = stream.write_all(answer.as_bytes()).await;
                     return;
                 }
@@ -113,7 +127,9 @@ async fn cutting_upstream() -> String {
                             }
                         }
                     }
-                    Cut::ChunkedClose | Cut::UnframedSilence => unreachable!(),
+                    Cut::ChunkedClose | Cut::ChunkedJsonClose | Cut::UnframedSilence => {
+                        unreachable!()
+                    }
                 }
             });
         }
@@ -145,12 +161,19 @@ async fn read_request(stream: &mut TcpStream) -> Option<String> {
 }
 
 fn start(upstream: &str) -> ProxyProcess {
+    start_with(upstream, "", "")
+}
+
+/// `store` a top-level section, `client_extra` more lines of the client.
+fn start_with(upstream: &str, store: &str, client_extra: &str) -> ProxyProcess {
     let config = format!(
         r#"
 server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
+{store}
 clients:
   - id: app
     relay_keys: [{{env: TEST_RELAY_KEY}}]
+{client_extra}
 regions:
   - name: local
     base_url: {upstream}
@@ -225,6 +248,33 @@ async fn a_length_framed_stream_cut_by_the_upstream_is_never_overrun_and_its_con
     let proxy = start(&cutting_upstream().await);
     for chunked in [false, true] {
         assert_cut_within_its_length(&proxy, Cut::Close, chunked).await;
+    }
+}
+
+/// A client with a concurrency cap held in Redis: the end of its body waits
+/// for the slot's release, and a break found in that same poll must still
+/// reach the writer (else a short body would end as if complete, on a
+/// connection kept open).
+#[tokio::test]
+async fn an_answer_broken_off_while_its_slot_is_released_still_ends_as_broken() {
+    let redis = claude_relay_testkit::redis::RedisServer::start().unwrap();
+    let store = format!("store:\n  redis: {{url: \"{}\"}}", redis.url());
+    let proxy = start_with(
+        &cutting_upstream().await,
+        &store,
+        "    quota: {max_concurrent: 1}",
+    );
+    for chunked in [false, true] {
+        assert_cut_within_its_length(&proxy, Cut::Close, chunked).await;
+        // A chunked answer broken off ends without its last chunk.
+        let (head, body) = exchange(&proxy, &request(Cut::ChunkedJsonClose, chunked, "")).await;
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(r#""content":["#), "{body:?}");
+        assert!(
+            !body.ends_with("0\r\n\r\n"),
+            "a broken-off answer ended as if complete: {body:?}"
+        );
     }
 }
 
