@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access::{Exchange, Outcome};
 use crate::upstream::UpstreamBody;
+use crate::usage::UsageTap;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,6 +46,12 @@ struct Streaming {
     /// when the exchange ends): after it is on its way to the client, so
     /// reading it never delays an event.
     unread: Option<Bytes>,
+    /// The usage tap decodes (a compressed answer): a chunk is decoded once
+    /// the writer has had a turn to send it ([`Self::yielded`]), its last
+    /// one when the exchange settles.
+    decoding: bool,
+    /// A poll came back to let the writer send `unread` before decoding it.
+    yielded: bool,
 }
 
 /// The relay ended a stream: the upstream fell silent or ran past the cap.
@@ -76,6 +83,8 @@ impl RelayBody {
                 sse_boundary: sse.then_some(true),
                 ended: false,
                 unread: None,
+                decoding: false,
+                yielded: false,
             })),
             exchange: None,
         }
@@ -83,22 +92,29 @@ impl RelayBody {
 
     /// Attaches the request's record, written when this body is done or dropped.
     pub fn with_exchange(mut self, exchange: Box<Exchange>) -> Self {
+        if let Inner::Upstream(stream) = &mut self.inner {
+            stream.decoding = exchange
+                .meter
+                .as_ref()
+                .and_then(|m| m.tap.as_ref())
+                .is_some_and(UsageTap::decodes);
+        }
         self.exchange = Some(exchange);
         self
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        self.read_usage();
+        // The last chunk: a compressed one is decoded when the exchange
+        // settles, as it may not have reached the client yet.
+        if let Inner::Upstream(stream) = &mut self.inner
+            && let Some(chunk) = stream.unread.take()
+            && let Some(tap) = usage_tap(&mut self.exchange)
+        {
+            tap.feed_last(&chunk);
+        }
         if let Some(mut exchange) = self.exchange.take() {
             exchange.outcome = outcome;
         }
-    }
-
-    fn usage_tap(&mut self) -> Option<&mut crate::usage::UsageTap> {
-        self.exchange
-            .as_mut()
-            .and_then(|e| e.meter.as_mut())
-            .and_then(|m| m.tap.as_mut())
     }
 
     /// Feeds the usage tap the chunk that went out last.
@@ -106,11 +122,23 @@ impl RelayBody {
         let Inner::Upstream(stream) = &mut self.inner else {
             return;
         };
-        if let Some(chunk) = stream.unread.take()
-            && let Some(tap) = self.usage_tap()
-        {
-            tap.feed(&chunk);
-        }
+        read_unread(stream, &mut self.exchange);
+    }
+}
+
+fn usage_tap(exchange: &mut Option<Box<Exchange>>) -> Option<&mut UsageTap> {
+    exchange
+        .as_mut()
+        .and_then(|e| e.meter.as_mut())
+        .and_then(|m| m.tap.as_mut())
+}
+
+fn read_unread(stream: &mut Streaming, exchange: &mut Option<Box<Exchange>>) {
+    stream.yielded = false;
+    if let Some(chunk) = stream.unread.take()
+        && let Some(tap) = usage_tap(exchange)
+    {
+        tap.feed(&chunk);
     }
 }
 
@@ -138,7 +166,9 @@ impl Body for RelayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        this.read_usage();
+        if matches!(&this.inner, Inner::Upstream(stream) if !stream.decoding) {
+            this.read_usage();
+        }
         let stream = match &mut this.inner {
             Inner::Full(bytes) => {
                 // Handed to hyper is as complete as a body the relay made gets.
@@ -157,6 +187,10 @@ impl Body for RelayBody {
                     && !data.is_empty()
                 {
                     *boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                }
+                if stream.decoding {
+                    // The chunk before went out with this one's batch.
+                    read_unread(stream, &mut this.exchange);
                 }
                 // Usage is read from the bytes once they are handed on, unchanged.
                 let tapped = this
@@ -197,6 +231,17 @@ impl Body for RelayBody {
                 }
             }
             Poll::Pending => {
+                if stream.decoding && stream.unread.is_some() {
+                    if stream.yielded {
+                        // The writer has had its turn: the chunk is out.
+                        read_unread(stream, &mut this.exchange);
+                    } else {
+                        // Nothing more at hand: the writer sends the chunk
+                        // now, and this poll comes back to decode it.
+                        stream.yielded = true;
+                        cx.waker().wake_by_ref();
+                    }
+                }
                 ready!(stream.timer.as_mut().poll(cx));
                 let why = if Instant::now() >= stream.deadline {
                     "the response ran past the relay's total timeout"

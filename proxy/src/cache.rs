@@ -125,6 +125,10 @@ impl CachePolicy {
         if request.get("stream").and_then(serde_json::Value::as_bool) == Some(true) {
             return None;
         }
+        // Hits are served uncoded; a client that refuses that goes upstream.
+        if !crate::encoding::accepts_identity(headers) {
+            return None;
+        }
         let model = request
             .get("model")
             .and_then(serde_json::Value::as_str)

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod body;
 pub mod breaker;
 pub mod cache;
+pub mod encoding;
 pub mod error;
 pub mod h1_client;
 pub mod h1_server;

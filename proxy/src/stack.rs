@@ -854,14 +854,15 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
                 meter.cache_fill = None;
             }
         }
-        // The tap also keeps the JSON body a cache fill stores.
+        // The tap also keeps the JSON body a cache fill stores; a
+        // compressed answer is decoded on the side, the client's bytes
+        // untouched.
         let wanted = meter.usage_enabled || meter.cache_fill.is_some();
         if wanted && exchange.route == "messages" && parts.status.is_success() {
-            meter.tap = Some(if sse {
-                UsageTap::sse()
-            } else {
-                UsageTap::json()
-            });
+            meter.tap = Some(UsageTap::for_answer(
+                sse,
+                parts.headers.get(header::CONTENT_ENCODING),
+            ));
         }
     }
     let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);

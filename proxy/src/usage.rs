@@ -29,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
 use crate::metrics::{FastMap, Metrics, Name, TokenLabels};
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
@@ -47,6 +48,12 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const MAX_RETRIED_RELEASES: usize = 10_000;
 /// The largest JSON answer whose usage is read (a Messages answer is far smaller).
 const JSON_CAP: usize = 16 * 1024 * 1024;
+/// The most of a compressed JSON answer decoded and kept (a Messages answer
+/// of 128k output tokens is about 1 MB): what a compression bomb can cost.
+pub const DECODED_JSON_CAP: usize = 4 * 1024 * 1024;
+/// The most of a compressed event stream decoded: only the current line is
+/// kept, so this bounds the CPU a bomb costs, far above a long stream.
+pub const DECODED_STREAM_CAP: usize = 64 * 1024 * 1024;
 /// A stream line longer than this cannot be a usage event; it is skipped.
 const SSE_LINE_CAP: usize = 64 * 1024;
 /// Distinct model label values before new ones are counted as `other`.
@@ -113,6 +120,10 @@ pub struct Reported {
 pub enum UsageTap {
     Sse(SseUsage),
     Json(JsonChunks),
+    /// A compressed answer, decoded on the side.
+    Decoded(Box<DecodedTap>),
+    /// An answer in a coding the relay cannot read: no usage.
+    Unreadable,
 }
 
 impl UsageTap {
@@ -124,19 +135,74 @@ impl UsageTap {
         Self::Json(JsonChunks::default())
     }
 
+    /// The tap of an answer: an event stream or JSON, as its
+    /// `Content-Encoding` has it.
+    pub fn for_answer(sse: bool, content_encoding: Option<&http::HeaderValue>) -> Self {
+        match Encoded::of(content_encoding) {
+            Encoded::Identity if sse => Self::sse(),
+            Encoded::Identity => Self::json(),
+            Encoded::Coded(coding) => {
+                let cap = if sse {
+                    DECODED_STREAM_CAP
+                } else {
+                    DECODED_JSON_CAP
+                };
+                Self::Decoded(Box::new(DecodedTap::new(coding, sse, cap)))
+            }
+            Encoded::Unsupported => Self::Unreadable,
+        }
+    }
+
+    /// Whether chunks are decoded before they are read (the body then
+    /// waits for the writer to have its chance before feeding a chunk).
+    pub fn decodes(&self) -> bool {
+        matches!(self, Self::Decoded(_))
+    }
+
     /// Looks at one chunk of the body on its way to the client.
     pub fn feed(&mut self, chunk: &Bytes) {
         match self {
             Self::Sse(sse) => sse.feed(chunk),
             Self::Json(json) => json.feed(chunk),
+            Self::Decoded(decoded) => decoded.feed(chunk),
+            Self::Unreadable => {}
         }
     }
 
-    /// The whole body when it was kept (JSON, within the cap).
+    /// The body's last chunk, as its exchange ends: a compressed one is
+    /// decoded when the exchange settles, off the response path.
+    pub fn feed_last(&mut self, chunk: &Bytes) {
+        match self {
+            Self::Decoded(decoded) => {
+                decoded.catch_up();
+                decoded.deferred = Some(chunk.clone());
+            }
+            _ => self.feed(chunk),
+        }
+    }
+
+    /// Whether a chunk waits to be decoded ([`Self::catch_up`]).
+    pub fn has_deferred(&self) -> bool {
+        matches!(self, Self::Decoded(decoded) if decoded.deferred.is_some())
+    }
+
+    /// Decodes what [`Self::feed_last`] left.
+    pub fn catch_up(&mut self) {
+        if let Self::Decoded(decoded) = self {
+            decoded.catch_up();
+        }
+    }
+
+    /// The whole body when it was kept (JSON, within the cap; a compressed
+    /// one decoded, and only when its compressed stream ended).
     pub fn body(&self) -> Option<Bytes> {
         match self {
-            Self::Sse(_) => None,
+            Self::Sse(_) | Self::Unreadable => None,
             Self::Json(json) => json.whole(),
+            Self::Decoded(decoded) => match &decoded.reader {
+                DecodedReader::Json { whole, .. } => whole.clone(),
+                DecodedReader::Sse(_) => None,
+            },
         }
     }
 
@@ -146,19 +212,149 @@ impl UsageTap {
             Self::Sse(sse) => sse.reported.clone(),
             Self::Json(json) => json
                 .whole()
-                .and_then(|body| message_usage(&body))
-                .map(|message| {
-                    let mut reported = Reported {
-                        model: message.model,
-                        ..Reported::default()
-                    };
-                    if let Some(usage) = message.usage {
-                        usage.apply_to(&mut reported.usage);
-                        reported.seen = true;
+                .map_or_else(Reported::default, |body| json_reported(&body)),
+            Self::Decoded(decoded) => match &decoded.reader {
+                DecodedReader::Sse(sse) => sse.reported.clone(),
+                DecodedReader::Json { whole, .. } => whole
+                    .as_deref()
+                    .map_or_else(Reported::default, json_reported),
+            },
+            Self::Unreadable => Reported::default(),
+        }
+    }
+
+    /// How decoding went, for a compressed answer: its coding's label and
+    /// a result (`decoded`, `capped`, `error`, `unsupported`), with the
+    /// error if there was one.
+    pub fn decode_result(&self) -> Option<(&'static str, &'static str, Option<DecodeError>)> {
+        match self {
+            Self::Sse(_) | Self::Json(_) => None,
+            Self::Unreadable => Some(("other", "unsupported", None)),
+            Self::Decoded(decoded) => Some(match decoded.reading {
+                Reading::On => (decoded.coding.label(), "decoded", None),
+                Reading::Capped => (decoded.coding.label(), "capped", None),
+                Reading::Failed(error) => (decoded.coding.label(), "error", Some(error)),
+            }),
+        }
+    }
+}
+
+fn json_reported(body: &[u8]) -> Reported {
+    message_usage(body)
+        .map(|message| {
+            let mut reported = Reported {
+                model: message.model,
+                ..Reported::default()
+            };
+            if let Some(usage) = message.usage {
+                usage.apply_to(&mut reported.usage);
+                reported.seen = true;
+            }
+            reported
+        })
+        .unwrap_or_default()
+}
+
+/// A compressed answer read through its decoder: an event stream line by
+/// line as it decodes, a JSON answer kept decoded, both up to a cap on the
+/// decoded bytes (a compression bomb stops there).
+pub struct DecodedTap {
+    coding: Coding,
+    /// Dropped (its window freed) once reading stops.
+    decoder: Option<Decoder>,
+    reader: DecodedReader,
+    /// Decoded bytes read so far, and the most that will be.
+    decoded: usize,
+    cap: usize,
+    reading: Reading,
+    /// The body's last chunk, decoded when the exchange settles.
+    deferred: Option<Bytes>,
+}
+
+enum DecodedReader {
+    Sse(SseUsage),
+    Json {
+        buffer: Vec<u8>,
+        /// The decoded body, once its compressed stream ended.
+        whole: Option<Bytes>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    On,
+    Capped,
+    Failed(DecodeError),
+}
+
+impl DecodedTap {
+    fn new(coding: Coding, sse: bool, cap: usize) -> Self {
+        let (decoder, reading) = match Decoder::new(coding) {
+            Ok(decoder) => (Some(decoder), Reading::On),
+            Err(error) => (None, Reading::Failed(error)),
+        };
+        Self {
+            coding,
+            decoder,
+            reader: if sse {
+                DecodedReader::Sse(SseUsage::default())
+            } else {
+                DecodedReader::Json {
+                    buffer: Vec::new(),
+                    whole: None,
+                }
+            },
+            decoded: 0,
+            cap,
+            reading,
+            deferred: None,
+        }
+    }
+
+    fn catch_up(&mut self) {
+        if let Some(chunk) = self.deferred.take() {
+            self.feed(&chunk);
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let Some(decoder) = &mut self.decoder else {
+            return;
+        };
+        let (reader, decoded, cap) = (&mut self.reader, &mut self.decoded, self.cap);
+        let mut capped = false;
+        let result = decoder.decode(chunk, &mut |piece| {
+            let take = piece.len().min(cap - *decoded);
+            *decoded += take;
+            match reader {
+                DecodedReader::Sse(sse) => sse.feed(&piece[..take]),
+                DecodedReader::Json { buffer, whole } => {
+                    // A zstd frame after one that closed: the body goes on.
+                    if let Some(ended) = whole.take() {
+                        *buffer = Vec::from(ended);
                     }
-                    reported
-                })
-                .unwrap_or_default(),
+                    buffer.extend_from_slice(&piece[..take]);
+                }
+            }
+            capped = take < piece.len();
+            if capped { Flow::Stop } else { Flow::More }
+        });
+        let stop = match result {
+            _ if capped => Reading::Capped,
+            Err(error) => Reading::Failed(error),
+            Ok(Progress::Ended) => {
+                if let DecodedReader::Json { buffer, whole } = &mut self.reader {
+                    *whole = Some(Bytes::from(std::mem::take(buffer)));
+                }
+                return;
+            }
+            Ok(_) => return,
+        };
+        self.reading = stop;
+        self.decoder = None;
+        if let DecodedReader::Json { buffer, .. } = &mut self.reader {
+            // Part of a JSON answer tells nothing.
+            *buffer = Vec::new();
         }
     }
 }
@@ -608,8 +804,11 @@ impl Finished {
         if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
             return;
         }
+        // A compressed last chunk is decoded in the task too: the response
+        // may still be on its way out.
+        let deferred = meter.tap.as_ref().is_some_and(UsageTap::has_deferred);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if meter.cache_fill.is_some() => {
+            Ok(runtime) if meter.cache_fill.is_some() || deferred => {
                 runtime.spawn(Box::pin(self.settle()));
             }
             _ => self.account(),
@@ -617,6 +816,9 @@ impl Finished {
     }
 
     async fn settle(mut self) {
+        if let Some(tap) = &mut self.meter.tap {
+            tap.catch_up();
+        }
         if let (Some(fill), true, Some(body)) = (
             self.meter.cache_fill.take(),
             self.complete,
@@ -631,12 +833,21 @@ impl Finished {
     /// slot release go to the outbox, which the store sees at the next flush.
     fn account(self) {
         let Finished {
-            meter,
+            mut meter,
             request_id,
             region,
             key_id,
             complete,
         } = self;
+        if let Some(tap) = &mut meter.tap {
+            tap.catch_up();
+            if let Some((encoding, result, error)) = tap.decode_result() {
+                meter.accounting.count_decode(encoding, result);
+                if let Some(error) = error {
+                    tracing::warn!(request_id = %request_id, encoding, %error, "usage not read: the upstream's compressed answer did not decode (the client got it as sent)");
+                }
+            }
+        }
         let reported = match &meter.tap {
             Some(tap) if meter.usage_enabled => tap.reported(),
             _ => Reported::default(),
@@ -866,6 +1077,14 @@ impl Accounting {
             .get_or_create(&crate::metrics::ResultLabels { result: label })
             .inc();
         result
+    }
+
+    /// Counts how a compressed answer was read.
+    fn count_decode(&self, encoding: &'static str, result: &'static str) {
+        self.metrics
+            .usage_decodes
+            .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+            .inc();
     }
 
     fn count_tokens(&self, client: &Name, model: &str, usage: &Usage) {
