@@ -36,8 +36,10 @@
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
 //!    answer gets a [`crate::usage::UsageTap`] that reads its usage as it
-//!    passes; when the exchange ends the meter settles in the background
-//!    (metrics, budgets, usage counters, slot release, cache fill).
+//!    passes (a compressed one decoded on the side, [`crate::encoding`]; the
+//!    client gets the bytes and `Content-Encoding` as sent); when the
+//!    exchange ends the meter settles in the background (metrics, budgets,
+//!    usage counters, slot release, cache fill).
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.
@@ -58,6 +60,7 @@ use crate::auth::Client;
 use crate::body::{RelayBody, RequestBody};
 use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
+use crate::encoding::Encoded;
 use crate::error::RelayError;
 use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
 use crate::keypool::KeyLease;
@@ -865,7 +868,10 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
             ));
         }
     }
-    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
+    // NB: a relay error event can only be appended to a stream in plain
+    // text: inside a compressed one it would break the client's decoding.
+    let plain = Encoded::of(parts.headers.get(header::CONTENT_ENCODING)) == Encoded::Identity;
+    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse && plain);
     Response::from_parts(parts, body)
 }
 

@@ -6,53 +6,81 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use claude_relay_testkit::compress::decode_prefix;
 use claude_relay_testkit::http::{next_chunk, request, send_streaming};
 use common::*;
 use http::Method;
 use http_body_util::BodyExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
+/// Usage of JSON answers, streams and a cut stream, in `coding` as the
+/// upstream sent it (the client asks as the SDKs do), adds up across two
+/// replicas; the client gets the upstream's bytes unchanged.
+async fn usage_adds_up_across_two_replicas(coding: &'static str) {
     let setup = Setup::with_redis().await;
     let config = setup.config("", "", "");
     let a = setup.proxy(&config);
     let b = setup.proxy(&config);
+    let asks = asking_for(coding);
+    let with = |more: &[(&'static str, &'static str)]| [asks.as_slice(), more].concat();
 
     let json = setup
-        .messages(&a, APP_KEY, BODY, &[("x-mock-usage", "100,50,10,5")])
+        .messages(&a, APP_KEY, BODY, &with(&[("x-mock-usage", "100,50,10,5")]))
         .await;
     assert_eq!(json.status, 200);
+    assert!(decoded(coding, &json).contains("\"input_tokens\":100"));
+    sent_unchanged(&setup, &json.body).await;
     let stream = setup
         .messages(
             &b,
             APP_KEY,
             STREAM_BODY,
-            &[("x-mock", "stream"), ("x-mock-usage", "200,70,0,30")],
+            &with(&[("x-mock", "stream"), ("x-mock-usage", "200,70,0,30")]),
         )
         .await;
     assert_eq!(stream.status, 200);
-    assert!(String::from_utf8_lossy(&stream.body).contains("message_stop"));
+    assert!(decoded(coding, &stream).ends_with("message_stop\"}\n\n"));
+    sent_unchanged(&setup, &stream.body).await;
 
     // Cut off after message_start: input and the first output count only.
-    let cut = setup
-        .messages(
+    let cut = send_streaming(
+        &setup.client,
+        messages_request(
             &a,
             APP_KEY,
             STREAM_BODY,
-            &[("x-mock", "stream-cut"), ("x-mock-usage", "300,999,0,0")],
-        )
-        .await;
+            // Spaced out, as a real stream is: the head goes out before the cut.
+            &with(&[
+                ("x-mock", "stream-cut"),
+                ("x-mock-usage", "300,999,0,0"),
+                ("x-mock-delay-ms", "5"),
+            ]),
+        ),
+    )
+    .await;
+    let (cut, broke) = read_all(cut).await;
     assert_eq!(cut.status, 200);
-    let text = String::from_utf8_lossy(&cut.body);
-    assert!(
-        text.contains("message_start") && !text.contains("message_stop"),
-        "{text}"
-    );
-    assert!(text.contains("event: error"), "the client is told: {text}");
+    if coding == "identity" {
+        let text = String::from_utf8_lossy(&cut.body);
+        assert!(
+            text.contains("message_start") && !text.contains("message_stop"),
+            "{text}"
+        );
+        assert!(text.contains("event: error"), "the client is told: {text}");
+    } else {
+        // No plain error event inside a compressed stream: it would break
+        // the client's decoding. The connection breaks off instead.
+        assert!(broke, "a cut compressed stream ends in an error");
+        let text = String::from_utf8(decode_prefix(coding, &cut.body)).unwrap();
+        assert!(
+            text.contains("message_start") && !text.contains("message_stop"),
+            "{text}"
+        );
+        assert!(!text.contains("event: error"));
+    }
 
     // The other client's usage is its own.
     setup
-        .messages(&b, OTHER_KEY, BODY, &[("x-mock-usage", "1,2,3,4")])
+        .messages(&b, OTHER_KEY, BODY, &with(&[("x-mock-usage", "1,2,3,4")]))
         .await;
 
     settled(&setup, &a, "app", 3).await;
@@ -87,6 +115,47 @@ async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
         log.contains("upstream_key=") && log.contains("complete=false"),
         "{log}"
     );
+    assert!(log.contains("input_tokens=100"), "the usage line: {log}");
+    // Each compressed answer was decoded for its usage.
+    let decodes = r#"claude_relay_usage_decodes_total{encoding="#;
+    if coding == "identity" {
+        assert!(!a.metrics().await.contains(decodes));
+    } else {
+        let label = claude_relay_testkit::compress::label(coding);
+        let line = format!(r#"{decodes}"{label}",result="decoded"}}"#);
+        assert_eq!(a.metric(&line).await, Some(2.0));
+        assert_eq!(b.metric(&line).await, Some(2.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
+    usage_adds_up_across_two_replicas("identity").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_gzip_answers_adds_up() {
+    usage_adds_up_across_two_replicas("gzip").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_deflate_answers_adds_up() {
+    usage_adds_up_across_two_replicas("deflate").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_raw_deflate_answers_adds_up() {
+    usage_adds_up_across_two_replicas("deflate-raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_brotli_answers_adds_up() {
+    usage_adds_up_across_two_replicas("br").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_zstd_answers_adds_up() {
+    usage_adds_up_across_two_replicas("zstd").await;
 }
 
 /// A client that goes away mid-stream: the usage reported until then is

@@ -120,6 +120,24 @@ pub fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Decodes as much of a body as came, as a client reading a stream that
+/// broke off would.
+pub fn decode_prefix(coding: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    // The error a cut stream ends with is the point; what came before it counts.
+    let _ = match label(coding) {
+        "gzip" => flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out),
+        "deflate" if coding == "deflate-raw" => {
+            flate2::read::DeflateDecoder::new(body).read_to_end(&mut out)
+        }
+        "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(&mut out),
+        "br" => brotli::Decompressor::new(body, 4096).read_to_end(&mut out),
+        _ => zstd::stream::read::Decoder::new(body).and_then(|mut d| d.read_to_end(&mut out)),
+    };
+    out
+}
+
 /// The coding a server picks for an `Accept-Encoding`: the highest
 /// q-value among those it speaks; at equal q, gzip, then zstd, br and
 /// deflate. `None`: identity.
