@@ -399,3 +399,173 @@ async fn quotas_fail_open_for_the_grace_then_hold_locally_while_redis_is_down() 
         "decided by the store"
     );
 }
+
+/// Token budgets are charged by compressed answers, JSON and streams alike
+/// (before, every SDK client, which asks for gzip, went unbudgeted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_charged_by_compressed_answers() {
+    let setup = Setup::standalone().await;
+    let config = setup.config("    quota: {tokens_per_day: 500}", "", "");
+    for coding in &ENCODINGS[1..] {
+        let proxy = setup.proxy(&config);
+        let asks = asking_for(coding);
+        let with = |more: &[(&'static str, &'static str)]| [asks.as_slice(), more].concat();
+        // 300 in + 100 out each; checked before a request, charged after it.
+        let json = setup
+            .messages(
+                &proxy,
+                APP_KEY,
+                BODY,
+                &with(&[("x-mock-usage", "300,100,0,0")]),
+            )
+            .await;
+        assert_eq!(json.status, 200, "{coding}");
+        assert!(json.headers.contains_key("content-encoding"), "{coding}");
+        settled(&setup, &proxy, "app", 1).await;
+        let stream = setup
+            .messages(
+                &proxy,
+                APP_KEY,
+                STREAM_BODY,
+                &with(&[("x-mock", "stream"), ("x-mock-usage", "300,100,0,0")]),
+            )
+            .await;
+        assert_eq!(stream.status, 200, "{coding}");
+        assert!(stream.headers.contains_key("content-encoding"), "{coding}");
+        settled(&setup, &proxy, "app", 2).await;
+        let refused = setup.messages(&proxy, APP_KEY, BODY, &with(&[])).await;
+        assert_rate_limited(&refused, "500 tokens per day");
+    }
+}
+
+/// A small gzip body that expands far past what the relay inspects: the
+/// client gets every byte as sent, the relay stops decoding at its cap
+/// (counted), and reads no usage from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_reaches_the_client_whole_and_is_read_only_to_the_cap() {
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    let past_the_cap = (claude_relay_proxy::usage::DECODED_JSON_CAP + (1 << 20)).to_string();
+    let answer = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            BODY,
+            &[("accept-encoding", "gzip"), ("x-mock-pad", &past_the_cap)],
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["content-encoding"], "gzip");
+    assert!(answer.body.len() < 64 * 1024, "{} bytes", answer.body.len());
+    sent_unchanged(&setup, &answer.body).await;
+    assert!(decoded("gzip", &answer).len() > claude_relay_proxy::usage::DECODED_JSON_CAP);
+
+    let capped = r#"claude_relay_usage_decodes_total{encoding="gzip",result="capped"}"#;
+    eventually(Duration::from_secs(5), "the cap counted", || async {
+        (proxy.metric(capped).await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(!proxy.log().contains("input_tokens="), "{}", proxy.log());
+    // The next answer is read as usual.
+    setup
+        .messages(&proxy, APP_KEY, BODY, &[("accept-encoding", "gzip")])
+        .await;
+    settled(&setup, &proxy, "app", 1).await;
+}
+
+/// A compressed stream flushed per event reaches the client event by
+/// event: each chunk decodes, as it arrives, to whole events, and the
+/// first one long before the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_stream_reaches_the_client_event_by_event() {
+    use claude_relay_testkit::compress::StreamDecoder;
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    for coding in &ENCODINGS[1..] {
+        let headers = [
+            asking_for(coding).as_slice(),
+            &[("x-mock", "stream"), ("x-mock-delay-ms", "80")],
+        ]
+        .concat();
+        let started = std::time::Instant::now();
+        let response = send_streaming(
+            &setup.client,
+            messages_request(&proxy, APP_KEY, STREAM_BODY, &headers),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let mut decoder = StreamDecoder::new(coding);
+        let mut body = response.into_body();
+        let mut first_event = None;
+        let mut events = 0;
+        let mut text = String::new();
+        while let Some(chunk) = next_chunk(&mut body, Duration::from_secs(5)).await {
+            let decoded = String::from_utf8(decoder.chunk(&chunk)).unwrap();
+            if decoded.is_empty() {
+                continue; // the compressed stream's trailer
+            }
+            assert!(
+                decoded.ends_with("\n\n"),
+                "{coding}: {decoded:?} is not whole events"
+            );
+            events += decoded.matches("\n\n").count();
+            first_event.get_or_insert(started.elapsed());
+            text.push_str(&decoded);
+        }
+        let whole = started.elapsed();
+        let first_event = first_event.unwrap();
+        assert!(text.ends_with("message_stop\"}\n\n"), "{coding}: {text}");
+        assert_eq!(events, 11, "{coding}");
+        // Ten gaps of 80 ms: the first event came before most of them.
+        assert!(whole >= Duration::from_millis(800), "{coding}: {whole:?}");
+        assert!(
+            first_event < Duration::from_millis(400),
+            "{coding}: first event after {first_event:?}"
+        );
+    }
+    settled(&setup, &proxy, "app", 5).await;
+    assert_eq!(setup.totals(&proxy, "app").await["output_tokens"], 15 * 5);
+}
+
+/// An answer in a coding the relay cannot read, or labelled gzip but not
+/// gzip: the client gets it as sent; no usage is read, and it is counted
+/// (a decode error also logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_the_relay_cannot_decode_pass_unchanged_and_are_counted() {
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    let unknown = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-mock-encoding", "compress")])
+        .await;
+    assert_eq!(unknown.status, 200);
+    assert_eq!(unknown.headers["content-encoding"], "compress");
+    sent_unchanged(&setup, &unknown.body).await;
+    let corrupt = claude_relay_testkit::compress::CORRUPT_GZIP;
+    let json = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-mock-encoding", corrupt)])
+        .await;
+    assert_eq!(json.headers["content-encoding"], "gzip");
+    assert!(json.body.starts_with(b"{\""), "plain bytes, as sent");
+    sent_unchanged(&setup, &json.body).await;
+    let stream = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            STREAM_BODY,
+            &[("x-mock", "stream"), ("x-mock-encoding", corrupt)],
+        )
+        .await;
+    assert!(String::from_utf8_lossy(&stream.body).ends_with("message_stop\"}\n\n"));
+    sent_unchanged(&setup, &stream.body).await;
+
+    let unsupported = r#"claude_relay_usage_decodes_total{encoding="other",result="unsupported"}"#;
+    let failed = r#"claude_relay_usage_decodes_total{encoding="gzip",result="error"}"#;
+    eventually(Duration::from_secs(5), "both counted", || async {
+        (proxy.metric(unsupported).await == Some(1.0) && proxy.metric(failed).await == Some(2.0))
+            .then_some(())
+    })
+    .await;
+    let log = proxy.log();
+    assert!(log.contains("did not decode"), "{log}");
+    assert!(!log.contains("input_tokens="), "no usage read: {log}");
+}

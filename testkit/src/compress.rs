@@ -11,10 +11,13 @@ use bytes::Bytes;
 /// (labelled `deflate` on the wire).
 pub const CODINGS: [&str; 5] = ["gzip", "deflate", "deflate-raw", "br", "zstd"];
 
+/// A body labelled gzip that is not: what a broken upstream sends.
+pub const CORRUPT_GZIP: &str = "corrupt-gzip";
+
 /// The `Content-Encoding` a coding is labelled with.
 pub fn label(coding: &str) -> &'static str {
     match coding {
-        "gzip" => "gzip",
+        "gzip" | CORRUPT_GZIP => "gzip",
         "deflate" | "deflate-raw" => "deflate",
         "br" => "br",
         "zstd" => "zstd",
@@ -29,6 +32,8 @@ pub enum StreamEncoder {
     Raw(flate2::write::DeflateEncoder<Vec<u8>>),
     Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    /// [`CORRUPT_GZIP`]: the bytes as they are.
+    Plain(Vec<u8>),
 }
 
 impl StreamEncoder {
@@ -47,6 +52,7 @@ impl StreamEncoder {
                 22,
             ))),
             "zstd" => Self::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3).ok()?),
+            CORRUPT_GZIP => Self::Plain(Vec::new()),
             _ => return None,
         })
     }
@@ -58,6 +64,7 @@ impl StreamEncoder {
             Self::Raw(e) => e,
             Self::Brotli(e) => &mut **e,
             Self::Zstd(e) => e,
+            Self::Plain(bytes) => bytes,
         }
     }
 
@@ -68,6 +75,7 @@ impl StreamEncoder {
             Self::Raw(e) => e.get_mut(),
             Self::Brotli(e) => e.get_mut(),
             Self::Zstd(e) => e.get_mut(),
+            Self::Plain(bytes) => bytes,
         };
         Bytes::from(std::mem::take(out))
     }
@@ -89,6 +97,7 @@ impl StreamEncoder {
             Self::Raw(e) => e.finish().expect("finish"),
             Self::Brotli(e) => e.into_inner(),
             Self::Zstd(e) => e.finish().expect("finish"),
+            Self::Plain(bytes) => bytes,
         };
         Bytes::from(rest)
     }
@@ -136,6 +145,44 @@ pub fn decode_prefix(coding: &str, body: &[u8]) -> Vec<u8> {
         _ => zstd::stream::read::Decoder::new(body).and_then(|mut d| d.read_to_end(&mut out)),
     };
     out
+}
+
+/// A client's live decoder: each chunk's output as it arrives.
+pub enum StreamDecoder {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+}
+
+impl StreamDecoder {
+    pub fn new(coding: &str) -> Self {
+        match coding {
+            "gzip" => Self::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+            "deflate" => Self::Zlib(flate2::write::ZlibDecoder::new(Vec::new())),
+            "deflate-raw" => Self::Raw(flate2::write::DeflateDecoder::new(Vec::new())),
+            "br" => Self::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))),
+            "zstd" => Self::Zstd(zstd::stream::write::Decoder::new(Vec::new()).expect("zstd")),
+            other => panic!("no such coding: {other}"),
+        }
+    }
+
+    /// What `chunk` decodes to, given all before it.
+    pub fn chunk(&mut self, chunk: &[u8]) -> Vec<u8> {
+        fn drain<W: Write>(w: &mut W, chunk: &[u8], out: fn(&mut W) -> &mut Vec<u8>) -> Vec<u8> {
+            w.write_all(chunk).expect("decode");
+            w.flush().expect("decode");
+            std::mem::take(out(w))
+        }
+        match self {
+            Self::Gzip(d) => drain(d, chunk, |d| d.get_mut()),
+            Self::Zlib(d) => drain(d, chunk, |d| d.get_mut()),
+            Self::Raw(d) => drain(d, chunk, |d| d.get_mut()),
+            Self::Brotli(d) => drain(&mut **d, chunk, |d| d.get_mut()),
+            Self::Zstd(d) => drain(d, chunk, |d| d.get_mut()),
+        }
+    }
 }
 
 /// The coding a server picks for an `Accept-Encoding`: the highest

@@ -697,11 +697,7 @@ async fn send(out: &mut Out, bytes: Bytes, delay: Duration) -> bool {
     out.tx.send(Ok(bytes)).await.is_ok()
 }
 
-async fn send_all(
-    tx: &mut Out,
-    events: impl IntoIterator<Item = Bytes>,
-    delay: Duration,
-) -> bool {
+async fn send_all(tx: &mut Out, events: impl IntoIterator<Item = Bytes>, delay: Duration) -> bool {
     for (i, e) in events.into_iter().enumerate() {
         let wait = if i == 0 { Duration::ZERO } else { delay };
         if !send(tx, e, wait).await {

@@ -205,14 +205,18 @@ pub async fn read_all(response: http::Response<hyper::body::Incoming>) -> (Answe
 /// Waits until the upstream double has sent `body` as one answer's body:
 /// the client got the upstream's bytes unchanged.
 pub async fn sent_unchanged(setup: &Setup, body: &[u8]) {
-    eventually(Duration::from_secs(5), "the client's bytes are the upstream's", || async {
-        setup
-            .upstream
-            .bodies_sent()
-            .iter()
-            .any(|sent| sent.as_ref() == body)
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the client's bytes are the upstream's",
+        || async {
+            setup
+                .upstream
+                .bodies_sent()
+                .iter()
+                .any(|sent| sent.as_ref() == body)
+                .then_some(())
+        },
+    )
     .await;
 }
 
