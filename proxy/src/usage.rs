@@ -1395,6 +1395,107 @@ mod tests {
         );
     }
 
+    fn content_encoding(coding: &str) -> http::HeaderValue {
+        http::HeaderValue::from_static(claude_relay_testkit::compress::label(coding))
+    }
+
+    #[test]
+    fn compressed_streams_and_json_are_read_as_they_decode() {
+        use claude_relay_testkit::compress::{self, CODINGS, StreamEncoder};
+        let stream = stream_of("claude-x");
+        let json = br#"{"id":"m","model":"claude-y","content":[],"usage":{"input_tokens":12,"output_tokens":34}}"#;
+        for coding in CODINGS {
+            let header = content_encoding(coding);
+            // A stream flushed per event: usage read event by event.
+            let mut tap = UsageTap::for_answer(true, Some(&header));
+            assert!(tap.decodes());
+            let mut encoder = StreamEncoder::new(coding).unwrap();
+            let events: Vec<&[u8]> = stream.split_inclusive(|&b| b == b'\n').collect();
+            for (i, line) in events.iter().enumerate() {
+                tap.feed(&encoder.chunk(line));
+                if i == 1 {
+                    assert_eq!(tap.reported().usage.input_tokens, 25, "{coding}");
+                }
+            }
+            tap.feed_last(&encoder.finish());
+            assert!(tap.has_deferred());
+            tap.catch_up();
+            assert_eq!(tap.reported().usage, expected(), "{coding}");
+            assert_eq!(tap.reported().model.as_deref(), Some("claude-x"));
+            assert_eq!(
+                tap.decode_result(),
+                Some((compress::label(coding), "decoded", None))
+            );
+            assert!(tap.body().is_none());
+
+            // JSON in any chunking, its last chunk deferred: the decoded
+            // body is what a cache fill stores.
+            let body = compress::encode(coding, json);
+            let mut tap = UsageTap::for_answer(false, Some(&header));
+            let (head, last) = body.split_at(body.len() / 2);
+            for piece in head.chunks(7) {
+                tap.feed(&Bytes::copy_from_slice(piece));
+            }
+            tap.feed_last(&Bytes::copy_from_slice(last));
+            assert!(tap.body().is_none(), "{coding}: not before the last chunk");
+            tap.catch_up();
+            assert_eq!(tap.body().as_deref(), Some(&json[..]), "{coding}");
+            assert_eq!(tap.reported().usage.output_tokens, 34, "{coding}");
+        }
+        // Cut short: no body to store, the usage of a JSON answer unknown.
+        let body = compress::encode("gzip", json);
+        let mut tap = UsageTap::for_answer(false, Some(&content_encoding("gzip")));
+        tap.feed(&body.slice(..body.len() - 4));
+        assert!(tap.body().is_none());
+        assert!(!tap.reported().seen);
+    }
+
+    #[test]
+    fn decoding_stops_at_the_cap_and_errors_are_kept() {
+        use claude_relay_testkit::compress;
+        let mut stream = stream_of("claude-x");
+        // A long text line after message_start, then the rest.
+        let split = stream.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+        let mut long = b"event: content_block_delta\ndata: ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 100_000));
+        long.extend_from_slice(b"\n\n");
+        stream.splice(split..split, long);
+        let body = compress::encode("br", &stream);
+        assert!(body.len() < 2_000);
+        let mut capped = UsageTap::Decoded(Box::new(DecodedTap::new(Coding::Brotli, true, 50_000)));
+        capped.feed(&body);
+        let reported = capped.reported();
+        assert_eq!(reported.usage.input_tokens, 25, "read up to the cap");
+        assert_eq!(reported.usage.output_tokens, 1, "not past it");
+        assert_eq!(capped.decode_result(), Some(("br", "capped", None)));
+        let UsageTap::Decoded(decoded) = &capped else {
+            unreachable!()
+        };
+        assert!(decoded.decoder.is_none() && decoded.decoded == 50_000);
+
+        // JSON over the cap: nothing kept.
+        let json = compress::encode("zstd", &vec![b' '; 10_000]);
+        let mut tap = UsageTap::Decoded(Box::new(DecodedTap::new(Coding::Zstd, false, 1_000)));
+        tap.feed(&json);
+        assert_eq!(tap.decode_result(), Some(("zstd", "capped", None)));
+        assert!(tap.body().is_none());
+
+        let mut broken = UsageTap::for_answer(true, Some(&content_encoding("gzip")));
+        broken.feed(&Bytes::from_static(b"event: message_start\n"));
+        let Some(("gzip", "error", Some(error))) = broken.decode_result() else {
+            panic!("{:?}", broken.decode_result());
+        };
+        assert!(error.to_string().contains("corrupt"));
+        // Unknown codings and stacked ones are not read.
+        let unknown =
+            UsageTap::for_answer(false, Some(&http::HeaderValue::from_static("compress")));
+        assert_eq!(
+            unknown.decode_result(),
+            Some(("other", "unsupported", None))
+        );
+        assert!(UsageTap::for_answer(true, None).decode_result().is_none());
+    }
+
     #[test]
     fn model_labels_are_bounded() {
         let accounting = Accounting::new(Arc::new(Metrics::new()));
