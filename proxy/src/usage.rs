@@ -260,7 +260,8 @@ fn json_reported(body: &[u8]) -> Reported {
 /// decoded bytes (a compression bomb stops there).
 pub struct DecodedTap {
     coding: Coding,
-    /// Dropped (its window freed) once reading stops.
+    /// Made at the first chunk, after the response head is on its way;
+    /// dropped (its window freed) once reading stops.
     decoder: Option<Decoder>,
     reader: DecodedReader,
     /// Decoded bytes read so far, and the most that will be.
@@ -289,13 +290,9 @@ enum Reading {
 
 impl DecodedTap {
     fn new(coding: Coding, sse: bool, cap: usize) -> Self {
-        let (decoder, reading) = match Decoder::new(coding) {
-            Ok(decoder) => (Some(decoder), Reading::On),
-            Err(error) => (None, Reading::Failed(error)),
-        };
         Self {
             coding,
-            decoder,
+            decoder: None,
             reader: if sse {
                 DecodedReader::Sse(SseUsage::default())
             } else {
@@ -306,7 +303,7 @@ impl DecodedTap {
             },
             decoded: 0,
             cap,
-            reading,
+            reading: Reading::On,
             deferred: None,
         }
     }
@@ -318,8 +315,18 @@ impl DecodedTap {
     }
 
     fn feed(&mut self, chunk: &[u8]) {
-        let Some(decoder) = &mut self.decoder else {
+        if self.reading != Reading::On {
             return;
+        }
+        let decoder = match &mut self.decoder {
+            Some(decoder) => decoder,
+            None => match Decoder::new(self.coding) {
+                Ok(decoder) => self.decoder.insert(decoder),
+                Err(error) => {
+                    self.reading = Reading::Failed(error);
+                    return;
+                }
+            },
         };
         let (reader, decoded, cap) = (&mut self.reader, &mut self.decoded, self.cap);
         let mut capped = false;
