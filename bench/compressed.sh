@@ -35,7 +35,10 @@ UP=$(free_port); MK=$(free_port); RL=$(free_port); RA=$(free_port)
 
 # A 1 KB Messages answer of varied text (compresses about as a real one,
 # ~2.5x), and its gzip; POST is turned into the static file (405 -> 200).
+# nginx's workers run as another user: they may pass through the work
+# directory (0700 from mktemp) to the files, not list it.
 mkdir -p "$work/up/www/v1"
+chmod 711 "$work" "$work/up"
 python3 - "$work/up/www/v1" <<'PY'
 import gzip, json, random, sys
 random.seed(14)
@@ -81,8 +84,8 @@ YAML
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & pids+=($!)
 wait_port "$UP"; wait_port "$MK"; wait_port "$RL"
 sizes=$(for enc in identity gzip; do
-  curl -s -o /dev/null -w "$enc %{size_download} " -X POST -H "x-api-key: bench-relay-key" \
-    -H "accept-encoding: $enc" -d '{}' "http://127.0.0.1:$RL/v1/messages"; done)
+  curl -s -o /dev/null -w "$enc %{http_code} %{size_download} bytes, " -X POST -H "x-api-key: bench-relay-key" \
+    -H "x-relay-region: json" -H "accept-encoding: $enc" -d '{}' "http://127.0.0.1:$RL/v1/messages"; done)
 
 json_load() { # extra relay-load args...
   "$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \

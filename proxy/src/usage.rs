@@ -6,7 +6,10 @@
 //! been handed on unchanged (so reading never delays an event); on a JSON
 //! answer, the body's chunks are kept by reference and `model` and `usage`
 //! read where the API puts them once the response is over, off the
-//! response path.
+//! response path. A compressed answer (`Content-Encoding`) is decoded on
+//! the side first ([`crate::encoding`]), up to a cap on the decoded bytes,
+//! each chunk once the writer has had its turn to send it, the last one
+//! when the exchange settles; the client's bytes are never touched.
 //!
 //! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
 //! exchange ends (complete, cut off or abandoned) what was reported is
