@@ -217,7 +217,8 @@ async fn signed_requests_compressed_answers_are_relayed_as_sent_and_counted() {
         }
     }
     // Four JSON answers (180 out each) and four streams (15 each).
-    let output = r#"claude_relay_tokens_total{client="signer",model="claude-test",kind="output_tokens"}"#;
+    let output =
+        r#"claude_relay_tokens_total{client="signer",model="claude-test",kind="output_tokens"}"#;
     let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.metric(output).await != Some(4.0 * 195.0) {
         assert!(Instant::now() < deadline, "{}", proxy.metrics().await);
