@@ -47,8 +47,8 @@ struct Streaming {
     /// reading it never delays an event.
     unread: Option<Bytes>,
     /// The usage tap decodes (a compressed answer): a chunk is decoded once
-    /// the writer has had a turn to send it ([`Self::yielded`]), its last
-    /// one when the exchange settles.
+    /// the writer has had a turn to send it ([`Self::yielded`]), the last
+    /// one when the body is dropped.
     decoding: bool,
     /// A poll came back to let the writer send `unread` before decoding it.
     yielded: bool,
@@ -104,14 +104,18 @@ impl RelayBody {
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        // The last chunk: a compressed one is decoded when the exchange
-        // settles, as it may not have reached the client yet.
-        if let Inner::Upstream(stream) = &mut self.inner
-            && let Some(chunk) = stream.unread.take()
-            && let Some(tap) = usage_tap(&mut self.exchange)
+        if let Inner::Upstream(stream) = &self.inner
+            && stream.decoding
         {
-            tap.feed_last(&chunk);
+            // The last chunk of a compressed answer may not be out yet: it
+            // is decoded, and the exchange written, when this body is
+            // dropped, once the server is done with it.
+            if let Some(exchange) = &mut self.exchange {
+                exchange.outcome = outcome;
+            }
+            return;
         }
+        self.read_usage();
         if let Some(mut exchange) = self.exchange.take() {
             exchange.outcome = outcome;
         }
@@ -144,7 +148,8 @@ fn read_unread(stream: &mut Streaming, exchange: &mut Option<Box<Exchange>>) {
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
-        // The client went away: what the last chunk reported still counts.
+        // The client went away, or a compressed answer is done: what the
+        // last chunk reported still counts.
         self.read_usage();
     }
 }

@@ -9,7 +9,7 @@
 //! response path. A compressed answer (`Content-Encoding`) is decoded on
 //! the side first ([`crate::encoding`]), up to a cap on the decoded bytes,
 //! each chunk once the writer has had its turn to send it, the last one
-//! when the exchange settles; the client's bytes are never touched.
+//! when the body is dropped; the client's bytes are never touched.
 //!
 //! [`Meter`] rides on the request's [`crate::access::Exchange`]; when the
 //! exchange ends (complete, cut off or abandoned) what was reported is
@@ -172,30 +172,6 @@ impl UsageTap {
         }
     }
 
-    /// The body's last chunk, as its exchange ends: a compressed one is
-    /// decoded when the exchange settles, off the response path.
-    pub fn feed_last(&mut self, chunk: &Bytes) {
-        match self {
-            Self::Decoded(decoded) => {
-                decoded.catch_up();
-                decoded.deferred = Some(chunk.clone());
-            }
-            _ => self.feed(chunk),
-        }
-    }
-
-    /// Whether a chunk waits to be decoded ([`Self::catch_up`]).
-    pub fn has_deferred(&self) -> bool {
-        matches!(self, Self::Decoded(decoded) if decoded.deferred.is_some())
-    }
-
-    /// Decodes what [`Self::feed_last`] left.
-    pub fn catch_up(&mut self) {
-        if let Self::Decoded(decoded) = self {
-            decoded.catch_up();
-        }
-    }
-
     /// The whole body when it was kept (JSON, within the cap; a compressed
     /// one decoded, and only when its compressed stream ended).
     pub fn body(&self) -> Option<Bytes> {
@@ -271,8 +247,6 @@ pub struct DecodedTap {
     decoded: usize,
     cap: usize,
     reading: Reading,
-    /// The body's last chunk, decoded when the exchange settles.
-    deferred: Option<Bytes>,
 }
 
 enum DecodedReader {
@@ -307,13 +281,6 @@ impl DecodedTap {
             decoded: 0,
             cap,
             reading: Reading::On,
-            deferred: None,
-        }
-    }
-
-    fn catch_up(&mut self) {
-        if let Some(chunk) = self.deferred.take() {
-            self.feed(&chunk);
         }
     }
 
@@ -814,11 +781,8 @@ impl Finished {
         if meter.tap.is_none() && meter.slot.is_none() && meter.cache_fill.is_none() {
             return;
         }
-        // A compressed last chunk is decoded in the task too: the response
-        // may still be on its way out.
-        let deferred = meter.tap.as_ref().is_some_and(UsageTap::has_deferred);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if meter.cache_fill.is_some() || deferred => {
+            Ok(runtime) if meter.cache_fill.is_some() => {
                 runtime.spawn(Box::pin(self.settle()));
             }
             _ => self.account(),
@@ -826,9 +790,6 @@ impl Finished {
     }
 
     async fn settle(mut self) {
-        if let Some(tap) = &mut self.meter.tap {
-            tap.catch_up();
-        }
         if let (Some(fill), true, Some(body)) = (
             self.meter.cache_fill.take(),
             self.complete,
@@ -843,14 +804,13 @@ impl Finished {
     /// slot release go to the outbox, which the store sees at the next flush.
     fn account(self) {
         let Finished {
-            mut meter,
+            meter,
             request_id,
             region,
             key_id,
             complete,
         } = self;
-        if let Some(tap) = &mut meter.tap {
-            tap.catch_up();
+        if let Some(tap) = &meter.tap {
             if let Some((encoding, result, error)) = tap.decode_result() {
                 meter.accounting.count_decode(encoding, result);
                 if let Some(error) = error {
@@ -1427,9 +1387,7 @@ mod tests {
                     assert_eq!(tap.reported().usage.input_tokens, 25, "{coding}");
                 }
             }
-            tap.feed_last(&encoder.finish());
-            assert!(tap.has_deferred());
-            tap.catch_up();
+            tap.feed(&encoder.finish());
             assert_eq!(tap.reported().usage, expected(), "{coding}");
             assert_eq!(tap.reported().model.as_deref(), Some("claude-x"));
             assert_eq!(
@@ -1438,17 +1396,16 @@ mod tests {
             );
             assert!(tap.body().is_none());
 
-            // JSON in any chunking, its last chunk deferred: the decoded
-            // body is what a cache fill stores.
+            // JSON in any chunking: the decoded body, once whole, is what
+            // a cache fill stores.
             let body = compress::encode(coding, json);
             let mut tap = UsageTap::for_answer(false, Some(&header));
             let (head, last) = body.split_at(body.len() / 2);
             for piece in head.chunks(7) {
                 tap.feed(&Bytes::copy_from_slice(piece));
             }
-            tap.feed_last(&Bytes::copy_from_slice(last));
             assert!(tap.body().is_none(), "{coding}: not before the last chunk");
-            tap.catch_up();
+            tap.feed(&Bytes::copy_from_slice(last));
             assert_eq!(tap.body().as_deref(), Some(&json[..]), "{coding}");
             assert_eq!(tap.reported().usage.output_tokens, 34, "{coding}");
         }
