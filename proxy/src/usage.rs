@@ -810,12 +810,12 @@ impl Finished {
             key_id,
             complete,
         } = self;
-        if let Some(tap) = &meter.tap {
-            if let Some((encoding, result, error)) = tap.decode_result() {
-                meter.accounting.count_decode(encoding, result);
-                if let Some(error) = error {
-                    tracing::warn!(request_id = %request_id, encoding, %error, "usage not read: the upstream's compressed answer did not decode (the client got it as sent)");
-                }
+        if let Some((encoding, result, error)) =
+            meter.tap.as_ref().and_then(UsageTap::decode_result)
+        {
+            meter.accounting.count_decode(encoding, result);
+            if let Some(error) = error {
+                tracing::warn!(request_id = %request_id, encoding, %error, "usage not read: the upstream's compressed answer did not decode (the client got it as sent)");
             }
         }
         let reported = match &meter.tap {
