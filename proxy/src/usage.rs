@@ -898,6 +898,8 @@ pub struct Accounting {
     models: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
     token_counters: Mutex<FastMap<TokenKey, [Counter; 4]>>,
+    /// The decode counters by coding and result, looked up once.
+    decode_counters: Mutex<FastMap<(&'static str, &'static str), Counter>>,
     /// Per client, what the next flush writes to the store.
     outbox: Mutex<FastMap<Name, Pending>>,
 }
@@ -925,6 +927,7 @@ impl Accounting {
             fallback: MemoryStore::new(1),
             models: Mutex::default(),
             token_counters: Mutex::default(),
+            decode_counters: Mutex::default(),
             outbox: Mutex::default(),
         })
     }
@@ -1051,9 +1054,14 @@ impl Accounting {
 
     /// Counts how a compressed answer was read.
     fn count_decode(&self, encoding: &'static str, result: &'static str) {
-        self.metrics
-            .usage_decodes
-            .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+        lock(&self.decode_counters)
+            .entry((encoding, result))
+            .or_insert_with(|| {
+                self.metrics
+                    .usage_decodes
+                    .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+                    .clone()
+            })
             .inc();
     }
 
