@@ -20,9 +20,55 @@ const PIECE: usize = 16 * 1024;
 /// `Content-Encoding: zstd` (libzstd would otherwise allocate up to 128 MB).
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
+/// Inflaters kept per thread for the next body.
+const SPARE_INFLATERS: usize = 16;
+
 thread_local! {
     /// Where decoders write; decoding never spans an await, so one per thread.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; PIECE].into_boxed_slice());
+    /// Inflaters whose body is done, reset: a new one allocates its 32 KB
+    /// window on first use, past the allocator's thread cache, which cost
+    /// more than decoding a 1 KB answer.
+    static SPARES: RefCell<Vec<(Flavor, Box<Decompress>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The framing an inflater reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Gzip,
+    Zlib,
+    Raw,
+}
+
+/// An inflater for `flavor`, reset from this thread's spares if it has one.
+fn inflater(flavor: Flavor) -> Box<Decompress> {
+    let spare = SPARES
+        .try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            let at = spares.iter().position(|(f, _)| *f == flavor)?;
+            Some(spares.swap_remove(at).1)
+        })
+        .ok()
+        .flatten();
+    spare.unwrap_or_else(|| {
+        Box::new(match flavor {
+            Flavor::Gzip => Decompress::new_gzip(15),
+            Flavor::Zlib => Decompress::new(true),
+            Flavor::Raw => Decompress::new(false),
+        })
+    })
+}
+
+/// Keeps an inflater for the next body of its flavor.
+fn spare(flavor: Flavor, mut inflate: Box<Decompress>) {
+    // A gzip inflater resets to gzip: it keeps its window bits (31).
+    inflate.reset(flavor != Flavor::Raw);
+    let _ = SPARES.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < SPARE_INFLATERS {
+            spares.push((flavor, inflate));
+        }
+    });
 }
 
 /// A content coding the relay can read.
@@ -160,7 +206,7 @@ enum State {
     /// Zlib or raw deflate, told apart by the first two bytes (the first
     /// one is held while it is alone).
     DeflateStart(Option<u8>),
-    Deflate(Box<Decompress>),
+    Deflate(Flavor, Box<Decompress>),
     Brotli(Box<BrotliState<StandardAlloc, StandardAlloc, StandardAlloc>>),
     /// Another frame may follow a closed one.
     Zstd(Box<zstd::stream::raw::Decoder<'static>>),
@@ -171,7 +217,7 @@ enum State {
 impl Decoder {
     pub fn new(coding: Coding) -> Result<Self, DecodeError> {
         let state = match coding {
-            Coding::Gzip => State::Gzip(Box::new(Decompress::new_gzip(15))),
+            Coding::Gzip => State::Gzip(inflater(Flavor::Gzip)),
             Coding::Deflate => State::DeflateStart(None),
             Coding::Brotli => State::Brotli(Box::new(BrotliState::new(
                 StandardAlloc::default(),
@@ -210,7 +256,7 @@ impl Decoder {
             let progress = self.decode_into(input, scratch, out)?;
             self.ended = progress == Progress::Ended;
             if self.ended && !matches!(self.state, State::Zstd(_)) {
-                self.state = State::Done;
+                self.give_back();
             }
             Ok(progress)
         })
@@ -236,7 +282,12 @@ impl Decoder {
                     (Some(first), [second, ..]) => (first, *second),
                 };
                 let held = held.take();
-                self.state = State::Deflate(Box::new(Decompress::new(zlib_header(first, second))));
+                let flavor = if zlib_header(first, second) {
+                    Flavor::Zlib
+                } else {
+                    Flavor::Raw
+                };
+                self.state = State::Deflate(flavor, inflater(flavor));
                 if let Some(first) = held {
                     let progress = self.decode_into(&[first], scratch, out)?;
                     if progress != Progress::NeedsInput {
@@ -245,7 +296,7 @@ impl Decoder {
                 }
                 self.decode_into(input, scratch, out)
             }
-            State::Deflate(inflate) => inflate_chunk(inflate, input, scratch, out),
+            State::Deflate(_, inflate) => inflate_chunk(inflate, input, scratch, out),
             State::Gzip(inflate) => loop {
                 let before = inflate.total_in();
                 let progress = inflate_chunk(inflate, input, scratch, out)?;
@@ -253,7 +304,7 @@ impl Decoder {
                 // Another member may follow (gzip allows several); other
                 // bytes after the end are not part of the body.
                 if progress == Progress::Ended && input.first() == Some(&0x1f) {
-                    **inflate = Decompress::new_gzip(15);
+                    inflate.reset(true);
                     continue;
                 }
                 break Ok(progress);
@@ -261,6 +312,23 @@ impl Decoder {
             State::Brotli(state) => brotli_chunk(state, input, scratch, out),
             State::Zstd(decoder) => zstd_chunk(decoder, input, scratch, out),
         }
+    }
+}
+
+impl Decoder {
+    /// Ends decoding; an inflater goes back to this thread's spares.
+    fn give_back(&mut self) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Gzip(inflate) => spare(Flavor::Gzip, inflate),
+            State::Deflate(flavor, inflate) => spare(flavor, inflate),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -485,6 +553,32 @@ mod tests {
             let error = decoder.decode(&body, &mut |_| Flow::More).expect_err(name);
             assert!(error.0.contains("corrupt"), "{name}: {error}");
         }
+    }
+
+    #[test]
+    fn inflaters_are_reused_clean_after_any_end() {
+        let data = sample();
+        for name in ["gzip", "deflate", "deflate-raw"] {
+            let body = compress::encode(name, &data);
+            // Broken off midway, corrupt, then whole: each on a reused inflater.
+            let mut cut = Decoder::new(coding(name)).unwrap();
+            cut.decode(&body[..body.len() / 2], &mut |_| Flow::More)
+                .unwrap();
+            drop(cut);
+            let mut corrupt = body.to_vec();
+            for byte in &mut corrupt[8..40] {
+                *byte ^= 0x5a;
+            }
+            let mut bad = Decoder::new(coding(name)).unwrap();
+            assert!(bad.decode(&corrupt, &mut |_| Flow::More).is_err());
+            drop(bad);
+            for _ in 0..3 {
+                let (decoded, last) = decode_all(coding(name), &body, 1000);
+                assert!(decoded == data, "{name}");
+                assert_eq!(last, Progress::Ended, "{name}");
+            }
+        }
+        assert!(SPARES.with_borrow(|spares| spares.len()) <= SPARE_INFLATERS);
     }
 
     #[test]
