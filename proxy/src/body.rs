@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access::{Exchange, Outcome};
 use crate::upstream::UpstreamBody;
+use crate::usage::UsageTap;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -66,6 +67,12 @@ struct Streaming {
     /// when the exchange ends): after it is on its way to the client, so
     /// reading it never delays an event.
     unread: Option<Bytes>,
+    /// The usage tap decodes (a compressed answer): a chunk is decoded once
+    /// the writer has had a turn to send it ([`Self::yielded`]), the last
+    /// one when the body is dropped.
+    decoding: bool,
+    /// A poll came back to let the writer send `unread` before decoding it.
+    yielded: bool,
 }
 
 /// The relay ended a stream: the upstream fell silent or ran past the cap.
@@ -100,6 +107,8 @@ impl RelayBody {
                 ended: false,
                 broke: None,
                 unread: None,
+                decoding: false,
+                yielded: false,
             })),
             exchange: None,
             ending: None,
@@ -108,34 +117,45 @@ impl RelayBody {
 
     /// Attaches the request's record, written when this body is done or dropped.
     pub fn with_exchange(mut self, exchange: Box<Exchange>) -> Self {
+        if let Inner::Upstream(stream) = &mut self.inner {
+            stream.decoding = exchange
+                .meter
+                .as_ref()
+                .and_then(|m| m.tap.as_ref())
+                .is_some_and(UsageTap::decodes);
+        }
         self.exchange = Some(exchange);
         self
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        self.read_usage();
-        if let Some(mut exchange) = self.exchange.take() {
-            exchange.outcome = outcome;
-            // Released in this process at once, or in Redis before the end
-            // goes out (see `poll_frame`).
-            if let Some(release) = exchange
-                .meter
-                .as_mut()
-                .and_then(crate::usage::Meter::release_slot)
-            {
-                self.ending = Some(Box::new(Ending {
-                    release: Box::pin(release.run()),
-                    then: None,
-                }));
-            }
+        // The last chunk of a compressed answer may not be out yet: it is
+        // decoded, and the exchange written, when this body is dropped,
+        // once the server is done with it.
+        let decoding = matches!(&self.inner, Inner::Upstream(stream) if stream.decoding);
+        if !decoding {
+            self.read_usage();
         }
-    }
-
-    fn usage_tap(&mut self) -> Option<&mut crate::usage::UsageTap> {
-        self.exchange
+        let Some(exchange) = self.exchange.as_mut() else {
+            return;
+        };
+        exchange.outcome = outcome;
+        // Released in this process at once, or in Redis before the end goes
+        // out (see `poll_frame`), whatever the answer's coding.
+        if let Some(release) = exchange
+            .meter
             .as_mut()
-            .and_then(|e| e.meter.as_mut())
-            .and_then(|m| m.tap.as_mut())
+            .and_then(crate::usage::Meter::release_slot)
+        {
+            self.ending = Some(Box::new(Ending {
+                release: Box::pin(release.run()),
+                then: None,
+            }));
+        }
+        if !decoding {
+            // Written now: the access log and the meter's settlement.
+            self.exchange = None;
+        }
     }
 
     /// Feeds the usage tap the chunk that went out last.
@@ -143,17 +163,30 @@ impl RelayBody {
         let Inner::Upstream(stream) = &mut self.inner else {
             return;
         };
-        if let Some(chunk) = stream.unread.take()
-            && let Some(tap) = self.usage_tap()
-        {
-            tap.feed(&chunk);
-        }
+        read_unread(stream, &mut self.exchange);
+    }
+}
+
+fn usage_tap(exchange: &mut Option<Box<Exchange>>) -> Option<&mut UsageTap> {
+    exchange
+        .as_mut()
+        .and_then(|e| e.meter.as_mut())
+        .and_then(|m| m.tap.as_mut())
+}
+
+fn read_unread(stream: &mut Streaming, exchange: &mut Option<Box<Exchange>>) {
+    stream.yielded = false;
+    if let Some(chunk) = stream.unread.take()
+        && let Some(tap) = usage_tap(exchange)
+    {
+        tap.feed(&chunk);
     }
 }
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
-        // The client went away: what the last chunk reported still counts.
+        // The client went away, or a compressed answer is done: what the
+        // last chunk reported still counts.
         self.read_usage();
         // Gone while the slot was being released: the release still goes on.
         if let Some(ending) = self.ending.take()
@@ -236,7 +269,9 @@ impl RelayBody {
     /// The next frame of the body itself.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self;
-        this.read_usage();
+        if matches!(&this.inner, Inner::Upstream(stream) if !stream.decoding) {
+            this.read_usage();
+        }
         let stream = match &mut this.inner {
             Inner::Full(bytes) => {
                 // Handed to hyper is as complete as a body the relay made gets.
@@ -255,6 +290,10 @@ impl RelayBody {
                     && !data.is_empty()
                 {
                     *boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                }
+                if stream.decoding {
+                    // The chunk before went out with this one's batch.
+                    read_unread(stream, &mut this.exchange);
                 }
                 // Usage is read from the bytes once they are handed on, unchanged.
                 let tapped = this
@@ -299,6 +338,17 @@ impl RelayBody {
                 }
             }
             Poll::Pending => {
+                if stream.decoding && stream.unread.is_some() {
+                    if stream.yielded {
+                        // The writer has had its turn: the chunk is out.
+                        read_unread(stream, &mut this.exchange);
+                    } else {
+                        // Nothing more at hand: the writer sends the chunk
+                        // now, and this poll comes back to decode it.
+                        stream.yielded = true;
+                        cx.waker().wake_by_ref();
+                    }
+                }
                 ready!(stream.timer.as_mut().poll(cx));
                 let why = if Instant::now() >= stream.deadline {
                     "the response ran past the relay's total timeout"

@@ -10,6 +10,16 @@
 //! request body with its JSON objects' keys sorted, so that formatting and
 //! key order do not matter. The body holds the model.
 //!
+//! Entries hold uncompressed bytes: a compressed answer (the SDKs ask for
+//! gzip) is stored as the usage tap decoded it ([`crate::usage::UsageTap`],
+//! whole and within its cap, else not at all), and a hit is served without
+//! `Content-Encoding`, with its length, to any client. Every client takes
+//! that unless its `Accept-Encoding` refuses identity (`identity;q=0`, or
+//! `*;q=0` without identity): such a request skips the cache. So the key
+//! leaves `Accept-Encoding` out, and no client gets a coding it did not ask
+//! for or bytes labelled wrong. Re-encoding hits would save bandwidth on a
+//! link where the relay is not local, at the cost of CPU on every hit.
+//!
 //! Level 1 is this process's memory, bounded in bytes, oldest out first;
 //! level 2 is Redis (each entry with its TTL, at most `max_entry_bytes`). A
 //! level-2 hit fills level 1. Only complete 200 answers are stored. A purge
@@ -123,6 +133,10 @@ impl CachePolicy {
         request: &serde_json::Map<String, serde_json::Value>,
     ) -> Option<Plan> {
         if request.get("stream").and_then(serde_json::Value::as_bool) == Some(true) {
+            return None;
+        }
+        // Hits are served uncoded; a client that refuses that goes upstream.
+        if !crate::encoding::accepts_identity(headers) {
             return None;
         }
         let model = request
@@ -276,7 +290,8 @@ pub struct Hit {
 }
 
 impl Hit {
-    /// The answer: 200 JSON, marked as a hit; costs no upstream call.
+    /// The answer: 200 JSON, uncompressed, with its length (from the body),
+    /// marked as a hit; costs no upstream call.
     pub fn into_response(self, request_id: &str) -> Response<RelayBody> {
         let mut response = Response::new(RelayBody::full(self.body));
         let headers = response.headers_mut();

@@ -8,6 +8,7 @@ pub mod body;
 pub mod body_deadline;
 pub mod breaker;
 pub mod cache;
+pub mod encoding;
 pub mod error;
 pub mod h1_client;
 pub mod h1_server;

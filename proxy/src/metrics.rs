@@ -71,6 +71,14 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecodeLabels {
+    /// gzip, deflate, br, zstd, or other (a coding the relay cannot read)
+    pub encoding: &'static str,
+    /// decoded, capped, error or unsupported
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct QuotaLabels {
     pub client: Name,
     /// tokens_per_minute, tokens_per_day or max_concurrent
@@ -130,6 +138,7 @@ pub struct Metrics {
     pub replay_unprotected: Counter,
     pub rate_limited: Family<ClientLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
+    pub usage_decodes: Family<DecodeLabels, Counter>,
     pub quota_rejected: Family<QuotaLabels, Counter>,
     pub quota_unchecked: Family<ResultLabels, Counter>,
     pub cache_requests: Family<ResultLabels, Counter>,
@@ -264,6 +273,12 @@ impl Metrics {
             "Tokens the upstream reported, by client, model and kind",
             tokens.clone(),
         );
+        let usage_decodes = Family::<DecodeLabels, Counter>::default();
+        registry.register(
+            "usage_decodes",
+            "Compressed answers read for usage and the cache, by coding and result: decoded, capped (more than the relay inspects; the client got it all), error (did not decode; the client got it as sent), unsupported (a coding the relay cannot read)",
+            usage_decodes.clone(),
+        );
         let quota_rejected = Family::<QuotaLabels, Counter>::default();
         registry.register(
             "quota_rejected",
@@ -366,6 +381,7 @@ impl Metrics {
             replay_unprotected,
             rate_limited,
             tokens,
+            usage_decodes,
             quota_rejected,
             quota_unchecked,
             cache_requests,

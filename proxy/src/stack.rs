@@ -47,9 +47,11 @@
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
 //!    answer gets a [`crate::usage::UsageTap`] that reads its usage as it
-//!    passes; the concurrency slot goes back before the client sees the
-//!    end ([`RelayBody`] waits for the store's answer); when the exchange
-//!    ends the meter settles in the background (metrics, budgets, usage
+//!    passes (a compressed one decoded on the side, [`crate::encoding`]; the
+//!    client gets the bytes and `Content-Encoding` as sent); the
+//!    concurrency slot goes back before the client sees the end
+//!    ([`RelayBody`] waits for the store's answer); when the exchange ends
+//!    the meter settles in the background (metrics, budgets, usage
 //!    counters, cache fill).
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
@@ -72,6 +74,7 @@ use crate::body::{RelayBody, RequestBody};
 use crate::body_deadline::BodyLate;
 use crate::breaker::{FailureKind, Outcome, retry_after};
 use crate::cache::{Fill, RELAY_CACHE};
+use crate::encoding::Encoded;
 use crate::error::RelayError;
 use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
 use crate::keypool::{KeyLease, NoKeyReason};
@@ -1016,17 +1019,21 @@ fn respond(answer: Attempt, exchange: &mut Exchange) -> Response<RelayBody> {
                 meter.cache_fill = None;
             }
         }
-        // The tap also keeps the JSON body a cache fill stores.
+        // The tap also keeps the JSON body a cache fill stores; a
+        // compressed answer is decoded on the side, the client's bytes
+        // untouched.
         let wanted = meter.usage_enabled || meter.cache_fill.is_some();
         if wanted && exchange.route == "messages" && parts.status.is_success() {
-            meter.tap = Some(if sse {
-                UsageTap::sse()
-            } else {
-                UsageTap::json()
-            });
+            meter.tap = Some(UsageTap::for_answer(
+                sse,
+                parts.headers.get(header::CONTENT_ENCODING),
+            ));
         }
     }
-    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse);
+    // NB: a relay error event can only be appended to a stream in plain
+    // text: inside a compressed one it would break the client's decoding.
+    let plain = Encoded::of(parts.headers.get(header::CONTENT_ENCODING)) == Encoded::Identity;
+    let body = RelayBody::upstream(body, answer.idle, answer.deadline, sse && plain);
     Response::from_parts(parts, body)
 }
 

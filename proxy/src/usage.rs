@@ -6,7 +6,10 @@
 //! been handed on unchanged (so reading never delays an event); on a JSON
 //! answer, the body's chunks are kept by reference and `model` and `usage`
 //! read where the API puts them once the response is over, off the
-//! response path.
+//! response path. A compressed answer (`Content-Encoding`) is decoded on
+//! the side first ([`crate::encoding`]), up to a cap on the decoded bytes,
+//! each chunk once the writer has had its turn to send it, the last one
+//! when the body is dropped; the client's bytes are never touched.
 //!
 //! [`Meter`] rides on the request's [`crate::access::Exchange`]. Its
 //! concurrency slot goes back as the answer ends, before the client sees
@@ -31,6 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
 use crate::metrics::{FastMap, Metrics, Name, TokenLabels};
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
@@ -49,6 +53,12 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const MAX_RETRIED_RELEASES: usize = 10_000;
 /// The largest JSON answer whose usage is read (a Messages answer is far smaller).
 const JSON_CAP: usize = 16 * 1024 * 1024;
+/// The most of a compressed JSON answer decoded and kept (a Messages answer
+/// of 128k output tokens is about 1 MB): what a compression bomb can cost.
+pub const DECODED_JSON_CAP: usize = 4 * 1024 * 1024;
+/// The most of a compressed event stream decoded: only the current line is
+/// kept, so this bounds the CPU a bomb costs, far above a long stream.
+pub const DECODED_STREAM_CAP: usize = 64 * 1024 * 1024;
 /// A stream line longer than this cannot be a usage event; it is skipped.
 const SSE_LINE_CAP: usize = 64 * 1024;
 /// Distinct model label values before new ones are counted as `other`.
@@ -115,6 +125,10 @@ pub struct Reported {
 pub enum UsageTap {
     Sse(SseUsage),
     Json(JsonChunks),
+    /// A compressed answer, decoded on the side.
+    Decoded(Box<DecodedTap>),
+    /// An answer in a coding the relay cannot read: no usage.
+    Unreadable,
 }
 
 impl UsageTap {
@@ -126,19 +140,50 @@ impl UsageTap {
         Self::Json(JsonChunks::default())
     }
 
+    /// The tap of an answer: an event stream or JSON, as its
+    /// `Content-Encoding` has it.
+    pub fn for_answer(sse: bool, content_encoding: Option<&http::HeaderValue>) -> Self {
+        match Encoded::of(content_encoding) {
+            Encoded::Identity if sse => Self::sse(),
+            Encoded::Identity => Self::json(),
+            Encoded::Coded(coding) => {
+                let cap = if sse {
+                    DECODED_STREAM_CAP
+                } else {
+                    DECODED_JSON_CAP
+                };
+                Self::Decoded(Box::new(DecodedTap::new(coding, sse, cap)))
+            }
+            Encoded::Unsupported => Self::Unreadable,
+        }
+    }
+
+    /// Whether chunks are decoded before they are read (the body then
+    /// waits for the writer to have its chance before feeding a chunk).
+    pub fn decodes(&self) -> bool {
+        matches!(self, Self::Decoded(_))
+    }
+
     /// Looks at one chunk of the body on its way to the client.
     pub fn feed(&mut self, chunk: &Bytes) {
         match self {
             Self::Sse(sse) => sse.feed(chunk),
             Self::Json(json) => json.feed(chunk),
+            Self::Decoded(decoded) => decoded.feed(chunk),
+            Self::Unreadable => {}
         }
     }
 
-    /// The whole body when it was kept (JSON, within the cap).
+    /// The whole body when it was kept (JSON, within the cap; a compressed
+    /// one decoded, and only when its compressed stream ended).
     pub fn body(&self) -> Option<Bytes> {
         match self {
-            Self::Sse(_) => None,
+            Self::Sse(_) | Self::Unreadable => None,
             Self::Json(json) => json.whole(),
+            Self::Decoded(decoded) => match &decoded.reader {
+                DecodedReader::Json { whole, .. } => whole.clone(),
+                DecodedReader::Sse(_) => None,
+            },
         }
     }
 
@@ -148,19 +193,147 @@ impl UsageTap {
             Self::Sse(sse) => sse.reported.clone(),
             Self::Json(json) => json
                 .whole()
-                .and_then(|body| message_usage(&body))
-                .map(|message| {
-                    let mut reported = Reported {
-                        model: message.model,
-                        ..Reported::default()
-                    };
-                    if let Some(usage) = message.usage {
-                        usage.apply_to(&mut reported.usage);
-                        reported.seen = true;
+                .map_or_else(Reported::default, |body| json_reported(&body)),
+            Self::Decoded(decoded) => match &decoded.reader {
+                DecodedReader::Sse(sse) => sse.reported.clone(),
+                DecodedReader::Json { whole, .. } => whole
+                    .as_deref()
+                    .map_or_else(Reported::default, json_reported),
+            },
+            Self::Unreadable => Reported::default(),
+        }
+    }
+
+    /// How decoding went, for a compressed answer: its coding's label and
+    /// a result (`decoded`, `capped`, `error`, `unsupported`), with the
+    /// error if there was one.
+    pub fn decode_result(&self) -> Option<(&'static str, &'static str, Option<DecodeError>)> {
+        match self {
+            Self::Sse(_) | Self::Json(_) => None,
+            Self::Unreadable => Some(("other", "unsupported", None)),
+            Self::Decoded(decoded) => Some(match decoded.reading {
+                Reading::On => (decoded.coding.label(), "decoded", None),
+                Reading::Capped => (decoded.coding.label(), "capped", None),
+                Reading::Failed(error) => (decoded.coding.label(), "error", Some(error)),
+            }),
+        }
+    }
+}
+
+fn json_reported(body: &[u8]) -> Reported {
+    message_usage(body)
+        .map(|message| {
+            let mut reported = Reported {
+                model: message.model,
+                ..Reported::default()
+            };
+            if let Some(usage) = message.usage {
+                usage.apply_to(&mut reported.usage);
+                reported.seen = true;
+            }
+            reported
+        })
+        .unwrap_or_default()
+}
+
+/// A compressed answer read through its decoder: an event stream line by
+/// line as it decodes, a JSON answer kept decoded, both up to a cap on the
+/// decoded bytes (a compression bomb stops there).
+pub struct DecodedTap {
+    coding: Coding,
+    /// Made at the first chunk, after the response head is on its way;
+    /// dropped (its window freed) once reading stops.
+    decoder: Option<Decoder>,
+    reader: DecodedReader,
+    /// Decoded bytes read so far, and the most that will be.
+    decoded: usize,
+    cap: usize,
+    reading: Reading,
+}
+
+enum DecodedReader {
+    Sse(SseUsage),
+    Json {
+        buffer: Vec<u8>,
+        /// The decoded body, once its compressed stream ended.
+        whole: Option<Bytes>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    On,
+    Capped,
+    Failed(DecodeError),
+}
+
+impl DecodedTap {
+    fn new(coding: Coding, sse: bool, cap: usize) -> Self {
+        Self {
+            coding,
+            decoder: None,
+            reader: if sse {
+                DecodedReader::Sse(SseUsage::default())
+            } else {
+                DecodedReader::Json {
+                    buffer: Vec::new(),
+                    whole: None,
+                }
+            },
+            decoded: 0,
+            cap,
+            reading: Reading::On,
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.reading != Reading::On {
+            return;
+        }
+        let decoder = match &mut self.decoder {
+            Some(decoder) => decoder,
+            None => match Decoder::new(self.coding) {
+                Ok(decoder) => self.decoder.insert(decoder),
+                Err(error) => {
+                    self.reading = Reading::Failed(error);
+                    return;
+                }
+            },
+        };
+        let (reader, decoded, cap) = (&mut self.reader, &mut self.decoded, self.cap);
+        let mut capped = false;
+        let result = decoder.decode(chunk, &mut |piece| {
+            let take = piece.len().min(cap - *decoded);
+            *decoded += take;
+            match reader {
+                DecodedReader::Sse(sse) => sse.feed(&piece[..take]),
+                DecodedReader::Json { buffer, whole } => {
+                    // A zstd frame after one that closed: the body goes on.
+                    if let Some(ended) = whole.take() {
+                        *buffer = Vec::from(ended);
                     }
-                    reported
-                })
-                .unwrap_or_default(),
+                    buffer.extend_from_slice(&piece[..take]);
+                }
+            }
+            capped = take < piece.len();
+            if capped { Flow::Stop } else { Flow::More }
+        });
+        let stop = match result {
+            _ if capped => Reading::Capped,
+            Err(error) => Reading::Failed(error),
+            Ok(Progress::Ended) => {
+                if let DecodedReader::Json { buffer, whole } = &mut self.reader {
+                    *whole = Some(Bytes::from(std::mem::take(buffer)));
+                }
+                return;
+            }
+            Ok(_) => return,
+        };
+        self.reading = stop;
+        self.decoder = None;
+        if let DecodedReader::Json { buffer, .. } = &mut self.reader {
+            // Part of a JSON answer tells nothing.
+            *buffer = Vec::new();
         }
     }
 }
@@ -714,6 +887,14 @@ impl Finished {
             key_id,
             complete,
         } = self;
+        if let Some((encoding, result, error)) =
+            meter.tap.as_ref().and_then(UsageTap::decode_result)
+        {
+            meter.accounting.count_decode(encoding, result);
+            if let Some(error) = error {
+                tracing::warn!(request_id = %request_id, encoding, %error, "usage not read: the upstream's compressed answer did not decode (the client got it as sent)");
+            }
+        }
         let reported = match &meter.tap {
             Some(tap) if meter.usage_enabled => tap.reported(),
             _ => Reported::default(),
@@ -776,6 +957,8 @@ pub struct Accounting {
     models: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
     token_counters: Mutex<FastMap<TokenKey, [Counter; 4]>>,
+    /// The decode counters by coding and result, looked up once.
+    decode_counters: Mutex<FastMap<(&'static str, &'static str), Counter>>,
     /// Per client, what the next flush writes to the store.
     outbox: Mutex<FastMap<Name, Pending>>,
 }
@@ -803,6 +986,7 @@ impl Accounting {
             fallback: MemoryStore::new(1),
             models: Mutex::default(),
             token_counters: Mutex::default(),
+            decode_counters: Mutex::default(),
             outbox: Mutex::default(),
         })
     }
@@ -925,6 +1109,19 @@ impl Accounting {
             .get_or_create(&crate::metrics::ResultLabels { result: label })
             .inc();
         result
+    }
+
+    /// Counts how a compressed answer was read.
+    fn count_decode(&self, encoding: &'static str, result: &'static str) {
+        lock(&self.decode_counters)
+            .entry((encoding, result))
+            .or_insert_with(|| {
+                self.metrics
+                    .usage_decodes
+                    .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+                    .clone()
+            })
+            .inc();
     }
 
     fn count_tokens(&self, client: &Name, model: &str, usage: &Usage) {
@@ -1233,6 +1430,104 @@ mod tests {
             flat_usage(api).map(|u| counts(&u)),
             Some((Some(25), Some(180), Some(0), Some(7)))
         );
+    }
+
+    fn content_encoding(coding: &str) -> http::HeaderValue {
+        http::HeaderValue::from_static(claude_relay_testkit::compress::label(coding))
+    }
+
+    #[test]
+    fn compressed_streams_and_json_are_read_as_they_decode() {
+        use claude_relay_testkit::compress::{self, CODINGS, StreamEncoder};
+        let stream = stream_of("claude-x");
+        let json = br#"{"id":"m","model":"claude-y","content":[],"usage":{"input_tokens":12,"output_tokens":34}}"#;
+        for coding in CODINGS {
+            let header = content_encoding(coding);
+            // A stream flushed per event: usage read event by event.
+            let mut tap = UsageTap::for_answer(true, Some(&header));
+            assert!(tap.decodes());
+            let mut encoder = StreamEncoder::new(coding).unwrap();
+            let events: Vec<&[u8]> = stream.split_inclusive(|&b| b == b'\n').collect();
+            for (i, line) in events.iter().enumerate() {
+                tap.feed(&encoder.chunk(line));
+                if i == 1 {
+                    assert_eq!(tap.reported().usage.input_tokens, 25, "{coding}");
+                }
+            }
+            tap.feed(&encoder.finish());
+            assert_eq!(tap.reported().usage, expected(), "{coding}");
+            assert_eq!(tap.reported().model.as_deref(), Some("claude-x"));
+            assert_eq!(
+                tap.decode_result(),
+                Some((compress::label(coding), "decoded", None))
+            );
+            assert!(tap.body().is_none());
+
+            // JSON in any chunking: the decoded body, once whole, is what
+            // a cache fill stores.
+            let body = compress::encode(coding, json);
+            let mut tap = UsageTap::for_answer(false, Some(&header));
+            let (head, last) = body.split_at(body.len() / 2);
+            for piece in head.chunks(7) {
+                tap.feed(&Bytes::copy_from_slice(piece));
+            }
+            assert!(tap.body().is_none(), "{coding}: not before the last chunk");
+            tap.feed(&Bytes::copy_from_slice(last));
+            assert_eq!(tap.body().as_deref(), Some(&json[..]), "{coding}");
+            assert_eq!(tap.reported().usage.output_tokens, 34, "{coding}");
+        }
+        // Cut short: no body to store, the usage of a JSON answer unknown.
+        let body = compress::encode("gzip", json);
+        let mut tap = UsageTap::for_answer(false, Some(&content_encoding("gzip")));
+        tap.feed(&body.slice(..body.len() - 4));
+        assert!(tap.body().is_none());
+        assert!(!tap.reported().seen);
+    }
+
+    #[test]
+    fn decoding_stops_at_the_cap_and_errors_are_kept() {
+        use claude_relay_testkit::compress;
+        let mut stream = stream_of("claude-x");
+        // A long text line after message_start, then the rest.
+        let split = stream.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+        let mut long = b"event: content_block_delta\ndata: ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 100_000));
+        long.extend_from_slice(b"\n\n");
+        stream.splice(split..split, long);
+        let body = compress::encode("br", &stream);
+        assert!(body.len() < 2_000);
+        let mut capped = UsageTap::Decoded(Box::new(DecodedTap::new(Coding::Brotli, true, 50_000)));
+        capped.feed(&body);
+        let reported = capped.reported();
+        assert_eq!(reported.usage.input_tokens, 25, "read up to the cap");
+        assert_eq!(reported.usage.output_tokens, 1, "not past it");
+        assert_eq!(capped.decode_result(), Some(("br", "capped", None)));
+        let UsageTap::Decoded(decoded) = &capped else {
+            unreachable!()
+        };
+        assert!(decoded.decoder.is_none() && decoded.decoded == 50_000);
+
+        // JSON over the cap: nothing kept.
+        let json = compress::encode("zstd", &vec![b' '; 10_000]);
+        let mut tap = UsageTap::Decoded(Box::new(DecodedTap::new(Coding::Zstd, false, 1_000)));
+        tap.feed(&json);
+        assert_eq!(tap.decode_result(), Some(("zstd", "capped", None)));
+        assert!(tap.body().is_none());
+
+        let mut broken = UsageTap::for_answer(true, Some(&content_encoding("gzip")));
+        broken.feed(&Bytes::from_static(b"event: message_start\n"));
+        let Some(("gzip", "error", Some(error))) = broken.decode_result() else {
+            panic!("{:?}", broken.decode_result());
+        };
+        assert!(error.to_string().contains("corrupt"));
+        // Unknown codings and stacked ones are not read.
+        let unknown =
+            UsageTap::for_answer(false, Some(&http::HeaderValue::from_static("compress")));
+        assert_eq!(
+            unknown.decode_result(),
+            Some(("other", "unsupported", None))
+        );
+        assert!(UsageTap::for_answer(true, None).decode_result().is_none());
     }
 
     #[test]

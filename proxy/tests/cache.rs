@@ -417,3 +417,90 @@ async fn a_level_one_miss_costs_one_round_trip_to_the_store() {
     assert_eq!(setup.upstream.messages_answered(), calls);
     settled(setup, &b, "app", calls as u64).await;
 }
+
+/// Compressed answers are stored decoded, and hits are served uncoded with
+/// their length, to whatever the client accepts: the SDK's second identical
+/// call (it asks for gzip) decodes what it gets, a client that asks for no
+/// coding never gets one, and a client that refuses identity goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_answers_are_cached_decoded_and_hits_are_uncoded() {
+    let setup = Setup::with_redis().await;
+    let config = setup.config(CACHED, "", "");
+    let a = setup.proxy(&config);
+    let b = setup.proxy(&config);
+    for (n, coding) in ENCODINGS[1..].iter().enumerate() {
+        let body = BODY.replace("Hi", &format!("Hi {coding}"));
+        let asks = asking_for(coding);
+        let first = setup.messages(&a, APP_KEY, &body, &asks).await;
+        assert_eq!((first.status.as_u16(), cache_header(&first)), (200, "miss"));
+        let plain = decoded(coding, &first);
+        sent_unchanged(&setup, &first.body).await;
+        stored(&a, (n + 1) as f64).await;
+        let calls = setup.upstream.messages_answered();
+
+        let hit_on = |proxy, headers: Vec<(&'static str, &'static str)>| {
+            let (body, plain) = (&body, &plain);
+            let setup = &setup;
+            async move {
+                let hit = setup.messages(proxy, APP_KEY, body, &headers).await;
+                assert_eq!(
+                    (hit.status.as_u16(), cache_header(&hit)),
+                    (200, "hit"),
+                    "{coding}"
+                );
+                assert!(!hit.headers.contains_key("content-encoding"), "{coding}");
+                assert_eq!(hit.headers["content-length"], hit.body.len().to_string());
+                assert_eq!(hit.body, plain.as_bytes(), "{coding}");
+                assert_eq!(hit.json()["type"], "message");
+            }
+        };
+        hit_on(&a, asks.clone()).await;
+        hit_on(&a, Vec::new()).await;
+        hit_on(&a, vec![("accept-encoding", "gzip, deflate, br, zstd")]).await;
+        // Level 2, on the other replica, the same.
+        hit_on(&b, asks.clone()).await;
+        assert_eq!(setup.upstream.messages_answered(), calls, "{coding}");
+    }
+
+    // Refusing identity: no hit; the upstream answers in what is accepted.
+    let calls = setup.upstream.messages_answered();
+    let refuses = setup
+        .messages(
+            &a,
+            APP_KEY,
+            &BODY.replace("Hi", "Hi gzip"),
+            &[("accept-encoding", "gzip, identity;q=0")],
+        )
+        .await;
+    assert_eq!(
+        (refuses.status.as_u16(), cache_header(&refuses)),
+        (200, "-")
+    );
+    assert_eq!(refuses.headers["content-encoding"], "gzip");
+    assert_eq!(setup.upstream.messages_answered(), calls + 1);
+
+    // An answer that decodes past the relay's cap is relayed, not stored
+    // (the same request answered small then is).
+    let stored_before = a
+        .metric(r#"claude_relay_cache_requests_total{result="stored"}"#)
+        .await;
+    let pad = (claude_relay_proxy::usage::DECODED_JSON_CAP + 1).to_string();
+    let bomb_body = BODY.replace("Hi", "Hi bomb");
+    let bomb = setup
+        .messages(
+            &a,
+            APP_KEY,
+            &bomb_body,
+            &[("accept-encoding", "gzip"), ("x-mock-pad", &pad)],
+        )
+        .await;
+    assert_eq!(cache_header(&bomb), "miss");
+    let capped = r#"claude_relay_usage_decodes_total{encoding="gzip",result="capped"}"#;
+    eventually(Duration::from_secs(5), "the cap counted", || async {
+        (a.metric(capped).await == Some(1.0)).then_some(())
+    })
+    .await;
+    let again = setup.messages(&a, APP_KEY, &bomb_body, &[]).await;
+    assert_eq!(cache_header(&again), "miss", "the bomb was not stored");
+    stored(&a, stored_before.unwrap() + 1.0).await;
+}

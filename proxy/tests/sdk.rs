@@ -73,4 +73,28 @@ regions:
             .iter()
             .all(|r| r.headers["x-api-key"] == "sk-ant-upstream")
     );
+    // The SDK asks for compressed answers and got them gzip-encoded (the
+    // checks above decoded them); their usage was read all the same: the
+    // message (180 out), the stream (15) and the stream that ended in an
+    // error event (message_start's 1), 25 in each.
+    assert!(upstream.requests().iter().all(|r| {
+        r.headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"))
+    }));
+    let tokens = |kind: &str| {
+        format!(r#"claude_relay_tokens_total{{client="sdk",model="claude-test",kind="{kind}"}}"#)
+    };
+    let decoded = r#"claude_relay_usage_decodes_total{encoding="gzip",result="decoded"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while proxy.metric(decoded).await != Some(3.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            proxy.metrics().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.metric(&tokens("output_tokens")).await, Some(196.0));
+    assert_eq!(proxy.metric(&tokens("input_tokens")).await, Some(75.0));
 }

@@ -178,6 +178,54 @@ async fn the_same_signed_request_on_two_replicas_succeeds_exactly_once() {
     assert_eq!(setup.upstream.request_count(), 40);
 }
 
+/// A signed client that asks for compressed answers (as the SDKs do) gets
+/// the upstream's bytes, and its usage is counted: streams and JSON, every
+/// coding the relay reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_requests_compressed_answers_are_relayed_as_sent_and_counted() {
+    use claude_relay_testkit::compress;
+    let setup = Setup::new().await;
+    let proxy = setup.proxy(&setup.config(&["old"], "", default_replay()));
+    let client = th::client();
+    let stream_body = BODY.replace("\"max_tokens\"", "\"stream\":true,\"max_tokens\"");
+    for coding in ["gzip", "deflate", "br", "zstd"] {
+        for (body, mode) in [(BODY, "json"), (stream_body.as_str(), "stream")] {
+            let mut signed_request = signed(
+                &proxy,
+                "signer",
+                SECRET_OLD,
+                "/v1/messages",
+                body,
+                signing::unix_now(),
+                &fresh_nonce(),
+            );
+            let headers = signed_request.headers_mut();
+            // Not signed over: the signature covers the body as sent.
+            headers.insert("accept-encoding", coding.parse().unwrap());
+            headers.insert("x-mock", mode.parse().unwrap());
+            let answer = send(&client, signed_request).await;
+            assert_eq!(answer.status, 200, "{coding} {mode}");
+            assert_eq!(answer.headers["content-encoding"], coding);
+            let sent = setup.upstream.bodies_sent();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !setup.upstream.bodies_sent().contains(&answer.body) {
+                assert!(Instant::now() < deadline, "{coding} {mode}: {sent:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let text = String::from_utf8(compress::decode(coding, &answer.body)).unwrap();
+            assert!(text.contains("\"usage\""), "{coding} {mode}: {text}");
+        }
+    }
+    // Four JSON answers (180 out each) and four streams (15 each).
+    let output =
+        r#"claude_relay_tokens_total{client="signer",model="claude-test",kind="output_tokens"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric(output).await != Some(4.0 * 195.0) {
+        assert!(Instant::now() < deadline, "{}", proxy.metrics().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream() {
     let setup = Setup::new().await;

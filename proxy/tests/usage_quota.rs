@@ -6,53 +6,81 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use claude_relay_testkit::compress::decode_prefix;
 use claude_relay_testkit::http::{next_chunk, request, send_streaming};
 use common::*;
 use http::Method;
 use http_body_util::BodyExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
+/// Usage of JSON answers, streams and a cut stream, in `coding` as the
+/// upstream sent it (the client asks as the SDKs do), adds up across two
+/// replicas; the client gets the upstream's bytes unchanged.
+async fn usage_adds_up_across_two_replicas(coding: &'static str) {
     let setup = Setup::with_redis().await;
     let config = setup.config("", "", "");
     let a = setup.proxy(&config);
     let b = setup.proxy(&config);
+    let asks = asking_for(coding);
+    let with = |more: &[(&'static str, &'static str)]| [asks.as_slice(), more].concat();
 
     let json = setup
-        .messages(&a, APP_KEY, BODY, &[("x-mock-usage", "100,50,10,5")])
+        .messages(&a, APP_KEY, BODY, &with(&[("x-mock-usage", "100,50,10,5")]))
         .await;
     assert_eq!(json.status, 200);
+    assert!(decoded(coding, &json).contains("\"input_tokens\":100"));
+    sent_unchanged(&setup, &json.body).await;
     let stream = setup
         .messages(
             &b,
             APP_KEY,
             STREAM_BODY,
-            &[("x-mock", "stream"), ("x-mock-usage", "200,70,0,30")],
+            &with(&[("x-mock", "stream"), ("x-mock-usage", "200,70,0,30")]),
         )
         .await;
     assert_eq!(stream.status, 200);
-    assert!(String::from_utf8_lossy(&stream.body).contains("message_stop"));
+    assert!(decoded(coding, &stream).ends_with("message_stop\"}\n\n"));
+    sent_unchanged(&setup, &stream.body).await;
 
     // Cut off after message_start: input and the first output count only.
-    let cut = setup
-        .messages(
+    let cut = send_streaming(
+        &setup.client,
+        messages_request(
             &a,
             APP_KEY,
             STREAM_BODY,
-            &[("x-mock", "stream-cut"), ("x-mock-usage", "300,999,0,0")],
-        )
-        .await;
+            // Spaced out, as a real stream is: the head goes out before the cut.
+            &with(&[
+                ("x-mock", "stream-cut"),
+                ("x-mock-usage", "300,999,0,0"),
+                ("x-mock-delay-ms", "5"),
+            ]),
+        ),
+    )
+    .await;
+    let (cut, broke) = read_all(cut).await;
     assert_eq!(cut.status, 200);
-    let text = String::from_utf8_lossy(&cut.body);
-    assert!(
-        text.contains("message_start") && !text.contains("message_stop"),
-        "{text}"
-    );
-    assert!(text.contains("event: error"), "the client is told: {text}");
+    if coding == "identity" {
+        let text = String::from_utf8_lossy(&cut.body);
+        assert!(
+            text.contains("message_start") && !text.contains("message_stop"),
+            "{text}"
+        );
+        assert!(text.contains("event: error"), "the client is told: {text}");
+    } else {
+        // No plain error event inside a compressed stream: it would break
+        // the client's decoding. The connection breaks off instead.
+        assert!(broke, "a cut compressed stream ends in an error");
+        let text = String::from_utf8(decode_prefix(coding, &cut.body)).unwrap();
+        assert!(
+            text.contains("message_start") && !text.contains("message_stop"),
+            "{text}"
+        );
+        assert!(!text.contains("event: error"));
+    }
 
     // The other client's usage is its own.
     setup
-        .messages(&b, OTHER_KEY, BODY, &[("x-mock-usage", "1,2,3,4")])
+        .messages(&b, OTHER_KEY, BODY, &with(&[("x-mock-usage", "1,2,3,4")]))
         .await;
 
     settled(&setup, &a, "app", 3).await;
@@ -87,6 +115,47 @@ async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
         log.contains("upstream_key=") && log.contains("complete=false"),
         "{log}"
     );
+    assert!(log.contains("input_tokens=100"), "the usage line: {log}");
+    // Each compressed answer was decoded for its usage.
+    let decodes = r#"claude_relay_usage_decodes_total{encoding="#;
+    if coding == "identity" {
+        assert!(!a.metrics().await.contains(decodes));
+    } else {
+        let label = claude_relay_testkit::compress::label(coding);
+        let line = format!(r#"{decodes}"{label}",result="decoded"}}"#);
+        assert_eq!(a.metric(&line).await, Some(2.0));
+        assert_eq!(b.metric(&line).await, Some(2.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_from_json_and_streams_adds_up_across_two_replicas() {
+    usage_adds_up_across_two_replicas("identity").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_gzip_answers_adds_up() {
+    usage_adds_up_across_two_replicas("gzip").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_deflate_answers_adds_up() {
+    usage_adds_up_across_two_replicas("deflate").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_raw_deflate_answers_adds_up() {
+    usage_adds_up_across_two_replicas("deflate-raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_brotli_answers_adds_up() {
+    usage_adds_up_across_two_replicas("br").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_zstd_answers_adds_up() {
+    usage_adds_up_across_two_replicas("zstd").await;
 }
 
 /// A client that goes away mid-stream: the usage reported until then is
@@ -329,4 +398,174 @@ async fn quotas_fail_open_for_the_grace_then_hold_locally_while_redis_is_down() 
         local_before,
         "decided by the store"
     );
+}
+
+/// Token budgets are charged by compressed answers, JSON and streams alike
+/// (before, every SDK client, which asks for gzip, went unbudgeted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_charged_by_compressed_answers() {
+    let setup = Setup::standalone().await;
+    let config = setup.config("    quota: {tokens_per_day: 500}", "", "");
+    for coding in &ENCODINGS[1..] {
+        let proxy = setup.proxy(&config);
+        let asks = asking_for(coding);
+        let with = |more: &[(&'static str, &'static str)]| [asks.as_slice(), more].concat();
+        // 300 in + 100 out each; checked before a request, charged after it.
+        let json = setup
+            .messages(
+                &proxy,
+                APP_KEY,
+                BODY,
+                &with(&[("x-mock-usage", "300,100,0,0")]),
+            )
+            .await;
+        assert_eq!(json.status, 200, "{coding}");
+        assert!(json.headers.contains_key("content-encoding"), "{coding}");
+        settled(&setup, &proxy, "app", 1).await;
+        let stream = setup
+            .messages(
+                &proxy,
+                APP_KEY,
+                STREAM_BODY,
+                &with(&[("x-mock", "stream"), ("x-mock-usage", "300,100,0,0")]),
+            )
+            .await;
+        assert_eq!(stream.status, 200, "{coding}");
+        assert!(stream.headers.contains_key("content-encoding"), "{coding}");
+        settled(&setup, &proxy, "app", 2).await;
+        let refused = setup.messages(&proxy, APP_KEY, BODY, &with(&[])).await;
+        assert_rate_limited(&refused, "500 tokens per day");
+    }
+}
+
+/// A small gzip body that expands far past what the relay inspects: the
+/// client gets every byte as sent, the relay stops decoding at its cap
+/// (counted), and reads no usage from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_reaches_the_client_whole_and_is_read_only_to_the_cap() {
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    let past_the_cap = (claude_relay_proxy::usage::DECODED_JSON_CAP + (1 << 20)).to_string();
+    let answer = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            BODY,
+            &[("accept-encoding", "gzip"), ("x-mock-pad", &past_the_cap)],
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["content-encoding"], "gzip");
+    assert!(answer.body.len() < 64 * 1024, "{} bytes", answer.body.len());
+    sent_unchanged(&setup, &answer.body).await;
+    assert!(decoded("gzip", &answer).len() > claude_relay_proxy::usage::DECODED_JSON_CAP);
+
+    let capped = r#"claude_relay_usage_decodes_total{encoding="gzip",result="capped"}"#;
+    eventually(Duration::from_secs(5), "the cap counted", || async {
+        (proxy.metric(capped).await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(!proxy.log().contains("input_tokens="), "{}", proxy.log());
+    // The next answer is read as usual.
+    setup
+        .messages(&proxy, APP_KEY, BODY, &[("accept-encoding", "gzip")])
+        .await;
+    settled(&setup, &proxy, "app", 1).await;
+}
+
+/// A compressed stream flushed per event reaches the client event by
+/// event: each chunk decodes, as it arrives, to whole events, and the
+/// first one long before the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_stream_reaches_the_client_event_by_event() {
+    use claude_relay_testkit::compress::StreamDecoder;
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    for coding in &ENCODINGS[1..] {
+        let headers = [
+            asking_for(coding).as_slice(),
+            &[("x-mock", "stream"), ("x-mock-delay-ms", "80")],
+        ]
+        .concat();
+        let started = std::time::Instant::now();
+        let response = send_streaming(
+            &setup.client,
+            messages_request(&proxy, APP_KEY, STREAM_BODY, &headers),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let mut decoder = StreamDecoder::new(coding);
+        let mut body = response.into_body();
+        let mut first_event = None;
+        let mut events = 0;
+        let mut text = String::new();
+        while let Some(chunk) = next_chunk(&mut body, Duration::from_secs(5)).await {
+            let decoded = String::from_utf8(decoder.chunk(&chunk)).unwrap();
+            if decoded.is_empty() {
+                continue; // the compressed stream's trailer
+            }
+            assert!(
+                decoded.ends_with("\n\n"),
+                "{coding}: {decoded:?} is not whole events"
+            );
+            events += decoded.matches("\n\n").count();
+            first_event.get_or_insert(started.elapsed());
+            text.push_str(&decoded);
+        }
+        let whole = started.elapsed();
+        let first_event = first_event.unwrap();
+        assert!(text.ends_with("message_stop\"}\n\n"), "{coding}: {text}");
+        assert_eq!(events, 11, "{coding}");
+        // Ten gaps of 80 ms: the first event came before most of them.
+        assert!(whole >= Duration::from_millis(800), "{coding}: {whole:?}");
+        assert!(
+            first_event < Duration::from_millis(400),
+            "{coding}: first event after {first_event:?}"
+        );
+    }
+    settled(&setup, &proxy, "app", 5).await;
+    assert_eq!(setup.totals(&proxy, "app").await["output_tokens"], 15 * 5);
+}
+
+/// An answer in a coding the relay cannot read, or labelled gzip but not
+/// gzip: the client gets it as sent; no usage is read, and it is counted
+/// (a decode error also logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_the_relay_cannot_decode_pass_unchanged_and_are_counted() {
+    let setup = Setup::standalone().await;
+    let proxy = setup.proxy(&setup.config("", "", ""));
+    let unknown = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-mock-encoding", "compress")])
+        .await;
+    assert_eq!(unknown.status, 200);
+    assert_eq!(unknown.headers["content-encoding"], "compress");
+    sent_unchanged(&setup, &unknown.body).await;
+    let corrupt = claude_relay_testkit::compress::CORRUPT_GZIP;
+    let json = setup
+        .messages(&proxy, APP_KEY, BODY, &[("x-mock-encoding", corrupt)])
+        .await;
+    assert_eq!(json.headers["content-encoding"], "gzip");
+    assert!(json.body.starts_with(b"{\""), "plain bytes, as sent");
+    sent_unchanged(&setup, &json.body).await;
+    let stream = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            STREAM_BODY,
+            &[("x-mock", "stream"), ("x-mock-encoding", corrupt)],
+        )
+        .await;
+    assert!(String::from_utf8_lossy(&stream.body).ends_with("message_stop\"}\n\n"));
+    sent_unchanged(&setup, &stream.body).await;
+
+    let unsupported = r#"claude_relay_usage_decodes_total{encoding="other",result="unsupported"}"#;
+    let failed = r#"claude_relay_usage_decodes_total{encoding="gzip",result="error"}"#;
+    eventually(Duration::from_secs(5), "both counted", || async {
+        (proxy.metric(unsupported).await == Some(1.0) && proxy.metric(failed).await == Some(2.0))
+            .then_some(())
+    })
+    .await;
+    let log = proxy.log();
+    assert!(log.contains("did not decode"), "{log}");
+    assert!(!log.contains("input_tokens="), "no usage read: {log}");
 }

@@ -1,4 +1,5 @@
 //! Test parts for claude-relay: real servers and processes, started by tests.
+pub mod compress;
 pub mod egress;
 pub mod http;
 pub mod proxy;

@@ -19,6 +19,17 @@
 //! | `status-401` | 401 authentication_error (a bad upstream key) |
 //! | `stall` | never answers |
 //!
+//! Compression as the Claude API does it: a request whose `Accept-Encoding`
+//! lists gzip, deflate, br or zstd gets its answer in one of them (the
+//! highest q-value; gzip first among equals), JSON answers encoded whole,
+//! event streams encoded live and flushed after every event. Without
+//! `Accept-Encoding`, identity. [`MockUpstream::force_encoding`] or the
+//! `x-mock-encoding` request header (`gzip`, `deflate`, `deflate-raw`,
+//! `br`, `zstd`, `identity`, or any other name, sent as is over an
+//! uncompressed body) override the choice. [`MockUpstream::bodies_sent`]
+//! has every answer's body as sent. `x-mock-pad: N` adds N bytes of `x`
+//! to a JSON answer's text (a compression bomb when compressed).
+//!
 //! `x-mock-usage: INPUT,OUTPUT,CACHE_CREATION,CACHE_READ` sets the usage a
 //! Messages answer reports (JSON `usage`; in a stream, `message_start` has
 //! all but OUTPUT, which it reports as 1, and `message_delta` reports OUTPUT).
@@ -45,6 +56,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+use crate::compress;
+
 /// One request as the upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -62,6 +75,10 @@ struct State {
     forced: Mutex<Option<String>>,
     /// Answers requests made with this upstream key in this mode.
     forced_by_key: Mutex<std::collections::HashMap<String, String>>,
+    /// Encodes every answer so, whatever the request accepts.
+    forced_encoding: Mutex<Option<String>>,
+    /// Answer bodies as sent (a stream's once it ends), in order.
+    sent: Mutex<Vec<Bytes>>,
     requests: Mutex<Vec<Recorded>>,
     streams_cancelled: AtomicUsize,
     streams_finished: AtomicUsize,
@@ -155,6 +172,18 @@ impl MockUpstream {
             .count()
     }
 
+    /// Encodes every answer in `coding` (see the module doc), whatever the
+    /// request's `Accept-Encoding`; `None` to negotiate again.
+    pub fn force_encoding(&self, coding: Option<&str>) {
+        *self.state.forced_encoding.lock().unwrap() = coding.map(String::from);
+    }
+
+    /// Every answer's body as it went on the wire (compressed if it was),
+    /// a stream's once it has ended.
+    pub fn bodies_sent(&self) -> Vec<Bytes> {
+        self.state.sent.lock().unwrap().clone()
+    }
+
     /// Lets one `stream-gated` response go on.
     pub fn open_gate(&self) {
         self.state.gate.notify_one();
@@ -192,6 +221,61 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
 type MockResponse = Response<MockBody>;
 
 async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr) -> MockResponse {
+    let coding = {
+        let forced = state.forced_encoding.lock().unwrap().clone();
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        forced
+            .or_else(|| header("x-mock-encoding"))
+            .or_else(|| {
+                header("accept-encoding")
+                    .and_then(|accepted| compress::negotiate(&accepted).map(str::to_owned))
+            })
+            .filter(|coding| coding != "identity")
+    };
+    let response = respond(state.clone(), request, peer, coding.clone()).await;
+    finish_answer(&state, response, coding.as_deref())
+}
+
+/// Encodes a whole answer in `coding` and keeps its bytes as sent (a
+/// stream encodes and keeps its own as it goes).
+fn finish_answer(state: &State, mut response: MockResponse, coding: Option<&str>) -> MockResponse {
+    let Some(whole) = response.body_mut().full.take() else {
+        return response;
+    };
+    let whole = match coding {
+        Some(coding) => {
+            let (label, whole) = match compress::StreamEncoder::new(coding) {
+                Some(_) => (compress::label(coding), compress::encode(coding, &whole)),
+                // A coding the double cannot apply is named over plain bytes.
+                None => (coding, whole),
+            };
+            if let Ok(value) = HeaderValue::from_str(label) {
+                response.headers_mut().insert("content-encoding", value);
+            }
+            response
+                .headers_mut()
+                .insert("vary", HeaderValue::from_static("accept-encoding"));
+            whole
+        }
+        None => whole,
+    };
+    state.sent.lock().unwrap().push(whole.clone());
+    *response.body_mut() = MockBody::full(whole);
+    response
+}
+
+async fn respond(
+    state: Arc<State>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    coding: Option<String>,
+) -> MockResponse {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -244,6 +328,12 @@ async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr)
         .get("x-mock-usage")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_usage);
+    let pad = parts
+        .headers
+        .get("x-mock-pad")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
     let path = parts.uri.path();
     let model = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
@@ -317,6 +407,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr)
             model,
             delay,
             usage.unwrap_or(DEFAULT_STREAM_USAGE),
+            coding,
         ),
         _ => {
             if !delay.is_zero() {
@@ -324,7 +415,7 @@ async fn answer(state: Arc<State>, request: Request<Incoming>, peer: SocketAddr)
             }
             json(
                 StatusCode::OK,
-                message_json_with(&model, usage.unwrap_or(DEFAULT_USAGE)),
+                padded_message_json(&model, usage.unwrap_or(DEFAULT_USAGE), pad),
             )
         }
     }
@@ -385,7 +476,13 @@ pub fn message_json(model: &str) -> String {
 
 /// A Messages API response of about 1 KB reporting `usage`.
 pub fn message_json_with(model: &str, usage: [u64; 4]) -> String {
-    let text = "The relay passes every byte through unchanged. ".repeat(16);
+    padded_message_json(model, usage, 0)
+}
+
+/// A Messages API response reporting `usage`, its text `pad` bytes longer.
+pub fn padded_message_json(model: &str, usage: [u64; 4], pad: usize) -> String {
+    let mut text = "The relay passes every byte through unchanged. ".repeat(16);
+    text.extend(std::iter::repeat_n('x', pad));
     serde_json::json!({
         "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
         "type": "message",
@@ -459,9 +556,26 @@ fn stream(
     model: String,
     delay: Duration,
     usage: [u64; 4],
+    coding: Option<String>,
 ) -> MockResponse {
     let (tx, rx) = mpsc::channel::<Chunk>(4);
     let mut response = Response::new(MockBody::channel(rx));
+    let encoder = coding.as_deref().and_then(compress::StreamEncoder::new);
+    if let Some(coding) = &coding {
+        let label = if encoder.is_some() {
+            compress::label(coding)
+        } else {
+            coding
+        };
+        if let Ok(value) = HeaderValue::from_str(label) {
+            response.headers_mut().insert("content-encoding", value);
+        }
+    }
+    let mut tx = Out {
+        tx,
+        encoder,
+        sent: Vec::new(),
+    };
     response.headers_mut().insert(
         "content-type",
         HeaderValue::from_static("text/event-stream"),
@@ -472,18 +586,19 @@ fn stream(
     with_api_headers(&mut response);
 
     tokio::spawn(async move {
+        let tx = &mut tx;
         let events = stream_events_with(&model, usage);
         let completed = match mode.as_str() {
             "stream-cut" => {
                 // The connection breaks: the body ends with an error, so
                 // hyper drops it without the final chunk.
-                if send_all(&tx, events[..4].iter().cloned(), delay).await {
-                    let _ = tx.send(Err(BrokenOff)).await;
+                if send_all(tx, events[..4].iter().cloned(), delay).await {
+                    let _ = tx.tx.send(Err(BrokenOff)).await;
                 }
                 false
             }
             "stream-error" => {
-                send_all(&tx, [
+                send_all(tx, [
                     events[0].clone(),
                     event("error", serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
                 ], delay)
@@ -491,23 +606,23 @@ fn stream(
             }
             "stream-endless" => {
                 let delay = if delay.is_zero() { Duration::from_millis(50) } else { delay };
-                let mut ok = send(&tx, events[0].clone(), Duration::ZERO).await;
+                let mut ok = send(tx, events[0].clone(), Duration::ZERO).await;
                 while ok {
-                    ok = send(&tx, event("ping", serde_json::json!({"type": "ping"})), delay).await;
+                    ok = send(tx, event("ping", serde_json::json!({"type": "ping"})), delay).await;
                 }
                 false
             }
             "stream-stall" => {
-                if send(&tx, events[0].clone(), Duration::ZERO).await {
-                    tx.closed().await;
+                if send(tx, events[0].clone(), Duration::ZERO).await {
+                    tx.tx.closed().await;
                 }
                 false
             }
             "stream-gated" => {
-                send(&tx, events[0].clone(), Duration::ZERO).await && {
+                send(tx, events[0].clone(), Duration::ZERO).await && {
                     tokio::select! {
-                        () = state.gate.notified() => send_all(&tx, events[1..].iter().cloned(), delay).await,
-                        () = tx.closed() => false,
+                        () = state.gate.notified() => send_all(tx, events[1..].iter().cloned(), delay).await,
+                        () = tx.tx.closed() => false,
                     }
                 }
             }
@@ -517,10 +632,23 @@ fn stream(
                     2,
                     event("future_event_type", serde_json::json!({"type": "future_event_type", "x": [1, 2]})),
                 );
-                send_all(&tx, with_unknown, delay).await
+                send_all(tx, with_unknown, delay).await
             }
-            _ => send_all(&tx, events, delay).await,
+            _ => send_all(tx, events, delay).await,
         };
+        if completed {
+            // The end of the compressed stream (gzip's trailer, say).
+            if let Some(encoder) = tx.encoder.take() {
+                let trailer = encoder.finish();
+                tx.sent.extend_from_slice(&trailer);
+                let _ = tx.tx.send(Ok(trailer)).await;
+            }
+        }
+        state
+            .sent
+            .lock()
+            .unwrap()
+            .push(Bytes::from(std::mem::take(&mut tx.sent)));
         if completed {
             state.streams_finished.fetch_add(1, Ordering::SeqCst);
         } else {
@@ -545,22 +673,31 @@ impl std::fmt::Display for BrokenOff {
 
 impl std::error::Error for BrokenOff {}
 
+/// Where a stream's events go: encoded and flushed one by one when the
+/// answer is compressed, and kept as sent.
+struct Out {
+    tx: mpsc::Sender<Chunk>,
+    encoder: Option<compress::StreamEncoder>,
+    sent: Vec<u8>,
+}
+
 /// Sends after `delay`; false when the client has gone away.
-async fn send(tx: &mpsc::Sender<Chunk>, bytes: Bytes, delay: Duration) -> bool {
+async fn send(out: &mut Out, bytes: Bytes, delay: Duration) -> bool {
     if !delay.is_zero() {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = tx.closed() => return false,
+            () = out.tx.closed() => return false,
         }
     }
-    tx.send(Ok(bytes)).await.is_ok()
+    let bytes = match &mut out.encoder {
+        Some(encoder) => encoder.chunk(&bytes),
+        None => bytes,
+    };
+    out.sent.extend_from_slice(&bytes);
+    out.tx.send(Ok(bytes)).await.is_ok()
 }
 
-async fn send_all(
-    tx: &mpsc::Sender<Chunk>,
-    events: impl IntoIterator<Item = Bytes>,
-    delay: Duration,
-) -> bool {
+async fn send_all(tx: &mut Out, events: impl IntoIterator<Item = Bytes>, delay: Duration) -> bool {
     for (i, e) in events.into_iter().enumerate() {
         let wait = if i == 0 { Duration::ZERO } else { delay };
         if !send(tx, e, wait).await {

@@ -143,6 +143,83 @@ pub fn messages_request(
     )
 }
 
+/// The codings the upstream double answers in, `identity` first.
+pub const ENCODINGS: [&str; 6] = ["identity", "gzip", "deflate", "deflate-raw", "br", "zstd"];
+
+/// Request headers that get an answer in `coding` from the upstream double,
+/// the way a client asks: `Accept-Encoding` (raw deflate, which servers
+/// label `deflate`, has to be forced).
+pub fn asking_for(coding: &'static str) -> Vec<(&'static str, &'static str)> {
+    match coding {
+        "identity" => Vec::new(),
+        "deflate-raw" => vec![
+            ("accept-encoding", "deflate"),
+            ("x-mock-encoding", "deflate-raw"),
+        ],
+        _ => vec![("accept-encoding", coding)],
+    }
+}
+
+/// A body as the client reads it, decoded (what an SDK sees).
+pub fn decoded(coding: &str, answer: &Answer) -> String {
+    if coding == "identity" {
+        assert!(!answer.headers.contains_key("content-encoding"));
+        return String::from_utf8_lossy(&answer.body).into_owned();
+    }
+    assert_eq!(
+        answer.headers["content-encoding"],
+        claude_relay_testkit::compress::label(coding),
+        "the upstream's content-encoding reaches the client"
+    );
+    String::from_utf8(claude_relay_testkit::compress::decode(coding, &answer.body)).unwrap()
+}
+
+/// Reads a response whole, or up to where it broke off: the bytes and
+/// whether it broke off.
+pub async fn read_all(response: http::Response<hyper::body::Incoming>) -> (Answer, bool) {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = response.into_parts();
+    let mut all = Vec::new();
+    let mut broke = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    all.extend_from_slice(&data);
+                }
+            }
+            Err(_) => {
+                broke = true;
+                break;
+            }
+        }
+    }
+    let answer = Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: all.into(),
+    };
+    (answer, broke)
+}
+
+/// Waits until the upstream double has sent `body` as one answer's body:
+/// the client got the upstream's bytes unchanged.
+pub async fn sent_unchanged(setup: &Setup, body: &[u8]) {
+    eventually(
+        Duration::from_secs(5),
+        "the client's bytes are the upstream's",
+        || async {
+            setup
+                .upstream
+                .bodies_sent()
+                .iter()
+                .any(|sent| sent.as_ref() == body)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Polls `check` every 20 ms until it gives `Some`, for at most `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
 where
