@@ -19,6 +19,16 @@ const ONE_AT_A_TIME: &str = "    quota: {max_concurrent: 1}";
 /// 20 requests, each sent once the answer before it was read to its end,
 /// JSON and streams in turn, to the replicas in turn: every one passes.
 async fn sequential_requests_all_pass(client: &TestClient, replicas: &[&ProxyProcess]) {
+    sequential_requests_all_pass_as(client, replicas, "identity").await;
+}
+
+/// The same, asking for answers in `accept_encoding` (the official SDKs
+/// ask for gzip, and the API double then compresses as the API does).
+async fn sequential_requests_all_pass_as(
+    client: &TestClient,
+    replicas: &[&ProxyProcess],
+    accept_encoding: &str,
+) {
     for i in 0..20 {
         let proxy = replicas[i % replicas.len()];
         let (body, mock) = if i % 4 < 2 {
@@ -28,7 +38,12 @@ async fn sequential_requests_all_pass(client: &TestClient, replicas: &[&ProxyPro
         };
         let answer = send(
             client,
-            messages_request(proxy, APP_KEY, body, &[("x-mock", mock)]),
+            messages_request(
+                proxy,
+                APP_KEY,
+                body,
+                &[("x-mock", mock), ("accept-encoding", accept_encoding)],
+            ),
         )
         .await;
         assert_eq!(
@@ -36,7 +51,12 @@ async fn sequential_requests_all_pass(client: &TestClient, replicas: &[&ProxyPro
             "request {i} ({}) refused: {:?}",
             mock, answer.body
         );
-        if mock == "stream" {
+        let coding = answer
+            .headers
+            .get("content-encoding")
+            .map_or("identity", |v| v.to_str().unwrap());
+        assert_eq!(coding, accept_encoding, "request {i} ({mock})");
+        if mock == "stream" && accept_encoding == "identity" {
             assert!(answer.body.ends_with(b"message_stop\"}\n\n"));
         }
     }
@@ -57,6 +77,18 @@ async fn sequential_requests_never_meet_their_own_slot_across_replicas_sharing_r
     sequential_requests_all_pass(&setup.client, &[&a, &b]).await;
     // One replica alone, too: the release is not left to a batch.
     sequential_requests_all_pass(&setup.client, &[&a]).await;
+}
+
+/// Compressed answers, whose last chunk is decoded for usage only once the
+/// server is done with the body, release their slot before the end too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_with_compressed_answers_never_meet_their_own_slot_across_replicas() {
+    let setup = Setup::with_redis().await;
+    let config = setup.config(ONE_AT_A_TIME, "", "");
+    let (a, b) = (setup.proxy(&config), setup.proxy(&config));
+    for coding in ["gzip", "br"] {
+        sequential_requests_all_pass_as(&setup.client, &[&a, &b], coding).await;
+    }
 }
 
 /// The same over HTTP/2, which hyper serves (the relay's own loop serves
