@@ -8,6 +8,8 @@
 //! while a request in flight finishes; once the loop has served a request,
 //! an HTTP/2 preface on the connection is a bad request.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
-const RELAY_KEY: &str = "relay-key-for-tests";
+const RELAY_KEY: &str = common::ONE_CLIENT_KEY;
 const MESSAGE: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
 
 fn start(upstream: &MockUpstream) -> ProxyProcess {
@@ -26,20 +28,7 @@ fn start(upstream: &MockUpstream) -> ProxyProcess {
 
 /// A relay to `upstream`, with `server` settings besides its addresses.
 fn start_with(upstream: &MockUpstream, server: &str) -> ProxyProcess {
-    let config = format!(
-        r#"
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}", {server}}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-  - name: local
-    base_url: {}
-    api_keys: [{{env: TEST_RELAY_KEY}}]
-"#,
-        upstream.base_url()
-    );
-    ProxyProcess::start(BIN.as_ref(), &config, &[("TEST_RELAY_KEY", RELAY_KEY)])
+    common::one_client_relay(BIN.as_ref(), &upstream.base_url(), server)
 }
 
 /// A Messages request head with a `Content-Length` body.

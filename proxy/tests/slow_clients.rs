@@ -6,6 +6,8 @@
 //! past `server.max_connections` new connections wait in the listen
 //! backlog while the admin port still answers.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use claude_relay_testkit::http::blocking_get_status;
@@ -15,25 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
-const RELAY_KEY: &str = "relay-key-for-tests";
+const RELAY_KEY: &str = common::ONE_CLIENT_KEY;
 const MESSAGE: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
 
 /// A relay to `upstream`, with `server` settings besides its addresses.
 fn start_with(upstream: &MockUpstream, server: &str) -> ProxyProcess {
-    let config = format!(
-        r#"
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}", {server}}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-  - name: local
-    base_url: {}
-    api_keys: [{{env: TEST_RELAY_KEY}}]
-"#,
-        upstream.base_url()
-    );
-    ProxyProcess::start(BIN.as_ref(), &config, &[("TEST_RELAY_KEY", RELAY_KEY)])
+    common::one_client_relay(BIN.as_ref(), &upstream.base_url(), server)
 }
 
 /// A Messages request head; its body framed by `framing`
@@ -345,20 +334,7 @@ async fn the_default_cap_keeps_the_relay_within_its_open_files_limit() {
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config = format!(
-        r#"
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-  - name: local
-    base_url: {}
-    api_keys: [{{env: TEST_RELAY_KEY}}]
-"#,
-        upstream.base_url()
-    );
-    let proxy = ProxyProcess::start(&wrapper, &config, &[("TEST_RELAY_KEY", RELAY_KEY)]);
+    let proxy = common::one_client_relay(&wrapper, &upstream.base_url(), "");
     // (300 - 256) / 2
     assert!(
         proxy.log().contains("max_connections=22"),

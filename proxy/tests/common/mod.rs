@@ -19,6 +19,37 @@ pub const BODY: &str =
     r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
 pub const STREAM_BODY: &str = r#"{"model":"claude-test","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
 
+/// The relay key of [`one_client_relay`]'s client, and its region's upstream key.
+pub const ONE_CLIENT_KEY: &str = "relay-key-for-tests";
+
+/// A relay run by `binary` with one client, `app`, and one region, `local`,
+/// at `upstream_url`, with `server` settings besides its addresses: for
+/// tests of the server itself, which speak raw HTTP.
+pub fn one_client_relay(
+    binary: &std::path::Path,
+    upstream_url: &str,
+    server: &str,
+) -> ProxyProcess {
+    let server = if server.is_empty() {
+        String::new()
+    } else {
+        format!(", {server}")
+    };
+    let config = format!(
+        r#"
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}"{server}}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+  - name: local
+    base_url: {upstream_url}
+    api_keys: [{{env: TEST_RELAY_KEY}}]
+"#
+    );
+    ProxyProcess::start(binary, &config, &[("TEST_RELAY_KEY", ONE_CLIENT_KEY)])
+}
+
 pub struct Setup {
     pub upstream: MockUpstream,
     pub redis: Option<RedisServer>,
