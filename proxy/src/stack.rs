@@ -115,9 +115,25 @@ pub async fn handle(
         request.method().clone(),
     ));
     let snapshot = app.snapshot.load_full();
+    // hyper's HTTP/1 server closes a connection whose request body was left
+    // unread; the answer says so, so that the client does not reuse it.
+    let hyper_http1 = matches!(request.body(), http_body_util::Either::Right(_))
+        && request.version() < http::Version::HTTP_2;
     let response = match relay(&app, &snapshot, request, peer, &mut exchange).await {
         Ok(response) => response,
-        Err(error) => refusal(&app, error, &request_id),
+        Err(error) => {
+            let body_left_unread = matches!(
+                error,
+                RelayError::RequestTimeout(_) | RelayError::Unauthenticated(_)
+            );
+            let mut response = refusal(&app, error, &request_id);
+            if hyper_http1 && body_left_unread {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     };
     exchange.status = response.status().as_u16();
     let (parts, body) = response.into_parts();

@@ -56,6 +56,8 @@ fn assert_408_and_close(text: &str) {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains(r#""type":"invalid_request_error""#), "{text}");
     assert!(text.contains("too slowly"), "{text}");
+    // Said before the connection closes, so that no client reuses it.
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
 }
 
 #[tokio::test]
@@ -150,6 +152,10 @@ async fn a_request_with_a_bad_relay_key_is_refused_before_its_body_is_sent() {
         assert!(text.starts_with("HTTP/1.1 401"), "{length}: {text}");
         assert!(
             text.contains(r#""type":"authentication_error""#),
+            "{length}: {text}"
+        );
+        assert!(
+            text.contains("\r\nconnection: close\r\n"),
             "{length}: {text}"
         );
     }
