@@ -334,7 +334,7 @@ impl Drop for Decoder {
 
 /// RFC 1950: the method is deflate, the window at most 32 KB, and the two
 /// bytes a multiple of 31. Raw deflate rarely starts that way.
-fn zlib_header(cmf: u8, flg: u8) -> bool {
+pub fn zlib_header(cmf: u8, flg: u8) -> bool {
     cmf & 0x0f == 8 && cmf >> 4 <= 7 && (u16::from(cmf) << 8 | u16::from(flg)) % 31 == 0
 }
 

@@ -36,15 +36,13 @@ impl Coding {
         for value in headers.get_all(header::CONTENT_ENCODING) {
             let text = value.to_str().unwrap_or("\u{fffd}");
             for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                let next = if token.eq_ignore_ascii_case("identity") {
+                if token.eq_ignore_ascii_case("identity") {
                     continue;
-                } else if token.eq_ignore_ascii_case("gzip") || token.eq_ignore_ascii_case("x-gzip")
-                {
-                    Coding::Gzip
-                } else if token.eq_ignore_ascii_case("deflate") {
-                    Coding::Deflate
-                } else {
-                    return Err(unsupported(token));
+                }
+                let next = match crate::encoding::Coding::from_name(token) {
+                    Some(crate::encoding::Coding::Gzip) => Coding::Gzip,
+                    Some(crate::encoding::Coding::Deflate) => Coding::Deflate,
+                    _ => return Err(unsupported(token)),
                 };
                 if coding != Coding::Identity {
                     return Err(RelayError::UnsupportedEncoding(
@@ -91,21 +89,17 @@ pub async fn decode_aside(body: Bytes, coding: Coding, limit: u64) -> Result<Byt
 /// past it), 400 when it does not decode.
 pub fn decode(body: &Bytes, coding: Coding, limit: u64) -> Result<Bytes, RelayError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // HTTP's `deflate` is the zlib format; some clients send raw deflate.
+    let zlib = matches!(&body[..], [cmf, flg, ..] if crate::encoding::zlib_header(*cmf, *flg));
     match coding {
         Coding::Identity => return Ok(body.clone()),
         Coding::Gzip => bounded(flate2::bufread::MultiGzDecoder::new(&body[..]), body, limit),
-        // HTTP's `deflate` is the zlib format; some clients send raw deflate.
-        Coding::Deflate if looks_like_zlib(body) => {
+        Coding::Deflate if zlib => {
             bounded(flate2::bufread::ZlibDecoder::new(&body[..]), body, limit)
         }
         Coding::Deflate => bounded(flate2::bufread::DeflateDecoder::new(&body[..]), body, limit),
     }
     .map(Bytes::from)
-}
-
-/// A zlib stream's two-byte header: method 8 and a check that divides by 31.
-fn looks_like_zlib(body: &[u8]) -> bool {
-    matches!(body, [cmf, flg, ..] if cmf & 0x0f == 8 && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0)
 }
 
 /// Reads `decoder` to its end, a chunk at a time, into a buffer that never
