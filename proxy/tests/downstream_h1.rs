@@ -246,30 +246,15 @@ async fn https_http1_clients_are_served_by_the_same_loop() {
 
 /// Reads one response with a `content-length` body off `stream`.
 async fn read_one(stream: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .expect("a content-length")
-                .trim()
-                .parse()
-                .unwrap();
-            if got.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
-            .await
-            .expect("no whole response within 10 s")
-            .unwrap();
-        assert!(n > 0, "closed before the response was whole: {text}");
-        got.extend_from_slice(&chunk[..n]);
-    }
+    let text = common::read_response(stream, Duration::from_secs(10))
+        .await
+        .expect("no whole response within 10 s");
+    let head = &text[..text.find("\r\n\r\n").unwrap()];
+    assert!(
+        head.contains("\r\ncontent-length: "),
+        "a content-length: {head}"
+    );
+    text
 }
 
 #[tokio::test]

@@ -231,31 +231,18 @@ async fn send_message(stream: &mut TcpStream) {
     stream.write_all(request.as_bytes()).await.unwrap();
 }
 
-/// Reads one response's head and its `content-length` body, within `within`.
-async fn read_response(stream: &mut TcpStream, within: Duration) -> Option<String> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + length {
-                return Some(text);
-            }
-        }
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(read) => {
-                let n = read.unwrap();
-                assert!(n > 0, "closed: {text}");
-                got.extend_from_slice(&chunk[..n]);
-            }
-        }
-    }
+/// With the API port at its connection cap, the admin port still answers
+/// and counts the connections served.
+async fn assert_admin_answers_at_the_cap(proxy: &ProxyProcess, served: f64) {
+    let admin = proxy.admin;
+    let health = tokio::task::spawn_blocking(move || blocking_get_status(admin, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health, Some(200));
+    assert_eq!(
+        proxy.metric("claude_relay_client_connections ").await,
+        Some(served)
+    );
 }
 
 #[tokio::test]
@@ -266,7 +253,7 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
     for _ in 0..3 {
         let mut stream = TcpStream::connect(proxy.api).await.unwrap();
         send_message(&mut stream).await;
-        let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+        let answer = common::read_response(&mut stream, Duration::from_secs(5)).await;
         assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
         open.push(stream);
     }
@@ -278,23 +265,15 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
         waiting.push(stream);
     }
     for stream in &mut waiting {
-        let answer = read_response(stream, Duration::from_millis(700)).await;
+        let answer = common::read_response(stream, Duration::from_millis(700)).await;
         assert!(answer.is_none(), "served past the cap: {answer:?}");
     }
-    let admin = proxy.admin;
-    let health = tokio::task::spawn_blocking(move || blocking_get_status(admin, "/healthz"))
-        .await
-        .unwrap();
-    assert_eq!(health, Some(200));
-    assert_eq!(
-        proxy.metric("claude_relay_client_connections ").await,
-        Some(3.0)
-    );
+    assert_admin_answers_at_the_cap(&proxy, 3.0).await;
     // One closes: one waiting connection is served.
     drop(open.pop());
     let mut served = 0;
     for stream in &mut waiting {
-        if read_response(stream, Duration::from_millis(1500))
+        if common::read_response(stream, Duration::from_millis(1500))
             .await
             .is_some()
         {
@@ -306,7 +285,9 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
     open.clear();
     let mut last = None;
     for stream in &mut waiting {
-        last = read_response(stream, Duration::from_secs(3)).await.or(last);
+        last = common::read_response(stream, Duration::from_secs(3))
+            .await
+            .or(last);
     }
     assert!(
         last.is_some(),
@@ -314,7 +295,7 @@ async fn past_max_connections_new_connections_wait_and_the_admin_port_answers() 
     );
     let mut fresh = TcpStream::connect(proxy.api).await.unwrap();
     send_message(&mut fresh).await;
-    let answer = read_response(&mut fresh, Duration::from_secs(5)).await;
+    let answer = common::read_response(&mut fresh, Duration::from_secs(5)).await;
     assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
     assert!(
         proxy.log().contains("server.max_connections reached"),
@@ -352,25 +333,17 @@ async fn the_default_cap_keeps_the_relay_within_its_open_files_limit() {
         idle.push(TcpStream::connect(proxy.api).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let admin = proxy.admin;
-    let health = tokio::task::spawn_blocking(move || blocking_get_status(admin, "/healthz"))
-        .await
-        .unwrap();
-    assert_eq!(health, Some(200));
-    assert_eq!(
-        proxy.metric("claude_relay_client_connections ").await,
-        Some(22.0)
-    );
+    assert_admin_answers_at_the_cap(&proxy, 22.0).await;
     let mut late = TcpStream::connect(proxy.api).await.unwrap();
     send_message(&mut late).await;
     assert!(
-        read_response(&mut late, Duration::from_millis(500))
+        common::read_response(&mut late, Duration::from_millis(500))
             .await
             .is_none(),
         "served past the cap"
     );
     idle.clear();
-    let answer = read_response(&mut late, Duration::from_secs(5)).await;
+    let answer = common::read_response(&mut late, Duration::from_secs(5)).await;
     assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
     assert!(
         !proxy.log().contains("Too many open files"),

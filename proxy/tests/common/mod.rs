@@ -50,6 +50,36 @@ regions:
     ProxyProcess::start(binary, &config, &[("TEST_RELAY_KEY", ONE_CLIENT_KEY)])
 }
 
+/// Reads one response's head and its `content-length` body off a raw
+/// connection, within `within` (`None` past it).
+pub async fn read_response(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return Some(text);
+            }
+        }
+        match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(stream, &mut chunk))
+            .await
+        {
+            Err(_) => return None,
+            Ok(read) => {
+                let n = read.unwrap();
+                assert!(n > 0, "closed: {text}");
+                got.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
 pub struct Setup {
     pub upstream: MockUpstream,
     pub redis: Option<RedisServer>,
