@@ -1,4 +1,4 @@
-# Shared by bench/run.sh and bench/instructions.sh (sourced, not run): a work
+# Shared by bench/run.sh, instructions.sh and compressed.sh (sourced, not run): a work
 # directory and child processes cleaned up on exit, the bench's secrets, tool
 # checks, free ports, the upstream (nginx serving a 1 KB Messages response),
 # the nginx reverse proxy config and wrk's POST script.
@@ -36,6 +36,12 @@ print(json.dumps({"id":"msg_bench","type":"message","role":"assistant","model":"
   "usage":{"input_tokens":25,"output_tokens":180}}, separators=(",",":")))
 PY
 )
+  start_nginx_upstream "$1" "location / { default_type application/json; return 200 '$body'; }"
+}
+
+# start_nginx_upstream PORT DIRECTIVES: one nginx worker in $work/up, its
+# one server on PORT configured by DIRECTIVES.
+start_nginx_upstream() {
   mkdir -p "$work/up"
   cat > "$work/up/nginx.conf" <<NGINX
 worker_processes 1;
@@ -49,7 +55,7 @@ http {
   client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
   server {
     listen 127.0.0.1:$1;
-    location / { default_type application/json; return 200 '$body'; }
+    $2
   }
 }
 NGINX

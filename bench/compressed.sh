@@ -51,26 +51,7 @@ body = json.dumps({"id": "msg_bench", "type": "message", "role": "assistant", "m
 open(f"{sys.argv[1]}/messages", "wb").write(body)
 open(f"{sys.argv[1]}/messages.gz", "wb").write(gzip.compress(body, 6))
 PY
-cat > "$work/up/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
-  server {
-    listen 127.0.0.1:$UP;
-    root $work/up/www;
-    default_type application/json;
-    gzip_static on;
-    error_page 405 =200 \$uri;
-  }
-}
-NGINX
-"$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+start_nginx_upstream "$UP" "root $work/up/www; default_type application/json; gzip_static on; error_page 405 =200 \$uri;"
 "$MOCK" --listen "127.0.0.1:$MK" 2>/dev/null & pids+=($!)
 
 cat > "$work/relay.yaml" <<YAML
