@@ -114,37 +114,33 @@ pub fn encode(coding: &str, data: &[u8]) -> Bytes {
 
 /// Decodes a whole body, as a client would.
 pub fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
-    use std::io::Read;
     let mut out = Vec::new();
-    match label(coding) {
-        "gzip" => flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out),
-        "deflate" if coding == "deflate-raw" => {
-            flate2::read::DeflateDecoder::new(body).read_to_end(&mut out)
-        }
-        "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(&mut out),
-        "br" => brotli::Decompressor::new(body, 4096).read_to_end(&mut out),
-        _ => zstd::stream::read::Decoder::new(body).and_then(|mut d| d.read_to_end(&mut out)),
-    }
-    .unwrap_or_else(|e| panic!("{coding} body does not decode: {e}"));
+    read_decoded(coding, body, &mut out)
+        .unwrap_or_else(|e| panic!("{coding} body does not decode: {e}"));
     out
 }
 
 /// Decodes as much of a body as came, as a client reading a stream that
 /// broke off would.
 pub fn decode_prefix(coding: &str, body: &[u8]) -> Vec<u8> {
-    use std::io::Read;
     let mut out = Vec::new();
     // The error a cut stream ends with is the point; what came before it counts.
-    let _ = match label(coding) {
-        "gzip" => flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out),
-        "deflate" if coding == "deflate-raw" => {
-            flate2::read::DeflateDecoder::new(body).read_to_end(&mut out)
-        }
-        "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(&mut out),
-        "br" => brotli::Decompressor::new(body, 4096).read_to_end(&mut out),
-        _ => zstd::stream::read::Decoder::new(body).and_then(|mut d| d.read_to_end(&mut out)),
-    };
+    let _ = read_decoded(coding, body, &mut out);
     out
+}
+
+/// Reads `body` decoded into `out`, as far as it decodes.
+fn read_decoded(coding: &str, body: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::io::Read;
+    match label(coding) {
+        "gzip" => flate2::read::MultiGzDecoder::new(body).read_to_end(out),
+        "deflate" if coding == "deflate-raw" => {
+            flate2::read::DeflateDecoder::new(body).read_to_end(out)
+        }
+        "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(out),
+        "br" => brotli::Decompressor::new(body, 4096).read_to_end(out),
+        _ => zstd::stream::read::Decoder::new(body).and_then(|mut d| d.read_to_end(out)),
+    }
 }
 
 /// A client's live decoder: each chunk's output as it arrives.
