@@ -126,7 +126,7 @@ import kubernetes_validate
 K8S = sys.argv[1]
 FILES = sys.argv[2:]
 # Kinds whose schema is neither in Kubernetes nor ours (CRDs of other projects).
-NO_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NO_SCHEMA = {("monitoring.coreos.com/v1", kind) for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")}
 
 
 def convert(s):
@@ -312,6 +312,59 @@ for path in FILES:
         else:
             print(f"  ok   {what} ({how})")
 sys.exit(1 if bad else 0)
+PY
+
+# ---------------------------------------------------------------- alerts
+step "alerts: promtool check rules + test rules, and the chart's PrometheusRule"
+RULES="$CHART/rules/claude-relay-alerts.yaml"
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing Debian's prometheus (for promtool)"
+  sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus >/dev/null 2>&1 || true; fi
+fi
+promtool check rules "$RULES" || fail "promtool check rules $RULES"
+promtool test rules "$CHART/rules/claude-relay-alerts.test.yaml" || fail "promtool test rules"
+# The unit tests must be able to fail: a threshold moved must break them.
+mutant="$out/mutant-rules"
+mkdir -p "$mutant"
+cp "$CHART"/rules/* "$mutant/"
+sed -i 's/> 0.05/> 0.5/' "$mutant/claude-relay-alerts.yaml"
+if promtool test rules "$mutant/claude-relay-alerts.test.yaml" >/dev/null 2>&1; then
+  fail "promtool test rules passes with the 5xx threshold moved: the tests do not test it"
+else
+  echo "ok: the unit tests fail on a moved threshold"
+fi
+for name in default all-on; do
+  args=(--set prometheusRule.enabled=true)
+  [[ -n "${VALUES[$name]}" ]] && args+=(-f "${VALUES[$name]}")
+  "$HELM" template claude-relay "$CHART" --show-only templates/prometheusrule.yaml "${args[@]}" \
+    >"$out/prometheusrule-$name.yaml" || { fail "helm template the PrometheusRule ($name)"; continue; }
+  if "$VENV/bin/python" - "$out/prometheusrule-$name.yaml" "$RULES" "$name" "$out/rules-$name.yaml" <<'PY'; then :; else fail "the PrometheusRule ($name values)"; fi
+import sys, yaml
+rendered, source, name, extracted = sys.argv[1:]
+groups = yaml.safe_load(open(rendered))["spec"]["groups"]
+yaml.safe_dump({"groups": groups}, open(extracted, "w"))
+if name == "default" and groups != yaml.safe_load(open(source))["groups"]:
+    sys.exit("with default values the PrometheusRule must hold exactly rules/claude-relay-alerts.yaml")
+print(f"ok: {sum(len(g['rules']) for g in groups)} alerts rendered ({name} values)")
+PY
+  promtool check rules "$out/rules-$name.yaml" >/dev/null || fail "promtool check rules (rendered, $name values)"
+done
+
+step "the Grafana dashboard"
+if "$VENV/bin/python" - "$CHART/dashboards/claude-relay.json" "$out/all-on.yaml" <<'PY'; then :; else fail "the Grafana dashboard"; fi
+import json, sys, yaml
+path, rendered = sys.argv[1:]
+dashboard = json.load(open(path))
+exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+assert exprs, "no queries"
+maps = [d for d in yaml.safe_load_all(open(rendered))
+        if d and d.get("kind") == "ConfigMap" and "grafana_dashboard" in d["metadata"].get("labels", {})]
+assert len(maps) == 1, f"{len(maps)} dashboard ConfigMaps in the all-on rendering"
+assert json.loads(maps[0]["data"]["claude-relay.json"]) == dashboard, "the ConfigMap differs from the file"
+print(f"ok: {len(dashboard['panels'])} panels, {len(exprs)} queries; the chart's ConfigMap holds the file")
 PY
 
 echo

@@ -2,7 +2,8 @@
 # Installs what the tests and the benchmark need, when it is missing:
 # redis-server (tests start their own on free ports), tinyproxy (the egress
 # proxy of the egress tests, started by them), nginx and wrk (benchmark),
-# unshare and mount (the e2e tests).
+# unshare and mount (the e2e tests), prometheus and promtool (the
+# observability tests).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -11,6 +12,9 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+# Debian's prometheus: the observability tests start it, and check the
+# dashboard's queries with its promtool.
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
 # The e2e tests run each proxy pod under `unshare --mount` with bind mounts.
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
@@ -23,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian starts the services it installs; the tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
-  systemctl stop redis-server nginx tinyproxy >/dev/null 2>&1 || true
+  systemctl stop redis-server nginx tinyproxy prometheus >/dev/null 2>&1 || true
 fi
 # The official Python SDK, for the test that drives the relay with it.
 venv="$(cd "$(dirname "$0")/.." && pwd)/target/sdk-venv"

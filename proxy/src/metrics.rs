@@ -353,6 +353,14 @@ impl Metrics {
                     .clone()
             })
             .collect();
+        // Counters an alert watches start at 0, so that their first increment
+        // shows in `increase()` (a series born at 1 shows no increase).
+        for result in ["ok", "failed", "watch_error"] {
+            let _ = config_reloads.get_or_create(&ResultLabels { result });
+        }
+        for result in ["unavailable", "error"] {
+            let _ = store_errors.get_or_create(&ResultLabels { result });
+        }
         Self {
             registry,
             route_durations,
