@@ -98,6 +98,21 @@ fn stored_deployment(api: &ApiServer, ns: &str, name: &str) -> Option<Value> {
     })
 }
 
+/// Samples as runs, "3 x12, 1 x250, 4 x1", to keep a failure message short.
+fn runs(samples: &[Option<i64>]) -> String {
+    let mut out: Vec<(Option<i64>, usize)> = Vec::new();
+    for sample in samples {
+        match out.last_mut() {
+            Some((last, count)) if last == sample => *count += 1,
+            _ => out.push((*sample, 1)),
+        }
+    }
+    out.iter()
+        .map(|(r, n)| format!("{} x{n}", r.map_or("none".into(), |r| r.to_string())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn replicas_of(deployment: &Value) -> Option<i64> {
     deployment["spec"]["replicas"].as_i64()
 }
@@ -210,22 +225,27 @@ async fn autoscaling_hand_over_never_drops_replicas() {
             }
             assert!(
                 Instant::now() < deadline,
-                "the HPA did not take over: fixed {fixed_samples:?}, auto {auto_samples:?}"
+                "the HPA did not take over: fixed {}, auto {}",
+                runs(&fixed_samples),
+                runs(&auto_samples)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
             fixed_samples.iter().all(|r| r.is_some_and(|r| r >= 3)),
-            "the switched relay ran fewer than 3 replicas: {fixed_samples:?}"
+            "the switched relay ran fewer than 3 replicas: {}",
+            runs(&fixed_samples)
         );
         assert_eq!(
             auto_samples.first(),
             Some(&Some(2)),
-            "a new autoscaled relay starts at minReplicas: {auto_samples:?}"
+            "a new autoscaled relay starts at minReplicas: {}",
+            runs(&auto_samples)
         );
         assert!(
             auto_samples.iter().all(|r| r.is_some_and(|r| r >= 2)),
-            "the new relay ran fewer than minReplicas: {auto_samples:?}"
+            "the new relay ran fewer than minReplicas: {}",
+            runs(&auto_samples)
         );
 
         // Back to fixed replicas: the operator's forced apply takes the
@@ -291,8 +311,8 @@ async fn namespaced_install_works_with_its_role_only() {
     let operator = std::sync::Mutex::new(None);
     reporting(&cluster, &operator, async {
         let ns = cluster.namespace.clone();
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/chart-rbac-watch-namespace.yaml");
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/chart-rbac-watch-namespace.yaml");
         let text = std::fs::read_to_string(&fixture).expect("the RBAC fixture");
         let mut service_account = None;
         let mut lease_name = None;
@@ -307,7 +327,9 @@ async fn namespaced_install_works_with_its_role_only() {
             match kind.as_str() {
                 "Role" => {
                     for rule in object["rules"].as_array().into_iter().flatten() {
-                        if rule["resources"] == json!(["leases"]) && rule.get("resourceNames").is_some() {
+                        if rule["resources"] == json!(["leases"])
+                            && rule.get("resourceNames").is_some()
+                        {
                             lease_name = rule["resourceNames"][0].as_str().map(String::from);
                         }
                     }
@@ -321,7 +343,10 @@ async fn namespaced_install_works_with_its_role_only() {
                     }
                     let binding: RoleBinding =
                         serde_json::from_value(object).expect("a RoleBinding");
-                    cluster.apply(&binding).await.expect("apply the RoleBinding");
+                    cluster
+                        .apply(&binding)
+                        .await
+                        .expect("apply the RoleBinding");
                 }
                 other => panic!("a namespaced install renders a {other}"),
             }
@@ -471,11 +496,10 @@ async fn leader_election_ignores_the_holders_clock() {
                 while renewing.load(Ordering::SeqCst) {
                     let mut current = leases.get("behind").await.expect("the Lease");
                     let spec = current.spec.as_mut().expect("spec");
-                    spec.renew_time = Some(
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    spec.renew_time =
+                        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
                             Timestamp::now() - hour,
-                        ),
-                    );
+                        ));
                     // A conflict with the candidate's write only means "try again".
                     let _ = leases
                         .replace("behind", &PostParams::default(), &current)

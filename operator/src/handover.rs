@@ -82,7 +82,10 @@ async fn hand_over(api: &Api<Deployment>, name: &str, replicas: i32) -> Result<(
         &Patch::Apply(body),
     )
     .await?;
-    info!(deployment = name, replicas, "spec.replicas handed over to the autoscaler");
+    info!(
+        deployment = name,
+        replicas, "spec.replicas handed over to the autoscaler"
+    );
     Ok(())
 }
 
@@ -128,7 +131,11 @@ mod tests {
         let mut deployment = Deployment::default();
         assert!(!owns_replicas(&deployment, FIELD_MANAGER));
         deployment.metadata.managed_fields = Some(vec![
-            managed(FIELD_MANAGER, "Apply", json!({"f:spec": {"f:template": {}}})),
+            managed(
+                FIELD_MANAGER,
+                "Apply",
+                json!({"f:spec": {"f:template": {}}}),
+            ),
             managed(
                 "kube-controller-manager",
                 "Update",

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -61,7 +61,12 @@ impl Observation {
     /// A Lease nobody holds, or that nobody renewed for `leaseDurationSeconds`
     /// of this replica's time since it last saw it change.
     pub fn expired(&self, now: Instant) -> bool {
-        if self.spec.holder_identity.as_deref().is_none_or(str::is_empty) {
+        if self
+            .spec
+            .holder_identity
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
             return true;
         }
         let duration = self.spec.lease_duration_seconds.unwrap_or(15).max(0) as u64;

@@ -189,6 +189,11 @@ pub enum PatchKind {
     Merge,
 }
 
+/// Whose fields: (object, field manager, of the /status subresource).
+type OwnerSlot = (Key, String, bool);
+/// An object's ownership records (appliers, updaters), saved before a write.
+type SavedOwnership = [Vec<(OwnerSlot, Value)>; 2];
+
 pub struct Store {
     resource_version: u64,
     types: BTreeMap<String, ResourceType>,
@@ -196,9 +201,9 @@ pub struct Store {
     /// The fields each applier owns, with the values it applied: (object,
     /// manager, to /status). Its last applied configuration, less the fields
     /// other managers took from it.
-    applied: HashMap<(Key, String, bool), Value>,
+    applied: HashMap<OwnerSlot, Value>,
     /// The fields each manager of an Update (not an apply) owns, likewise.
-    updated: HashMap<(Key, String, bool), Value>,
+    updated: HashMap<OwnerSlot, Value>,
     /// Every change since the start, in resourceVersion order.
     pub changes: Vec<Change>,
 }
@@ -573,7 +578,11 @@ impl Store {
         merge_patch(&mut merged, &patch);
         let saved = self.ownership_of(&key);
         let slot = (key.clone(), manager.to_string(), false);
-        let mut owned = self.updated.get(&slot).cloned().unwrap_or_else(|| json!({}));
+        let mut owned = self
+            .updated
+            .get(&slot)
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         for path in leaves(&patch) {
             self.disown(&key, manager, false, &path);
             match lookup(&merged, &path) {
@@ -610,8 +619,8 @@ impl Store {
     }
 
     /// The ownership records of one object, to restore after a failed write.
-    fn ownership_of(&self, key: &Key) -> [Vec<((Key, String, bool), Value)>; 2] {
-        let of = |map: &HashMap<(Key, String, bool), Value>| {
+    fn ownership_of(&self, key: &Key) -> SavedOwnership {
+        let of = |map: &HashMap<OwnerSlot, Value>| {
             map.iter()
                 .filter(|((k, _, _), _)| k == key)
                 .map(|(slot, v)| (slot.clone(), v.clone()))
@@ -620,7 +629,7 @@ impl Store {
         [of(&self.applied), of(&self.updated)]
     }
 
-    fn restore_ownership(&mut self, key: &Key, saved: [Vec<((Key, String, bool), Value)>; 2]) {
+    fn restore_ownership(&mut self, key: &Key, saved: SavedOwnership) {
         let [applied, updated] = saved;
         self.applied.retain(|(k, _, _), _| k != key);
         self.updated.retain(|(k, _, _), _| k != key);
@@ -1241,7 +1250,13 @@ mod tests {
             .into_iter()
             .flatten()
             .filter(|e| e.pointer("/fieldsV1/f:spec/f:replicas").is_some())
-            .map(|e| format!("{} {}", e["manager"].as_str().unwrap(), e["operation"].as_str().unwrap()))
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["manager"].as_str().unwrap(),
+                    e["operation"].as_str().unwrap()
+                )
+            })
             .collect()
     }
 
@@ -1261,7 +1276,10 @@ mod tests {
         let mut store = Store::default();
         apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
         let shared = apply_deployment(&mut store, "handover", json!({"replicas": 3}));
-        assert_eq!(managers_of_replicas(&shared), ["handover Apply", "op Apply"]);
+        assert_eq!(
+            managers_of_replicas(&shared),
+            ["handover Apply", "op Apply"]
+        );
         let dropped = apply_deployment(&mut store, "op", json!({"paused": false}));
         assert_eq!(dropped["spec"]["replicas"], 3);
         assert_eq!(managers_of_replicas(&dropped), ["handover Apply"]);
@@ -1273,7 +1291,13 @@ mod tests {
         apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
         let rt = deployments(&store);
         let scaled = store
-            .update(&rt, "default", "web", "hpa", json!({"spec": {"replicas": 4}}))
+            .update(
+                &rt,
+                "default",
+                "web",
+                "hpa",
+                json!({"spec": {"replicas": 4}}),
+            )
             .unwrap();
         assert_eq!(scaled["spec"]["replicas"], 4);
         assert_eq!(managers_of_replicas(&scaled), ["hpa Update"]);
@@ -1295,7 +1319,11 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(conflict.code, 409);
-        assert!(conflict.message.contains("\"hpa\": .spec.replicas"), "{}", conflict.message);
+        assert!(
+            conflict.message.contains("\"hpa\": .spec.replicas"),
+            "{}",
+            conflict.message
+        );
         let forced = apply_deployment(&mut store, "op", json!({"replicas": 2, "paused": false}));
         assert_eq!(forced["spec"]["replicas"], 2);
         assert_eq!(managers_of_replicas(&forced), ["op Apply"]);
