@@ -2,8 +2,10 @@
 # Checks the Helm chart, the Kubernetes examples and the Dockerfile:
 #   1. the chart's crds/ are exact copies of crds/yaml/ (the generated CRDs);
 #   2. hadolint on the Dockerfile;
-#   3. `helm lint --strict` and `helm template` with the default values and
-#      with charts/claude-relay/ci/all-on-values.yaml (every toggle on);
+#   3. `helm lint --strict` and `helm template` with the default values,
+#      with charts/claude-relay/ci/all-on-values.yaml (every toggle on) and
+#      with watchNamespace set, whose RBAC must equal
+#      e2e/fixtures/chart-rbac-watch-namespace.yaml and hold nothing cluster-wide;
 #   4. every rendered manifest and examples/kubernetes/*.yaml validated
 #      offline: Kubernetes kinds against the Kubernetes 1.35 JSON schemas in
 #      strict mode (unknown fields fail), our custom resources against the
@@ -115,9 +117,32 @@ for name in default all-on; do
   fi
 done
 
+# ---------------------------------------------------------------- namespaced install
+# With watchNamespace the operator's RBAC is namespaced only; the e2e test
+# `namespaced_install_works_with_its_role_only` runs the operator with exactly
+# the rules of this fixture, which must stay the chart's rendering.
+FIXTURE=e2e/fixtures/chart-rbac-watch-namespace.yaml
+REGEN="$HELM template claude-relay $CHART --namespace claude-relay --set watchNamespace=relays --show-only templates/rbac.yaml > $FIXTURE"
+step "helm template (watchNamespace=relays) and $FIXTURE"
+if "$HELM" template claude-relay "$CHART" --namespace claude-relay --include-crds \
+  --set watchNamespace=relays >"$out/watch-namespace.yaml"; then
+  echo "ok: $(grep -c '^kind:' "$out/watch-namespace.yaml") objects -> target/check-chart/watch-namespace.yaml"
+else
+  fail "helm template (watchNamespace)"
+fi
+if "$HELM" template claude-relay "$CHART" --namespace claude-relay --set watchNamespace=relays \
+  --show-only templates/rbac.yaml | diff -u "$FIXTURE" -; then
+  echo "ok: $FIXTURE is the chart's rendering"
+else
+  fail "$FIXTURE differs from the chart's RBAC; regenerate it: ${REGEN#"$ROOT/"}"
+fi
+if grep -q '^kind: Cluster' "$out/watch-namespace.yaml"; then
+  fail "with watchNamespace the chart still renders cluster-wide RBAC"
+fi
+
 # ---------------------------------------------------------------- validation
 step "schema validation (Kubernetes $K8S_VERSION strict + our CRD schemas + CEL rules)"
-if "$VENV/bin/python" - "$K8S_VERSION" "$out/default.yaml" "$out/all-on.yaml" \
+if "$VENV/bin/python" - "$K8S_VERSION" "$out/default.yaml" "$out/all-on.yaml" "$out/watch-namespace.yaml" \
   examples/kubernetes/*.yaml <<'PY'; then :; else fail "schema validation"; fi
 import copy, glob, sys
 import celpy, jsonschema, yaml

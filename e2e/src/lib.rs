@@ -5,5 +5,6 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod hpa;
 pub mod operator;
 pub mod pods;

@@ -87,6 +87,27 @@ impl OperatorProcess {
         status_refresh: Duration,
         dir: &Path,
     ) -> Self {
+        Self::start_with_env(
+            kubeconfig,
+            namespace,
+            watch_namespace,
+            identity,
+            status_refresh,
+            dir,
+            &[],
+        )
+    }
+
+    /// [`Self::start`] with more environment variables (`LEASE_NAME`, ...).
+    pub fn start_with_env(
+        kubeconfig: &Path,
+        namespace: &str,
+        watch_namespace: Option<&str>,
+        identity: &str,
+        status_refresh: Duration,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut attempts = 3;
         loop {
             let (_, admin) = free_addresses();
@@ -109,6 +130,7 @@ impl OperatorProcess {
             if let Some(ns) = watch_namespace {
                 command.env("WATCH_NAMESPACE", ns);
             }
+            command.envs(env.iter().copied());
             let child = command.spawn().expect("start claude-relay-operator");
             let mut process = Self {
                 admin,

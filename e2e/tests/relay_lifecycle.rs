@@ -407,9 +407,21 @@ async fn rollout(world: &mut World) {
         claude_relay_crds::HumanDuration::from_secs(4)
     );
 
-    // The Deployment: the proxy follows its ConfigMap; replicas are the HPA's.
+    // The Deployment: the proxy follows its ConfigMap; replicas are the
+    // HPA's: created at minReplicas, then not the operator's own field.
     let spec = deployment.spec.as_ref().expect("spec");
-    assert_eq!(spec.replicas, None, "the HPA owns the replica count");
+    assert_eq!(
+        spec.replicas,
+        Some(REPLICAS as i32),
+        "starts at minReplicas"
+    );
+    assert!(
+        !claude_relay_operator::handover::owns_replicas(
+            &deployment,
+            claude_relay_operator::controller::FIELD_MANAGER
+        ),
+        "the operator leaves the replica count to the HPA"
+    );
     let pod_spec = spec.template.spec.as_ref().expect("pod spec");
     let container = &pod_spec.containers[0];
     assert_eq!(

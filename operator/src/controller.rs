@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::breakers::{BreakerReader, RedisTarget};
 use crate::error::{Error, Result};
+use crate::handover;
 use crate::metrics::Metrics;
 use crate::render::{self, Defaults, Names, Rendered};
 use crate::status::{self, Observed, Problem};
@@ -360,7 +361,8 @@ async fn apply_all(
     apply(client, ns, &rendered.role).await?;
     apply(client, ns, &rendered.role_binding).await?;
     apply(client, ns, &rendered.config_map).await?;
-    let deployment = apply(client, ns, &rendered.deployment).await?;
+    let deployment =
+        handover::apply_deployment(client, ns, &rendered.deployment, rendered.hpa.as_ref()).await?;
     apply(client, ns, &rendered.service).await?;
     apply(client, ns, &rendered.pdb).await?;
     match &rendered.hpa {

@@ -5,7 +5,8 @@
 //! Permissions it needs (for the chart's ClusterRole): `clauderelays` and
 //! `upstreamregions` get/list/watch and `patch` on their `status`;
 //! get on `secrets` (to check that referenced keys exist and read a Redis URL);
-//! get/list/watch/patch/delete on the owned kinds (`configmaps`, `services`,
+//! get/list/watch/patch/delete on the owned kinds (`get` on deployments: the
+//! replica hand-over to an HPA reads who owns `spec.replicas`) (`configmaps`, `services`,
 //! `serviceaccounts`, `deployments`, `roles`, `rolebindings`,
 //! `poddisruptionbudgets`, `horizontalpodautoscalers`); `bind`/`escalate` are
 //! not needed because the Role it grants holds only permissions it has itself
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod breakers;
 pub mod controller;
 pub mod error;
+pub mod handover;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -10,11 +10,12 @@ use clap::Parser;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use claude_relay_operator::admin::{self, State};
 use claude_relay_operator::controller::{self, Context};
-use claude_relay_operator::leader::{Elector, LeaseConfig};
+use claude_relay_operator::leader::{self, Elector, LeaseConfig};
 use claude_relay_operator::metrics::Metrics;
 use claude_relay_operator::render::Defaults;
+use k8s_openapi::NamespaceResourceScope;
 use kube::api::ListParams;
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client, CustomResourceExt, Resource};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -85,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("cannot build a Kubernetes client")?;
-    check_crds(&client).await?;
+    check_crds(&client, args.namespace.as_deref()).await?;
     state.set_ready(true);
 
     let identity = args
@@ -105,6 +106,11 @@ async fn main() -> anyhow::Result<()> {
         )
     });
 
+    let reporter = Reporter {
+        controller: "claude-relay-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    let leader_events = Recorder::new(client.clone(), reporter.clone());
     if let Some(elector) = &elector {
         info!(lease = %args.lease_name, %identity, "waiting to become leader");
         if !wait_for_leadership(elector, stop_rx.clone()).await {
@@ -112,13 +118,14 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         info!("became leader");
+        leader_event(
+            &leader_events,
+            elector.config(),
+            format!("{identity} became leader"),
+        )
+        .await;
     }
     metrics.leader.set(1);
-
-    let reporter = Reporter {
-        controller: "claude-relay-operator".into(),
-        instance: Some(identity),
-    };
     let ctx = Arc::new(
         Context::new(
             client.clone(),
@@ -152,11 +159,27 @@ async fn main() -> anyhow::Result<()> {
     if let Some(renewer) = renewer {
         renewer.abort();
     }
-    if let Some(elector) = &elector
-        && !lost
-        && let Err(e) = elector.release().await
-    {
-        warn!(error = %e, "cannot release the Lease; it will expire");
+    if let Some(elector) = &elector {
+        if lost {
+            leader_event(
+                &leader_events,
+                elector.config(),
+                format!("{identity} lost the lease and stopped leading"),
+            )
+            .await;
+        } else {
+            match elector.release().await {
+                Ok(()) => {
+                    leader_event(
+                        &leader_events,
+                        elector.config(),
+                        format!("{identity} stopped leading and released the lease"),
+                    )
+                    .await
+                }
+                Err(e) => warn!(error = %e, "cannot release the Lease; it will expire"),
+            }
+        }
     }
     let _ = admin.await;
     if lost {
@@ -166,18 +189,30 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records a leadership change; a failure is logged, never fatal.
+async fn leader_event(recorder: &Recorder, config: &LeaseConfig, note: String) {
+    if let Err(e) = leader::publish_leader_event(recorder, config, note).await {
+        warn!(error = %e, "cannot publish the LeaderElection event");
+    }
+}
+
 /// Says how to install the CRDs when they are missing, instead of failing
-/// every watch later with a bare 404.
-async fn check_crds(client: &Client) -> anyhow::Result<()> {
-    async fn check<K>(client: &Client) -> anyhow::Result<()>
+/// every watch later with a bare 404. With a watched namespace the list is
+/// in that namespace: a namespaced install has no cluster-wide permission
+/// (a missing CRD still answers 404 there).
+async fn check_crds(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    async fn check<K>(client: &Client, namespace: Option<&str>) -> anyhow::Result<()>
     where
-        K: Resource<DynamicType = ()>
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + CustomResourceExt
             + Clone
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        let api: Api<K> = Api::all(client.clone());
+        let api: Api<K> = match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
         match api.list(&ListParams::default().limit(1)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => bail!(
@@ -187,8 +222,8 @@ async fn check_crds(client: &Client) -> anyhow::Result<()> {
             Err(e) => Err(anyhow::Error::new(e).context(format!("cannot list {}", K::crd_name()))),
         }
     }
-    check::<ClaudeRelay>(client).await?;
-    check::<UpstreamRegion>(client).await?;
+    check::<ClaudeRelay>(client, namespace).await?;
+    check::<UpstreamRegion>(client, namespace).await?;
     Ok(())
 }
 

@@ -74,28 +74,35 @@ async fn a_fresh_lease_of_another_replica_is_left_alone() {
     server.await.unwrap();
 }
 
+/// Expiry is measured from when the candidate saw the Lease change, on its
+/// own clock: a Lease it sees unchanged for `leaseDurationSeconds` is taken
+/// over, whatever its renewTime says.
 #[tokio::test]
-async fn an_expired_lease_is_taken_over_with_optimistic_concurrency() {
+async fn a_lease_seen_unchanged_for_its_duration_is_taken_over_with_optimistic_concurrency() {
     let (client, mut handle) = mock_client();
-    let stale = Timestamp::now() - jiff_secs(60);
+    // renewTime in the future (a holder's clock ahead): only local time counts.
+    let renewed = Timestamp::now() + jiff_secs(3600);
+    let unrenewed = move || {
+        let mut lease = lease("operator-b", renewed);
+        lease["spec"]["leaseDurationSeconds"] = json!(1);
+        lease
+    };
     let server = tokio::spawn(async move {
-        expect(&mut handle, Method::GET, LEASE, 200, move |_| {
-            lease("operator-b", stale)
-        })
-        .await;
+        // First sight: held until seen unchanged for a second.
+        expect(&mut handle, Method::GET, LEASE, 200, move |_| unrenewed()).await;
+        expect(&mut handle, Method::GET, LEASE, 200, move |_| unrenewed()).await;
         let put = expect(&mut handle, Method::PUT, LEASE, 200, |seen| {
             seen.body.clone()
         })
         .await;
         // The second candidate loses the race for the same resourceVersion.
-        expect(&mut handle, Method::GET, LEASE, 200, move |_| {
-            lease("operator-b", stale)
-        })
-        .await;
+        expect(&mut handle, Method::GET, LEASE, 200, move |_| unrenewed()).await;
         expect(&mut handle, Method::PUT, LEASE, 409, |_| conflict()).await;
         put.body
     });
     let elector = elector(client);
+    assert!(!elector.try_acquire().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(elector.try_acquire().await.unwrap());
     assert!(!elector.try_acquire().await.unwrap());
     let put = server.await.unwrap();

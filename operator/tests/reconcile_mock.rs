@@ -299,7 +299,14 @@ async fn autoscaling_applies_an_hpa_and_leaves_replicas_alone() {
     let server = tokio::spawn(async move {
         expect_region_list(&mut handle, regions()).await;
         expect_secrets(&mut handle, &[]).await;
-        let applies = expect_applies(&mut handle, 3).await;
+        // The HPA already scales the Deployment: nothing to hand over.
+        let applies = expect_applies_with(&mut handle, 3, async |handle| {
+            expect(handle, Method::GET, DEPLOYMENT, 200, |_| {
+                deployment_with_replicas_of(3, "kube-controller-manager", "Update")
+            })
+            .await;
+        })
+        .await;
         let hpa = expect_apply(
             &mut handle,
             "/apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/main",
@@ -319,6 +326,68 @@ async fn autoscaling_applies_an_hpa_and_leaves_replicas_alone() {
     assert_eq!(hpa.body["spec"]["maxReplicas"], 8);
     // Desired comes from the Deployment's status when the HPA owns spec.replicas.
     assert_eq!(status.body["status"]["replicasReady"], "3/2");
+}
+
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/team-a/deployments/main";
+
+/// A Deployment whose `spec.replicas` is `replicas`, owned by `manager`.
+fn deployment_with_replicas_of(replicas: i32, manager: &str, operation: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "main", "namespace": "team-a", "managedFields": [{
+            "manager": manager, "operation": operation, "apiVersion": "apps/v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}},
+        }]},
+        "spec": {"replicas": replicas, "selector": {}, "template": {}},
+    })
+}
+
+/// Fixed replicas turned into autoscaling: before the operator's apply
+/// drops `spec.replicas`, the handover field manager applies it alone at
+/// max(minReplicas, current), so the server keeps the count.
+#[tokio::test]
+async fn switching_to_autoscaling_hands_the_replica_count_over_first() {
+    for (current, handed_over) in [(5, 5), (1, 2)] {
+        let relay = ClaudeRelay::test().with_autoscaling(2, 8);
+        let (ctx, mut handle) = context();
+        let server = tokio::spawn(async move {
+            expect_region_list(&mut handle, regions()).await;
+            expect_secrets(&mut handle, &[]).await;
+            let mut handover = None;
+            let applies = expect_applies_with(&mut handle, 3, async |handle| {
+                expect(handle, Method::GET, DEPLOYMENT, 200, |_| {
+                    deployment_with_replicas_of(current, "claude-relay-operator", "Apply")
+                })
+                .await;
+                handover = Some(expect_apply(handle, DEPLOYMENT, json!({})).await);
+            })
+            .await;
+            expect_apply(
+                &mut handle,
+                "/apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/main",
+                json!({}),
+            )
+            .await;
+            expect_apply(&mut handle, &format!("{RELAYS}/main/status"), json!({})).await;
+            (handover.expect("a hand-over apply"), applies)
+        });
+        run(&relay, &ctx).await;
+        let (handover, applies) = server.await.unwrap();
+        assert!(
+            handover
+                .query
+                .contains("fieldManager=claude-relay-operator-handover"),
+            "{}",
+            handover.query
+        );
+        assert_eq!(
+            handover.body["spec"],
+            json!({"replicas": handed_over}),
+            "only spec.replicas, at max(minReplicas, {current})"
+        );
+        assert!(applies[4].body["spec"].get("replicas").is_none());
+    }
 }
 
 /// The relay is deleted while its reconcile runs: the status write finds

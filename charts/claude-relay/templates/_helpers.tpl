@@ -78,3 +78,54 @@ app.kubernetes.io/component: redis
 {{- define "claude-relay.redis.fullname" -}}
 {{- printf "%s-redis" (include "claude-relay.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/*
+The operator's permissions, for its ClusterRole or, with watchNamespace, its
+Role in that namespace. Owned objects are written with server-side apply: a
+PATCH, which the API server also authorizes as `create` when the object does
+not exist yet.
+*/}}
+{{- define "claude-relay.operatorRules" -}}
+# Its API: watched, and status reported (relays: server-side apply;
+# regions: a merge patch of the per-relay breaker state).
+- apiGroups: ["relay.claude-relay.dev"]
+  resources: ["clauderelays", "upstreamregions"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["relay.claude-relay.dev"]
+  resources: ["clauderelays/status", "upstreamregions/status"]
+  verbs: ["patch"]
+# Owned objects. ConfigMaps also need `get`: the Role the operator creates
+# for each relay's proxies grants get/list/watch on one ConfigMap, and RBAC
+# lets it grant only what it holds itself (no `escalate`/`bind` needed).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services", "serviceaccounts"]
+  verbs: ["list", "watch", "create", "patch"]
+# Deployments also need `get`: handing spec.replicas over to an HPA reads
+# who owns it (operator/src/handover.rs).
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "create", "patch"]
+# The HPA is deleted when a relay turns autoscaling off; everything else
+# goes with the relay through ownerReferences.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Checks that referenced keys exist and reads Redis URLs; never lists or
+# watches Secrets, so they stay out of its memory.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Events when a breaker opens or closes.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -189,12 +189,21 @@ pub enum PatchKind {
     Merge,
 }
 
+/// Whose fields: (object, field manager, of the /status subresource).
+type OwnerSlot = (Key, String, bool);
+/// An object's ownership records (appliers, updaters), saved before a write.
+type SavedOwnership = [Vec<(OwnerSlot, Value)>; 2];
+
 pub struct Store {
     resource_version: u64,
     types: BTreeMap<String, ResourceType>,
     objects: BTreeMap<Key, Value>,
-    /// The last object each field manager applied: (object, manager, to /status).
-    applied: HashMap<(Key, String, bool), Value>,
+    /// The fields each applier owns, with the values it applied: (object,
+    /// manager, to /status). Its last applied configuration, less the fields
+    /// other managers took from it.
+    applied: HashMap<OwnerSlot, Value>,
+    /// The fields each manager of an Update (not an apply) owns, likewise.
+    updated: HashMap<OwnerSlot, Value>,
     /// Every change since the start, in resourceVersion order.
     pub changes: Vec<Change>,
 }
@@ -206,6 +215,7 @@ impl Default for Store {
             types: builtin_types().into_iter().map(|t| (t.key(), t)).collect(),
             objects: BTreeMap::new(),
             applied: HashMap::new(),
+            updated: HashMap::new(),
             changes: Vec::new(),
         };
         let namespaces = store.types["/namespaces"].clone();
@@ -504,20 +514,21 @@ impl Store {
                     applied
                 };
                 let slot = (key.clone(), manager.to_string(), status);
-                let others: Vec<(&str, &Value)> = self
-                    .applied
-                    .iter()
-                    .filter(|((k, m, s), _)| *k == key && m != manager && *s == status)
-                    .map(|((_, m, _), v)| (m.as_str(), v))
-                    .collect();
-                if !force && let Some((other, path)) = first_conflict(&applied, &others) {
+                let others = self.other_owners(&key, manager, status);
+                let conflicts = conflicts(&applied, &others);
+                if !force && let Some((other, path)) = conflicts.first() {
                     return Err(ApiError::new(
                         409,
                         "Conflict",
-                        format!("Apply failed with 1 conflict: conflict with \"{other}\": .{path}"),
+                        format!(
+                            "Apply failed with 1 conflict: conflict with \"{other}\": .{}",
+                            path.join(".")
+                        ),
                     ));
                 }
                 let mut new = old.clone().unwrap_or_else(|| json!({}));
+                // A field this manager applied before and no longer does is
+                // removed, unless another manager owns it too.
                 if let Some(previous) = self.applied.get(&slot) {
                     for path in leaves(previous) {
                         let owned_elsewhere = others.iter().any(|(_, o)| has_path(o, &path));
@@ -527,14 +538,134 @@ impl Store {
                     }
                 }
                 deep_merge(&mut new, &applied);
-                let result = match &old {
-                    Some(old) => self.commit(rt, key, Some(old), new)?,
-                    None => self.commit(rt, key, None, new)?,
-                };
+                let saved = self.ownership_of(&key);
+                // A forced apply takes the conflicting fields from their owners.
+                for (_, path) in &conflicts {
+                    self.disown(&key, manager, status, path);
+                }
                 self.applied.insert(slot, applied);
-                Ok(result)
+                let result = match &old {
+                    Some(old) => self.commit(rt, key.clone(), Some(old), new),
+                    None => self.commit(rt, key.clone(), None, new),
+                };
+                if result.is_err() {
+                    self.restore_ownership(&key, saved);
+                }
+                result
             }
         }
+    }
+
+    /// An Update (as a controller's PUT or PATCH, like the HPA controller's
+    /// write of `spec.replicas` through the scale subresource) of the fields
+    /// in `patch` (a merge patch) by `manager`: it owns them afterwards, and
+    /// the managers that owned them before no longer do.
+    pub fn update(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        manager: &str,
+        patch: Value,
+    ) -> Result<Value> {
+        let key = Self::key(rt, namespace, name);
+        let old = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(rt, name))?;
+        let mut merged = old.clone();
+        merge_patch(&mut merged, &patch);
+        let saved = self.ownership_of(&key);
+        let slot = (key.clone(), manager.to_string(), false);
+        let mut owned = self
+            .updated
+            .get(&slot)
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        for path in leaves(&patch) {
+            self.disown(&key, manager, false, &path);
+            match lookup(&merged, &path) {
+                Some(value) => set_path(&mut owned, &path, value.clone()),
+                None => remove_path(&mut owned, &path, &Value::Null),
+            }
+        }
+        self.updated.insert(slot, owned);
+        let new = with_status_of(&old, &merged, false);
+        let result = self.commit(rt, key.clone(), Some(&old), new);
+        if result.is_err() {
+            self.restore_ownership(&key, saved);
+        }
+        result
+    }
+
+    /// What every manager but `manager` owns of the object (same subresource).
+    fn other_owners(&self, key: &Key, manager: &str, status: bool) -> Vec<(String, Value)> {
+        self.applied
+            .iter()
+            .chain(self.updated.iter())
+            .filter(|((k, m, s), _)| k == key && m != manager && *s == status)
+            .map(|((_, m, _), v)| (m.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Takes the field at `path` from every manager but `manager`.
+    fn disown(&mut self, key: &Key, manager: &str, status: bool, path: &[String]) {
+        for ((k, m, s), owned) in self.applied.iter_mut().chain(self.updated.iter_mut()) {
+            if k == key && m != manager && *s == status && has_path(owned, path) {
+                remove_path(owned, path, &Value::Null);
+            }
+        }
+    }
+
+    /// The ownership records of one object, to restore after a failed write.
+    fn ownership_of(&self, key: &Key) -> SavedOwnership {
+        let of = |map: &HashMap<OwnerSlot, Value>| {
+            map.iter()
+                .filter(|((k, _, _), _)| k == key)
+                .map(|(slot, v)| (slot.clone(), v.clone()))
+                .collect()
+        };
+        [of(&self.applied), of(&self.updated)]
+    }
+
+    fn restore_ownership(&mut self, key: &Key, saved: SavedOwnership) {
+        let [applied, updated] = saved;
+        self.applied.retain(|(k, _, _), _| k != key);
+        self.updated.retain(|(k, _, _), _| k != key);
+        self.applied.extend(applied);
+        self.updated.extend(updated);
+    }
+
+    /// `metadata.managedFields` as the API server reports it: per manager and
+    /// operation, the fields it owns (FieldsV1; a list is one field here).
+    fn managed_fields(&self, key: &Key, api_version: &str) -> Vec<Value> {
+        let mut entries: Vec<(&str, &str, bool, &Value)> = self
+            .applied
+            .iter()
+            .map(|(slot, v)| (slot, "Apply", v))
+            .chain(self.updated.iter().map(|(slot, v)| (slot, "Update", v)))
+            .filter(|((k, _, _), _, _)| k == key)
+            .map(|((_, m, s), op, v)| (m.as_str(), op, *s, v))
+            .filter(|(_, _, _, owned)| **owned != json!({}))
+            .collect();
+        entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        entries
+            .into_iter()
+            .map(|(manager, operation, status, owned)| {
+                let mut entry = json!({
+                    "manager": manager,
+                    "operation": operation,
+                    "apiVersion": api_version,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": fields_v1(owned),
+                });
+                if status {
+                    entry["subresource"] = json!("status");
+                }
+                entry
+            })
+            .collect()
     }
 
     /// Deletes the object, or marks it for deletion while finalizers remain;
@@ -592,6 +723,7 @@ impl Store {
             return Value::Null;
         };
         self.applied.retain(|(k, _, _), _| k != key);
+        self.updated.retain(|(k, _, _), _| k != key);
         self.resource_version += 1;
         metadata_mut(&mut object).insert(
             "resourceVersion".into(),
@@ -693,8 +825,18 @@ impl Store {
             metadata.insert("uid".into(), json!(new_uid()));
             metadata.insert("creationTimestamp".into(), json!(now()));
         }
+        let managed = self.managed_fields(&key, &rt.api_version());
+        let metadata = metadata_mut(&mut new);
+        if managed.is_empty() {
+            metadata.remove("managedFields");
+        } else {
+            metadata.insert("managedFields".into(), json!(managed));
+        }
         if key.resource == "/secrets" {
             string_data_into_data(&mut new);
+        }
+        if key.resource == "apps/deployments" {
+            default_deployment(&mut new);
         }
         if let Some(schema) = &rt.schema {
             let errors = schema::admit(schema, &mut new, old);
@@ -996,19 +1138,66 @@ fn remove_path(target: &mut Value, path: &[String], applied: &Value) {
     }
 }
 
-/// The first field that `applied` sets to a value another manager applied differently.
-fn first_conflict(applied: &Value, others: &[(&str, &Value)]) -> Option<(String, String)> {
+/// The fields that `applied` sets to a value another manager set differently,
+/// with that manager.
+fn conflicts(applied: &Value, others: &[(String, Value)]) -> Vec<(String, Vec<String>)> {
+    let mut found = Vec::new();
     for path in leaves(applied) {
         let value = lookup(applied, &path);
         for (manager, other) in others {
             if let Some(theirs) = lookup(other, &path)
                 && Some(theirs) != value
             {
-                return Some((manager.to_string(), path.join(".")));
+                found.push((manager.clone(), path.clone()));
             }
         }
     }
-    None
+    found
+}
+
+/// Sets the field at `path`, making the maps above it.
+fn set_path(target: &mut Value, path: &[String], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        *target = value;
+        return;
+    };
+    let mut at = target;
+    for key in parents {
+        if !at.is_object() {
+            *at = json!({});
+        }
+        at = at
+            .as_object_mut()
+            .expect("made an object")
+            .entry(key.clone())
+            .or_insert_with(|| json!({}));
+    }
+    if !at.is_object() {
+        *at = json!({});
+    }
+    at.as_object_mut()
+        .expect("made an object")
+        .insert(last.clone(), value);
+}
+
+/// Owned fields as FieldsV1: `{"f:spec": {"f:replicas": {}}}`.
+fn fields_v1(owned: &Value) -> Value {
+    let mut out = json!({});
+    for path in leaves(owned) {
+        let path: Vec<String> = path.iter().map(|k| format!("f:{k}")).collect();
+        set_path(&mut out, &path, json!({}));
+    }
+    out
+}
+
+/// The defaults the API server fills in a Deployment that the tests and
+/// the operator rely on: one replica when `spec.replicas` is missing.
+fn default_deployment(deployment: &mut Value) {
+    if let Some(spec) = deployment.get_mut("spec").and_then(Value::as_object_mut)
+        && !spec.contains_key("replicas")
+    {
+        spec.insert("replicas".into(), json!(1));
+    }
 }
 
 #[cfg(test)]
@@ -1032,6 +1221,112 @@ mod tests {
             json!({"metadata": {"name": "cm"}, "data": data}),
             false,
         )
+    }
+
+    fn deployments(store: &Store) -> ResourceType {
+        store.resource("apps", "v1", "deployments").unwrap()
+    }
+
+    fn apply_deployment(store: &mut Store, manager: &str, spec: Value) -> Value {
+        let rt = deployments(store);
+        store
+            .patch(
+                &rt,
+                "default",
+                "web",
+                PatchKind::Apply {
+                    manager: manager.into(),
+                    force: true,
+                },
+                json!({"metadata": {"name": "web"}, "spec": spec}),
+                false,
+            )
+            .unwrap()
+    }
+
+    fn managers_of_replicas(object: &Value) -> Vec<String> {
+        object["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e.pointer("/fieldsV1/f:spec/f:replicas").is_some())
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["manager"].as_str().unwrap(),
+                    e["operation"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_field_dropped_by_its_only_applier_is_removed_then_defaulted() {
+        let mut store = Store::default();
+        let first = apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
+        assert_eq!(first["spec"]["replicas"], 3);
+        assert_eq!(managers_of_replicas(&first), ["op Apply"]);
+        let second = apply_deployment(&mut store, "op", json!({"paused": false}));
+        assert_eq!(second["spec"]["replicas"], 1, "removed, then defaulted");
+        assert!(managers_of_replicas(&second).is_empty());
+    }
+
+    #[test]
+    fn a_field_another_manager_also_owns_survives_its_drop() {
+        let mut store = Store::default();
+        apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
+        let shared = apply_deployment(&mut store, "handover", json!({"replicas": 3}));
+        assert_eq!(
+            managers_of_replicas(&shared),
+            ["handover Apply", "op Apply"]
+        );
+        let dropped = apply_deployment(&mut store, "op", json!({"paused": false}));
+        assert_eq!(dropped["spec"]["replicas"], 3);
+        assert_eq!(managers_of_replicas(&dropped), ["handover Apply"]);
+    }
+
+    #[test]
+    fn an_update_takes_the_field_and_a_forced_apply_takes_it_back() {
+        let mut store = Store::default();
+        apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
+        let rt = deployments(&store);
+        let scaled = store
+            .update(
+                &rt,
+                "default",
+                "web",
+                "hpa",
+                json!({"spec": {"replicas": 4}}),
+            )
+            .unwrap();
+        assert_eq!(scaled["spec"]["replicas"], 4);
+        assert_eq!(managers_of_replicas(&scaled), ["hpa Update"]);
+        // Not the operator's any more: dropping it changes nothing.
+        let dropped = apply_deployment(&mut store, "op", json!({"paused": false}));
+        assert_eq!(dropped["spec"]["replicas"], 4);
+        // Without force, applying it again conflicts with the HPA.
+        let conflict = store
+            .patch(
+                &rt,
+                "default",
+                "web",
+                PatchKind::Apply {
+                    manager: "op".into(),
+                    force: false,
+                },
+                json!({"metadata": {"name": "web"}, "spec": {"replicas": 2}}),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(conflict.code, 409);
+        assert!(
+            conflict.message.contains("\"hpa\": .spec.replicas"),
+            "{}",
+            conflict.message
+        );
+        let forced = apply_deployment(&mut store, "op", json!({"replicas": 2, "paused": false}));
+        assert_eq!(forced["spec"]["replicas"], 2);
+        assert_eq!(managers_of_replicas(&forced), ["op Apply"]);
     }
 
     #[test]

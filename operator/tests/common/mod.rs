@@ -156,6 +156,17 @@ pub fn ns_path(kind_path: &str, name: &str) -> String {
 /// The requests of applying every owned object of relay `main` (no HPA);
 /// returns what was applied, in order. The Deployment answers with `ready` ready pods.
 pub async fn expect_applies(handle: &mut Handle, ready: i32) -> Vec<Seen> {
+    expect_applies_with(handle, ready, async |_| {}).await
+}
+
+/// [`expect_applies`] with `before_deployment` answering what comes between
+/// the ConfigMap's apply and the Deployment's (an autoscaled relay's
+/// replica hand-over).
+pub async fn expect_applies_with(
+    handle: &mut Handle,
+    ready: i32,
+    before_deployment: impl AsyncFnOnce(&mut Handle),
+) -> Vec<Seen> {
     let mut seen = Vec::new();
     seen.push(
         expect_apply(
@@ -189,6 +200,7 @@ pub async fn expect_applies(handle: &mut Handle, ready: i32) -> Vec<Seen> {
         )
         .await,
     );
+    before_deployment(handle).await;
     seen.push(
         expect_apply(
             handle,
