@@ -1333,7 +1333,7 @@ mod tests {
     fn stream_of(model: &str) -> Vec<u8> {
         let events = [
             format!(
-                r#"{{"type":"message_start","message":{{"id":"m","model":"{model}","usage":{{"input_tokens":25,"output_tokens":1,"cache_creation_input_tokens":7,"cache_read_input_tokens":3}}}}}}"#
+                r#"{{"type":"message_start","message":{{"id":"m","model":"{model}","usage":{{"input_tokens":25,"output_tokens":1,"cache_creation_input_tokens":7,"cache_read_input_tokens":3,"cache_creation":{{"ephemeral_5m_input_tokens":5,"ephemeral_1h_input_tokens":2}}}}}}}}"#
             ),
             r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"message_delta is just text here"}}"#.into(),
             r#"{"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":10}}"#.into(),
@@ -1353,6 +1353,7 @@ mod tests {
             output_tokens: 15,
             cache_creation_input_tokens: 7,
             cache_read_input_tokens: 3,
+            cache_creation_1h_input_tokens: 2,
         }
     }
 
@@ -1435,7 +1436,8 @@ mod tests {
                 input_tokens: 12,
                 output_tokens: 34,
                 cache_creation_input_tokens: 0,
-                cache_read_input_tokens: 5
+                cache_read_input_tokens: 5,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert_eq!(tap.body().unwrap().as_ref(), &body[..]);
@@ -1494,8 +1496,14 @@ mod tests {
     #[test]
     fn the_usage_read_by_hand_is_always_what_serde_reads() {
         let api = br#"{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":7,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":180,"service_tier":"standard","server_tool_use":{"web_search_requests":1}}"#;
-        let cases: [&[u8]; 26] = [
+        let cases: [&[u8]; 31] = [
             api,
+            br#"{"input_tokens":1,"cache_creation_input_tokens":9,"cache_creation":{"ephemeral_5m_input_tokens":4,"ephemeral_1h_input_tokens":5}}"#,
+            br#"{"cache_creation":{"ephemeral_1h_input_tokens":5,"future_lifetime":"x"}}"#,
+            // Given up on by hand; serde decides.
+            br#"{"cache_creation":null,"input_tokens":2}"#,
+            br#"{"cache_creation":{"ephemeral_1h_input_tokens":1,"ephemeral_1h_input_tokens":2}}"#,
+            br#"{"cache_creation":{"nested":{"a":1}}}"#,
             br#"{"input_tokens":25,"output_tokens":180}"#,
             b"{ \"input_tokens\" : 1 ,\n\t\"output_tokens\":2\r\n}  ",
             br#"{}"#,
@@ -1524,11 +1532,13 @@ mod tests {
             br#"{"a":tru,"input_tokens":4}"#,
         ];
         let counts = |u: &ReportedUsage| {
+            let creation = u.cache_creation.as_ref();
             (
                 u.input_tokens,
                 u.output_tokens,
                 u.cache_creation_input_tokens,
                 u.cache_read_input_tokens,
+                creation.map(|c| (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens)),
             )
         };
         let mut by_hand = 0;
@@ -1545,10 +1555,14 @@ mod tests {
             }
         }
         // The API's own forms are read by hand.
-        assert_eq!(by_hand, 7);
+        assert_eq!(by_hand, 9);
         assert_eq!(
             flat_usage(api).map(|u| counts(&u)),
-            Some((Some(25), Some(180), Some(0), Some(7)))
+            Some((Some(25), Some(180), Some(0), Some(7), Some((Some(0), Some(0)))))
+        );
+        assert_eq!(
+            flat_usage(cases[1]).map(|u| to_usage(&u).cache_creation_1h_input_tokens),
+            Some(5)
         );
     }
 

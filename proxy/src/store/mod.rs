@@ -747,6 +747,26 @@ mod tests {
     }
 
     #[test]
+    fn months_end_on_the_first_of_the_next() {
+        // 2024-02-29 12:00 UTC: a leap day, 12 hours before March.
+        let now = 19_782 * DAY_MS + DAY_MS / 2;
+        let (month, left) = month_of(now);
+        assert_eq!(month_name(month), "2024-02");
+        assert_eq!(left, Duration::from_millis(DAY_MS / 2));
+        // 2025-12-31 23:59:59.999: the year turns over.
+        let days = days_of("2025-12-31").unwrap();
+        let (month, left) = month_of((days + 1) * DAY_MS - 1);
+        assert_eq!(month_name(month), "2025-12");
+        assert_eq!(left, Duration::from_millis(1));
+        assert_eq!(month_name(month_index(days + 1)), "2026-01");
+        assert_eq!(month_index(days + 1), month + 1);
+        // The first instant of a month has the whole month ahead.
+        let (month, left) = month_of(days_of("2026-11-01").unwrap() * DAY_MS);
+        assert_eq!(month_name(month), "2026-11");
+        assert_eq!(left, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
     fn windows_end_on_calendar_boundaries() {
         let now = 20_418 * DAY_MS + 3_600_000 + 59_000; // 01:00:59 UTC
         let (minute, left) = minute_of(now);
@@ -762,12 +782,14 @@ mod tests {
         let now = 20_418 * DAY_MS + 30_000;
         let one = |tokens, slot| Settlement {
             quota_tokens: tokens,
+            quota_nanos: tokens * 1_000,
             usage: Some((
                 "m",
                 Usage {
                     input_tokens: tokens,
                     ..Usage::default()
                 },
+                tokens * 2_000,
             )),
             slot,
             now_ms: now,
@@ -789,6 +811,10 @@ mod tests {
         assert_eq!(field("requests"), 3);
         assert_eq!(field("m/requests"), 3);
         assert_eq!(field("m/output_tokens"), 0);
+        assert_eq!(field("m/cost_nanousd"), 32_000);
+        assert_eq!(field(COST_FIELD), 32_000);
+        assert_eq!(charges.usd_days[&20_418], 16_000);
+        assert_eq!(charges.usd_months[&month_index(20_418)], 16_000);
         assert_eq!(charges.release, ["a", "b"]);
         // Three minutes on, the first minute's budget no longer matters.
         let due = charges.still_due(now + 180_000);
@@ -804,6 +830,7 @@ mod tests {
             output_tokens: 20,
             cache_creation_input_tokens: 5,
             cache_read_input_tokens: 100,
+            cache_creation_1h_input_tokens: 2,
         };
         assert_eq!(usage.quota_tokens(false), 35);
         assert_eq!(usage.quota_tokens(true), 135);

@@ -635,8 +635,8 @@ fn millis_i64(d: Duration) -> i64 {
 
 /// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`] and [`RENEW_LUA`] (checked by a
 /// test against a real Redis).
-pub(crate) const ADMIT_SHA1: &str = "5326341333f95d819bd644827979a79ebc1efcac";
-pub(crate) const SETTLE_SHA1: &str = "2389f98047c17417b085df96770cd59d8678aab3";
+pub(crate) const ADMIT_SHA1: &str = "280cd5c1edeba604ad53be66b20651332077d37f";
+pub(crate) const SETTLE_SHA1: &str = "56228ccc2303415598f953d3212afac64efc1f02";
 pub(crate) const RENEW_SHA1: &str = "0eb98f3fbcf9783295329878d8799622b9bd2af6";
 
 impl Drop for RedisStore {
