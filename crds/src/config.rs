@@ -311,6 +311,59 @@ pub struct PricingConfig {
     pub models: Vec<ModelPrice>,
 }
 
+impl PricingConfig {
+    /// What is wrong with the table, by path (`pricing.models[0].match`):
+    /// patterns well formed and unique, prices ones the relay keeps exactly.
+    pub fn problems(&self) -> Vec<(String, &'static str)> {
+        let mut problems = Vec::new();
+        let mut patterns = HashSet::new();
+        for (m, price) in self.models.iter().enumerate() {
+            if !is_model_pattern(&price.pattern) {
+                problems.push((
+                    format!("pricing.models[{m}].match"),
+                    "a model name, or a prefix ending in '*' (letters, digits, '-', '.', '_', ':', '@'; '*' only at the end)",
+                ));
+            }
+            if !patterns.insert(price.pattern.as_str()) {
+                problems.push((
+                    format!("pricing.models[{m}].match"),
+                    "duplicate pattern: each model pattern is priced once",
+                ));
+            }
+            for (field, usd) in price.prices() {
+                if nano_usd_per_token(usd).is_none() {
+                    problems.push((
+                        format!("pricing.models[{m}].{field}"),
+                        "must be a price from 0 to 100000 US dollars per million tokens, in steps of 0.001",
+                    ));
+                }
+            }
+        }
+        if let Some(as_of) = &self.as_of
+            && !is_date(as_of)
+        {
+            problems.push(("pricing.as_of".into(), "must be a date, YYYY-MM-DD"));
+        }
+        problems
+    }
+
+    /// `overrides` on top of this table: an entry of `overrides` replaces
+    /// the one with the same `match`, others are added.
+    pub fn overridden_by(&self, overrides: &[ModelPrice]) -> Self {
+        let mut models: Vec<ModelPrice> = self
+            .models
+            .iter()
+            .filter(|m| !overrides.iter().any(|o| o.pattern == m.pattern))
+            .cloned()
+            .collect();
+        models.extend(overrides.iter().cloned());
+        Self {
+            as_of: self.as_of.clone(),
+            models,
+        }
+    }
+}
+
 /// The prices of one model, or of the models a pattern matches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -340,8 +393,14 @@ impl ModelPrice {
             ("input_usd_per_mtok", self.input_usd_per_mtok),
             ("output_usd_per_mtok", self.output_usd_per_mtok),
             ("cache_read_usd_per_mtok", self.cache_read_usd_per_mtok),
-            ("cache_write_5m_usd_per_mtok", self.cache_write_5m_usd_per_mtok),
-            ("cache_write_1h_usd_per_mtok", self.cache_write_1h_usd_per_mtok),
+            (
+                "cache_write_5m_usd_per_mtok",
+                self.cache_write_5m_usd_per_mtok,
+            ),
+            (
+                "cache_write_1h_usd_per_mtok",
+                self.cache_write_1h_usd_per_mtok,
+            ),
         ]
     }
 
@@ -375,8 +434,7 @@ pub fn nano_usd_per_token(usd_per_mtok: f64) -> Option<u64> {
 /// A dollar amount in nano-dollars (budgets): `None` when negative, not
 /// finite or above [`MAX_USD_BUDGET`].
 pub fn nano_usd(usd: f64) -> Option<u64> {
-    (usd.is_finite() && (0.0..=MAX_USD_BUDGET).contains(&usd))
-        .then(|| (usd * 1e9).round() as u64)
+    (usd.is_finite() && (0.0..=MAX_USD_BUDGET).contains(&usd)).then(|| (usd * 1e9).round() as u64)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -1293,7 +1351,9 @@ impl ProxyConfig {
             }
         }
 
-        self.validate_pricing(&mut bad);
+        for (path, problem) in self.pricing.problems() {
+            bad(path, problem);
+        }
 
         let window = *self.replay.window;
         if window < std::time::Duration::from_secs(1)
@@ -1313,39 +1373,6 @@ impl ProxyConfig {
                     bad(format!("store.redis.{path}"), problem);
                 }
             }
-        }
-    }
-
-    /// The price table: patterns well formed and unique, prices ones the
-    /// relay keeps exactly.
-    fn validate_pricing(&self, bad: &mut impl FnMut(String, &str)) {
-        let mut patterns = HashSet::new();
-        for (m, price) in self.pricing.models.iter().enumerate() {
-            if !is_model_pattern(&price.pattern) {
-                bad(
-                    format!("pricing.models[{m}].match"),
-                    "a model name, or a prefix ending in '*' (letters, digits, '-', '.', '_', ':', '@'; '*' only at the end)",
-                );
-            }
-            if !patterns.insert(price.pattern.as_str()) {
-                bad(
-                    format!("pricing.models[{m}].match"),
-                    "duplicate pattern: each model pattern is priced once",
-                );
-            }
-            for (field, usd) in price.prices() {
-                if nano_usd_per_token(usd).is_none() {
-                    bad(
-                        format!("pricing.models[{m}].{field}"),
-                        "must be a price from 0 to 100000 US dollars per million tokens, in steps of 0.001",
-                    );
-                }
-            }
-        }
-        if let Some(as_of) = &self.pricing.as_of
-            && !is_date(as_of)
-        {
-            bad("pricing.as_of".into(), "must be a date, YYYY-MM-DD");
         }
     }
 
@@ -1615,8 +1642,7 @@ fn is_date(s: &str) -> bool {
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b
-            .iter()
+        && b.iter()
             .enumerate()
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
@@ -1925,6 +1951,86 @@ clients:
         assert_eq!(c.replay.window.as_secs(), 300);
         assert!(!c.replay.fail_open);
         assert_eq!(c.store, None);
+    }
+
+    #[test]
+    fn prices_and_dollar_budgets_are_validated_with_their_paths() {
+        let good = config(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {usd_per_day: 2.5, usd_per_month: 40}
+pricing:
+  as_of: "2026-12-06"
+  models:
+    - {match: "claude-sonnet-4-*", input_usd_per_mtok: 3, output_usd_per_mtok: 15, cache_read_usd_per_mtok: 0.3, cache_write_5m_usd_per_mtok: 3.75, cache_write_1h_usd_per_mtok: 6}
+"#,
+        )
+        .unwrap();
+        let quota = good.clients[0].quota.unwrap();
+        assert!(quota.is_active() && quota.has_usd_budget() && !quota.has_token_budget());
+        assert_eq!(nano_usd(quota.usd_per_day.unwrap()), Some(2_500_000_000));
+        assert!(good.pricing.models[0].matches("claude-sonnet-4-5"));
+        assert!(!good.pricing.models[0].matches("claude-sonnet-3"));
+
+        let err = problems(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {usd_per_day: -1}
+pricing:
+  as_of: yesterday
+  models:
+    - {match: "claude-*-4", input_usd_per_mtok: -3, output_usd_per_mtok: 15, cache_read_usd_per_mtok: 0.0001, cache_write_5m_usd_per_mtok: 1.2345, cache_write_1h_usd_per_mtok: 1e9}
+    - {match: "claude-x", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+    - {match: "claude-x", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+    - {match: "", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+"#,
+        );
+        for expected in [
+            "clients[0].quota.usd_per_day: must be a number of US dollars",
+            "pricing.models[0].match: a model name, or a prefix ending in '*'",
+            "pricing.models[0].input_usd_per_mtok: must be a price from 0",
+            "pricing.models[0].cache_read_usd_per_mtok: must be a price",
+            "pricing.models[0].cache_write_5m_usd_per_mtok: must be a price",
+            "pricing.models[0].cache_write_1h_usd_per_mtok: must be a price",
+            "pricing.models[2].match: duplicate pattern",
+            "pricing.models[3].match: a model name",
+            "pricing.as_of: must be a date",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        assert!(!err.contains("output_usd_per_mtok"), "{err}");
+        // Dollar budgets need prices and the usage of answers.
+        let err = problems(
+            "clients: [{id: a, relay_keys: [{env: K}], quota: {usd_per_month: 5}}]\nusage: {enabled: false}\n",
+        );
+        assert!(err.contains("dollar budgets need usage.enabled"), "{err}");
+        assert!(err.contains("dollar budgets need prices"), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_defaults_by_pattern() {
+        let price = |pattern: &str, input| ModelPrice {
+            pattern: pattern.into(),
+            input_usd_per_mtok: input,
+            output_usd_per_mtok: 1.0,
+            cache_read_usd_per_mtok: 1.0,
+            cache_write_5m_usd_per_mtok: 1.0,
+            cache_write_1h_usd_per_mtok: 1.0,
+        };
+        let defaults = PricingConfig {
+            as_of: Some("2026-12-06".into()),
+            models: vec![price("a-*", 1.0), price("b-*", 2.0)],
+        };
+        let merged = defaults.overridden_by(&[price("b-*", 5.0), price("c", 3.0)]);
+        assert_eq!(
+            merged.models,
+            vec![price("a-*", 1.0), price("b-*", 5.0), price("c", 3.0)]
+        );
+        assert_eq!(merged.as_of.as_deref(), Some("2026-12-06"));
     }
 
     #[test]

@@ -130,9 +130,18 @@ models:
     #[test]
     fn exact_names_win_then_the_longest_prefix() {
         let pricing = table(TABLE);
-        assert_eq!(pricing.price("claude-sonnet-4-20250514").unwrap().input, 3_000);
-        assert_eq!(pricing.price("claude-sonnet-4-5-20250929").unwrap().input, 4_000);
-        assert_eq!(pricing.price("claude-sonnet-4-5-exact").unwrap().input, 1_000);
+        assert_eq!(
+            pricing.price("claude-sonnet-4-20250514").unwrap().input,
+            3_000
+        );
+        assert_eq!(
+            pricing.price("claude-sonnet-4-5-20250929").unwrap().input,
+            4_000
+        );
+        assert_eq!(
+            pricing.price("claude-sonnet-4-5-exact").unwrap().input,
+            1_000
+        );
         assert_eq!(pricing.price("claude-haiku-3").unwrap().cache_read, 30);
         // An exact entry is no prefix.
         assert_eq!(pricing.price("claude-haiku-3-20240307"), None);
@@ -152,7 +161,10 @@ models:
         };
         // 1000×3 + 2000×15 + 10000×0.3 + 2000×3.75 + 1000×6 dollars per million.
         let cost = pricing.cost_nanos("claude-sonnet-4-0", &usage).unwrap();
-        assert_eq!(cost, 3_000_000 + 30_000_000 + 3_000_000 + 7_500_000 + 6_000_000);
+        assert_eq!(
+            cost,
+            3_000_000 + 30_000_000 + 3_000_000 + 7_500_000 + 6_000_000
+        );
         assert_eq!(usd(cost), 0.0495);
         // Without the split, every cache write is a 5-minute one.
         let unsplit = Usage {

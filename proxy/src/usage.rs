@@ -770,7 +770,10 @@ pub struct Quota {
 
 impl Quota {
     pub fn from_config(quota: &claude_relay_crds::config::ClientQuota) -> Self {
-        let nanos = |usd: Option<f64>| usd.and_then(claude_relay_crds::config::nano_usd).unwrap_or(0);
+        let nanos = |usd: Option<f64>| {
+            usd.and_then(claude_relay_crds::config::nano_usd)
+                .unwrap_or(0)
+        };
         Self {
             tokens_per_minute: quota.tokens_per_minute.unwrap_or(0),
             tokens_per_day: quota.tokens_per_day.unwrap_or(0),
@@ -1558,7 +1561,13 @@ mod tests {
         assert_eq!(by_hand, 9);
         assert_eq!(
             flat_usage(api).map(|u| counts(&u)),
-            Some((Some(25), Some(180), Some(0), Some(7), Some((Some(0), Some(0)))))
+            Some((
+                Some(25),
+                Some(180),
+                Some(0),
+                Some(7),
+                Some((Some(0), Some(0)))
+            ))
         );
         assert_eq!(
             flat_usage(cases[1]).map(|u| to_usage(&u).cache_creation_1h_input_tokens),

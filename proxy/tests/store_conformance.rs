@@ -328,7 +328,11 @@ async fn dollar_budgets_refuse_once_spent_until_the_day_or_month_ends<S: Store>(
     // after $0.40 more ($1.10 + $0.40), until December.
     assert_eq!(check(next_noon).await, QuotaDecision::Allowed);
     spend(&*store, "app", 399_999_999, next_noon).await;
-    assert_eq!(check(next_noon).await, QuotaDecision::Allowed, "a nano-dollar short");
+    assert_eq!(
+        check(next_noon).await,
+        QuotaDecision::Allowed,
+        "a nano-dollar short"
+    );
     spend(&*store, "app", 1, next_noon).await;
     let december = days_of("2026-12-01").unwrap() * DAY_MS;
     assert_eq!(

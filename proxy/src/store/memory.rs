@@ -103,8 +103,7 @@ impl MemoryStore {
                 retry_after: day_left,
             };
         }
-        if ask.usd_nanos_per_month > 0
-            && spent(budget.usd_month, month) >= ask.usd_nanos_per_month
+        if ask.usd_nanos_per_month > 0 && spent(budget.usd_month, month) >= ask.usd_nanos_per_month
         {
             return QuotaDecision::OverBudget {
                 per: BudgetPeriod::UsdMonth,
