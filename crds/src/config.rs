@@ -62,7 +62,7 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub cache: CacheConfig,
     /// Prices per model: the cost of each answer, and budgets in dollars.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "PricingConfig::is_empty")]
     pub pricing: PricingConfig,
 }
 
@@ -312,6 +312,11 @@ pub struct PricingConfig {
 }
 
 impl PricingConfig {
+    /// No prices: every answer is unpriced.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
     /// What is wrong with the table, by path (`pricing.models[0].match`):
     /// patterns well formed and unique, prices ones the relay keeps exactly.
     pub fn problems(&self) -> Vec<(String, &'static str)> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use claude_relay_crds::config::PricingConfig;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use claude_relay_operator::admin::{self, State};
 use claude_relay_operator::controller::{self, Context};
@@ -50,6 +51,32 @@ struct Args {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// The default price table, as YAML or JSON (`{as_of: YYYY-MM-DD,
+    /// models: [...]}`, the proxy config's `pricing`), for relays that
+    /// include the defaults. The chart passes its `pricing` value.
+    #[arg(long, env = "DEFAULT_PRICING")]
+    default_pricing: Option<String>,
+}
+
+/// The default price table of `DEFAULT_PRICING`, checked like a proxy's.
+fn default_pricing(text: Option<&str>) -> anyhow::Result<PricingConfig> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Ok(PricingConfig::default());
+    };
+    let pricing: PricingConfig = serde_yaml_ng::from_str(text)
+        .context("DEFAULT_PRICING is not a price table ({as_of, models: [...]})")?;
+    let problems = pricing.problems();
+    if !problems.is_empty() {
+        let problems: Vec<String> = problems
+            .into_iter()
+            .map(|(path, problem)| format!("{path}: {problem}"))
+            .collect();
+        bail!(
+            "DEFAULT_PRICING is not a valid price table: {}",
+            problems.join("; ")
+        );
+    }
+    Ok(pricing)
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -59,6 +86,12 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    let pricing = default_pricing(args.default_pricing.as_deref())?;
+    info!(
+        models = pricing.models.len(),
+        as_of = pricing.as_of.as_deref().unwrap_or("-"),
+        "default price table"
+    );
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()
@@ -124,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             Defaults {
                 image: args.proxy_image.clone(),
+                pricing,
             },
             metrics.clone(),
             reporter,
