@@ -299,3 +299,31 @@ fn init_tracing(format: &str) {
         builder.init();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::default_pricing;
+
+    #[test]
+    fn the_default_price_table_is_read_as_the_chart_passes_it() {
+        assert_eq!(default_pricing(None).unwrap().models.len(), 0);
+        assert_eq!(default_pricing(Some("  ")).unwrap().models.len(), 0);
+        // The chart passes its `pricing` value as JSON.
+        let shipped: serde_json::Value =
+            serde_yaml_ng::from_str(include_str!("../../examples/pricing.yaml")).unwrap();
+        let table = default_pricing(Some(&shipped.to_string())).unwrap();
+        assert_eq!(table.as_of.as_deref(), Some("2026-12-06"));
+        assert!(table.models.len() >= 10);
+        let bad = r#"{"models": [{"match": "a*b", "input_usd_per_mtok": -1, "output_usd_per_mtok": 1, "cache_read_usd_per_mtok": 1, "cache_write_5m_usd_per_mtok": 1, "cache_write_1h_usd_per_mtok": 1}]}"#;
+        let err = default_pricing(Some(bad)).unwrap_err().to_string();
+        assert!(
+            err.contains("pricing.models[0].match") && err.contains("input_usd_per_mtok"),
+            "{err}"
+        );
+        let err = default_pricing(Some("[1, 2]")).unwrap_err().to_string();
+        assert!(
+            err.contains("DEFAULT_PRICING is not a price table"),
+            "{err}"
+        );
+    }
+}
