@@ -401,7 +401,7 @@ pub struct RelayClient {
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[x_kube(validation = Rule::new("has(self.tokensPerMinute) || has(self.tokensPerDay) || has(self.usdPerDay) || has(self.usdPerMonth) || has(self.maxConcurrent)")
     .message("a quota needs tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth or maxConcurrent"))]
-#[x_kube(validation = Rule::new("(!has(self.usdPerDay) || self.usdPerDay > 0.0) && (!has(self.usdPerMonth) || self.usdPerMonth > 0.0)")
+#[x_kube(validation = Rule::new("(!has(self.usdPerDay) || double(self.usdPerDay) > 0.0) && (!has(self.usdPerMonth) || double(self.usdPerMonth) > 0.0)")
     .message("usdPerDay and usdPerMonth must be greater than 0 (leave them unset for no limit)"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClientQuota {
