@@ -15,10 +15,11 @@
 //! concurrency slot goes back as the answer ends, before the client sees
 //! the end ([`Meter::release_slot`]), so that a client's next request never
 //! meets its own last one. When the exchange ends (complete, cut off or
-//! abandoned) what was reported is counted in metrics and put in an outbox.
-//! Every 100 ms the outbox is written to the store, one script per client
-//! for all its finished requests: tokens charged to its budgets, usage
-//! added to its day's counters. No request waits for it; a store that is
+//! abandoned) what was reported is priced ([`crate::pricing`]: an unpriced
+//! model is counted, never guessed), counted in metrics and put in an
+//! outbox. Every 100 ms the outbox is written to the store, one script per
+//! client for all its finished requests: tokens and dollars charged to its
+//! budgets, usage and cost added to its day's counters. No request waits for it; a store that is
 //! down gets it when it is back.
 //!
 //! [`Accounting`] outlives reloads: the slots in flight (their leases are
