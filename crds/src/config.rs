@@ -61,6 +61,9 @@ pub struct ProxyConfig {
     /// The response cache (off unless a client, a route or a request enables it).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Prices per model: the cost of each answer, and budgets in dollars.
+    #[serde(default, skip_serializing_if = "PricingConfig::is_empty")]
+    pub pricing: PricingConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -248,9 +251,10 @@ pub struct ClientConfig {
 }
 
 /// A client's token budgets (input plus output tokens, cache writes
-/// included; cache reads when `count_cache_reads`) and concurrency cap.
+/// included; cache reads when `count_cache_reads`), budgets in US dollars
+/// (the cost of its answers, from `pricing`) and concurrency cap.
 /// Absent or 0: no limit of that kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientQuota {
     /// Tokens per calendar minute (UTC).
@@ -259,6 +263,12 @@ pub struct ClientQuota {
     /// Tokens per calendar day (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_day: Option<u64>,
+    /// US dollars per calendar day (UTC), priced by `pricing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_day: Option<f64>,
+    /// US dollars per calendar month (UTC), priced by `pricing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_month: Option<f64>,
     /// Requests in flight at once, streams included, across replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
@@ -270,13 +280,166 @@ pub struct ClientQuota {
 impl ClientQuota {
     /// Whether anything is limited at all.
     pub fn is_active(&self) -> bool {
-        self.has_token_budget() || self.max_concurrent.is_some_and(|n| n > 0)
+        self.has_token_budget()
+            || self.has_usd_budget()
+            || self.max_concurrent.is_some_and(|n| n > 0)
     }
 
     /// Whether tokens are limited, which needs the usage of responses.
     pub fn has_token_budget(&self) -> bool {
         self.tokens_per_minute.is_some_and(|n| n > 0) || self.tokens_per_day.is_some_and(|n| n > 0)
     }
+
+    /// Whether spending is limited, which needs usage and prices.
+    pub fn has_usd_budget(&self) -> bool {
+        self.usd_per_day.is_some_and(|n| n > 0.0) || self.usd_per_month.is_some_and(|n| n > 0.0)
+    }
+}
+
+/// Prices of the models in US dollars per million tokens, from which the
+/// relay computes the cost of every answer. A model that no entry matches
+/// is counted as unpriced, never guessed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// When the prices were taken (`YYYY-MM-DD`), for the reader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<String>,
+    /// An exact model name wins over patterns; among patterns, the longest
+    /// prefix wins, so the order of the list does not matter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelPrice>,
+}
+
+impl PricingConfig {
+    /// No prices: every answer is unpriced.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// What is wrong with the table, by path (`pricing.models[0].match`):
+    /// patterns well formed and unique, prices ones the relay keeps exactly.
+    pub fn problems(&self) -> Vec<(String, &'static str)> {
+        let mut problems = Vec::new();
+        let mut patterns = HashSet::new();
+        for (m, price) in self.models.iter().enumerate() {
+            if !is_model_pattern(&price.pattern) {
+                problems.push((
+                    format!("pricing.models[{m}].match"),
+                    "a model name, or a prefix ending in '*' (letters, digits, '-', '.', '_', ':', '@'; '*' only at the end)",
+                ));
+            }
+            if !patterns.insert(price.pattern.as_str()) {
+                problems.push((
+                    format!("pricing.models[{m}].match"),
+                    "duplicate pattern: each model pattern is priced once",
+                ));
+            }
+            for (field, usd) in price.prices() {
+                if nano_usd_per_token(usd).is_none() {
+                    problems.push((
+                        format!("pricing.models[{m}].{field}"),
+                        "must be a price from 0 to 100000 US dollars per million tokens, in steps of 0.001",
+                    ));
+                }
+            }
+        }
+        if let Some(as_of) = &self.as_of
+            && !is_date(as_of)
+        {
+            problems.push(("pricing.as_of".into(), "must be a date, YYYY-MM-DD"));
+        }
+        problems
+    }
+
+    /// `overrides` on top of this table: an entry of `overrides` replaces
+    /// the one with the same `match`, others are added.
+    pub fn overridden_by(&self, overrides: &[ModelPrice]) -> Self {
+        let mut models: Vec<ModelPrice> = self
+            .models
+            .iter()
+            .filter(|m| !overrides.iter().any(|o| o.pattern == m.pattern))
+            .cloned()
+            .collect();
+        models.extend(overrides.iter().cloned());
+        Self {
+            as_of: self.as_of.clone(),
+            models,
+        }
+    }
+}
+
+/// The prices of one model, or of the models a pattern matches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// A model name (`claude-opus-4-1-20250805`) or a prefix ending in `*`
+    /// (`claude-sonnet-4-*`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Input tokens, not cached.
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+    /// Input tokens read from the prompt cache (`cache_read_input_tokens`).
+    pub cache_read_usd_per_mtok: f64,
+    /// Input tokens written to the cache for 5 minutes
+    /// (`cache_creation.ephemeral_5m_input_tokens`; all of
+    /// `cache_creation_input_tokens` when the answer does not split them).
+    pub cache_write_5m_usd_per_mtok: f64,
+    /// Input tokens written to the cache for 1 hour
+    /// (`cache_creation.ephemeral_1h_input_tokens`).
+    pub cache_write_1h_usd_per_mtok: f64,
+}
+
+impl ModelPrice {
+    /// The five prices with their field names, in the order of the fields.
+    pub fn prices(&self) -> [(&'static str, f64); 5] {
+        [
+            ("input_usd_per_mtok", self.input_usd_per_mtok),
+            ("output_usd_per_mtok", self.output_usd_per_mtok),
+            ("cache_read_usd_per_mtok", self.cache_read_usd_per_mtok),
+            (
+                "cache_write_5m_usd_per_mtok",
+                self.cache_write_5m_usd_per_mtok,
+            ),
+            (
+                "cache_write_1h_usd_per_mtok",
+                self.cache_write_1h_usd_per_mtok,
+            ),
+        ]
+    }
+
+    /// Whether `model` is this entry's name, or starts with its prefix.
+    pub fn matches(&self, model: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => model == self.pattern,
+        }
+    }
+}
+
+/// The largest price accepted, US dollars per million tokens: far above any
+/// model's, low enough that a cost in nano-dollars cannot overflow.
+pub const MAX_USD_PER_MTOK: f64 = 100_000.0;
+/// The largest dollar budget accepted (per day or month).
+pub const MAX_USD_BUDGET: f64 = 1_000_000_000.0;
+
+/// A price in nano-dollars per token, when it is one the relay keeps
+/// exactly: finite, 0 to [`MAX_USD_PER_MTOK`], in steps of $0.001 per
+/// million tokens (one nano-dollar per token).
+pub fn nano_usd_per_token(usd_per_mtok: f64) -> Option<u64> {
+    if !usd_per_mtok.is_finite() || !(0.0..=MAX_USD_PER_MTOK).contains(&usd_per_mtok) {
+        return None;
+    }
+    let nanos = usd_per_mtok * 1000.0;
+    let rounded = nanos.round();
+    ((nanos - rounded).abs() < 1e-6).then_some(rounded as u64)
+}
+
+/// A dollar amount in nano-dollars (budgets): `None` when negative, not
+/// finite or above [`MAX_USD_BUDGET`].
+pub fn nano_usd(usd: f64) -> Option<u64> {
+    (usd.is_finite() && (0.0..=MAX_USD_BUDGET).contains(&usd)).then(|| (usd * 1e9).round() as u64)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -1124,10 +1287,35 @@ impl ProxyConfig {
                     "token budgets need usage.enabled",
                 );
             }
+            if !self.usage.enabled && client.quota.is_some_and(|q| q.has_usd_budget()) {
+                bad(
+                    format!("clients[{i}].quota"),
+                    "dollar budgets need usage.enabled",
+                );
+            }
+            if self.pricing.models.is_empty() && client.quota.is_some_and(|q| q.has_usd_budget()) {
+                bad(
+                    format!("clients[{i}].quota"),
+                    "dollar budgets need prices: give pricing.models",
+                );
+            }
+            if let Some(quota) = &client.quota {
+                for (field, usd) in [
+                    ("usd_per_day", quota.usd_per_day),
+                    ("usd_per_month", quota.usd_per_month),
+                ] {
+                    if usd.is_some_and(|usd| nano_usd(usd).is_none()) {
+                        bad(
+                            format!("clients[{i}].quota.{field}"),
+                            "must be a number of US dollars from 0 to 1000000000",
+                        );
+                    }
+                }
+            }
             if client.quota.is_some_and(|q| !q.is_active()) {
                 bad(
                     format!("clients[{i}].quota"),
-                    "sets no limit: give tokens_per_minute, tokens_per_day or max_concurrent",
+                    "sets no limit: give tokens_per_minute, tokens_per_day, usd_per_day, usd_per_month or max_concurrent",
                 );
             }
         }
@@ -1166,6 +1354,10 @@ impl ProxyConfig {
                     );
                 }
             }
+        }
+
+        for (path, problem) in self.pricing.problems() {
+            bad(path, problem);
         }
 
         let window = *self.replay.window;
@@ -1437,6 +1629,27 @@ fn check_redis_url(url: &str) -> Result<(), &'static str> {
         return Err("has no host");
     }
     Ok(())
+}
+
+/// A model name or a prefix ending in `*` (an empty prefix, `*`, matches
+/// every model).
+fn is_model_pattern(s: &str) -> bool {
+    let name = s.strip_suffix('*').unwrap_or(s);
+    (s == "*" || !name.is_empty())
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:@".contains(&b))
+}
+
+fn is_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
 fn is_host_port(s: &str) -> bool {
@@ -1743,6 +1956,86 @@ clients:
         assert_eq!(c.replay.window.as_secs(), 300);
         assert!(!c.replay.fail_open);
         assert_eq!(c.store, None);
+    }
+
+    #[test]
+    fn prices_and_dollar_budgets_are_validated_with_their_paths() {
+        let good = config(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {usd_per_day: 2.5, usd_per_month: 40}
+pricing:
+  as_of: "2026-12-06"
+  models:
+    - {match: "claude-sonnet-4-*", input_usd_per_mtok: 3, output_usd_per_mtok: 15, cache_read_usd_per_mtok: 0.3, cache_write_5m_usd_per_mtok: 3.75, cache_write_1h_usd_per_mtok: 6}
+"#,
+        )
+        .unwrap();
+        let quota = good.clients[0].quota.unwrap();
+        assert!(quota.is_active() && quota.has_usd_budget() && !quota.has_token_budget());
+        assert_eq!(nano_usd(quota.usd_per_day.unwrap()), Some(2_500_000_000));
+        assert!(good.pricing.models[0].matches("claude-sonnet-4-5"));
+        assert!(!good.pricing.models[0].matches("claude-sonnet-3"));
+
+        let err = problems(
+            r#"
+clients:
+  - id: a
+    relay_keys: [{env: K}]
+    quota: {usd_per_day: -1}
+pricing:
+  as_of: yesterday
+  models:
+    - {match: "claude-*-4", input_usd_per_mtok: -3, output_usd_per_mtok: 15, cache_read_usd_per_mtok: 0.0001, cache_write_5m_usd_per_mtok: 1.2345, cache_write_1h_usd_per_mtok: 1e9}
+    - {match: "claude-x", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+    - {match: "claude-x", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+    - {match: "", input_usd_per_mtok: 1, output_usd_per_mtok: 1, cache_read_usd_per_mtok: 1, cache_write_5m_usd_per_mtok: 1, cache_write_1h_usd_per_mtok: 1}
+"#,
+        );
+        for expected in [
+            "clients[0].quota.usd_per_day: must be a number of US dollars",
+            "pricing.models[0].match: a model name, or a prefix ending in '*'",
+            "pricing.models[0].input_usd_per_mtok: must be a price from 0",
+            "pricing.models[0].cache_read_usd_per_mtok: must be a price",
+            "pricing.models[0].cache_write_5m_usd_per_mtok: must be a price",
+            "pricing.models[0].cache_write_1h_usd_per_mtok: must be a price",
+            "pricing.models[2].match: duplicate pattern",
+            "pricing.models[3].match: a model name",
+            "pricing.as_of: must be a date",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        assert!(!err.contains("output_usd_per_mtok"), "{err}");
+        // Dollar budgets need prices and the usage of answers.
+        let err = problems(
+            "clients: [{id: a, relay_keys: [{env: K}], quota: {usd_per_month: 5}}]\nusage: {enabled: false}\n",
+        );
+        assert!(err.contains("dollar budgets need usage.enabled"), "{err}");
+        assert!(err.contains("dollar budgets need prices"), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_defaults_by_pattern() {
+        let price = |pattern: &str, input| ModelPrice {
+            pattern: pattern.into(),
+            input_usd_per_mtok: input,
+            output_usd_per_mtok: 1.0,
+            cache_read_usd_per_mtok: 1.0,
+            cache_write_5m_usd_per_mtok: 1.0,
+            cache_write_1h_usd_per_mtok: 1.0,
+        };
+        let defaults = PricingConfig {
+            as_of: Some("2026-12-06".into()),
+            models: vec![price("a-*", 1.0), price("b-*", 2.0)],
+        };
+        let merged = defaults.overridden_by(&[price("b-*", 5.0), price("c", 3.0)]);
+        assert_eq!(
+            merged.models,
+            vec![price("a-*", 1.0), price("b-*", 5.0), price("c", 3.0)]
+        );
+        assert_eq!(merged.as_of.as_deref(), Some("2026-12-06"));
     }
 
     #[test]

@@ -184,7 +184,7 @@ fn a_quota_must_limit_something() {
     relay.spec.clients[0].quota = Some(ClientQuota::default());
     rejected_with(
         &relay,
-        "a quota needs tokensPerMinute, tokensPerDay or maxConcurrent",
+        "a quota needs tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth or maxConcurrent",
     );
     relay.spec.clients[0].quota = Some(ClientQuota {
         max_concurrent: Some(3),
@@ -215,15 +215,95 @@ fn token_budgets_need_usage_enabled() {
             tokens_per_day: Some(100_000),
             ..ClientQuota::default()
         },
+        ClientQuota {
+            usd_per_month: Some(100.0),
+            ..ClientQuota::default()
+        },
     ] {
         relay.spec.clients[0].quota = Some(quota);
         rejected_with(
             &relay,
-            "token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled",
+            "token and dollar budgets (clients[].quota.tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth) need usage.enabled",
         );
     }
     relay.spec.usage = Some(UsageSettings::default());
     assert_eq!(errors(&relay), Vec::<String>::new());
     relay.spec.usage = None;
     assert_eq!(errors(&relay), Vec::<String>::new());
+}
+
+#[test]
+fn dollar_budgets_are_positive_and_need_prices() {
+    use claude_relay_crds::resources::{ClientQuota, ModelPricing, PricingSettings};
+    let mut relay = ClaudeRelay::test();
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        usd_per_day: Some(25.0),
+        usd_per_month: Some(500.0),
+        ..ClientQuota::default()
+    });
+    // Unset pricing: the operator's default table prices them.
+    assert_eq!(errors(&relay), Vec::<String>::new());
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        usd_per_day: Some(0.0),
+        ..ClientQuota::default()
+    });
+    rejected_with(&relay, "usdPerDay and usdPerMonth must be greater than 0");
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        usd_per_month: Some(10.0),
+        ..ClientQuota::default()
+    });
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: false,
+        models: None,
+    });
+    rejected_with(
+        &relay,
+        "dollar budgets (clients[].quota.usdPerDay, usdPerMonth) need prices",
+    );
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: false,
+        models: Some(vec![ModelPricing {
+            pattern: "claude-sonnet-4-*".into(),
+            input_usd_per_mtok: 3.0,
+            output_usd_per_mtok: 15.0,
+            cache_read_usd_per_mtok: 0.3,
+            cache_write_5m_usd_per_mtok: 3.75,
+            cache_write_1h_usd_per_mtok: 6.0,
+        }]),
+    });
+    assert_eq!(errors(&relay), Vec::<String>::new());
+}
+
+/// Prices and budgets are never negative: the schema's own bounds, which
+/// the API server checks before any CEL rule.
+#[test]
+fn prices_and_budgets_have_schema_bounds() {
+    let crd = serde_json::to_value(ClaudeRelay::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let price = &spec["pricing"]["properties"]["models"]["items"];
+    for field in [
+        "inputUsdPerMtok",
+        "outputUsdPerMtok",
+        "cacheReadUsdPerMtok",
+        "cacheWrite5mUsdPerMtok",
+        "cacheWrite1hUsdPerMtok",
+    ] {
+        assert_eq!(price["properties"][field]["minimum"], 0.0, "{field}");
+        assert!(
+            price["required"]
+                .as_array()
+                .unwrap()
+                .contains(&field.into()),
+            "{field}"
+        );
+    }
+    assert_eq!(
+        price["properties"]["match"]["pattern"],
+        claude_relay_crds::resources::MODEL_PATTERN
+    );
+    let quota = &spec["clients"]["items"]["properties"]["quota"]["properties"];
+    for field in ["usdPerDay", "usdPerMonth"] {
+        assert_eq!(quota[field]["minimum"], 0.0, "{field}");
+        assert_eq!(quota[field]["type"], "number", "{field}");
+    }
 }

@@ -1037,7 +1037,7 @@ async fn invalid_relays_are_rejected() {
                         "quota": {"tokensPerDay": 100000},
                     }],
                 }),
-                "token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled",
+                "token and dollar budgets (clients[].quota.tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth) need usage.enabled",
             ),
         ];
         for (change, expected) in cases {

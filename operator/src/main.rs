@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use claude_relay_crds::config::PricingConfig;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use claude_relay_operator::admin::{self, State};
 use claude_relay_operator::controller::{self, Context};
@@ -51,6 +52,32 @@ struct Args {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// The default price table, as YAML or JSON (`{as_of: YYYY-MM-DD,
+    /// models: [...]}`, the proxy config's `pricing`), for relays that
+    /// include the defaults. The chart passes its `pricing` value.
+    #[arg(long, env = "DEFAULT_PRICING")]
+    default_pricing: Option<String>,
+}
+
+/// The default price table of `DEFAULT_PRICING`, checked like a proxy's.
+fn default_pricing(text: Option<&str>) -> anyhow::Result<PricingConfig> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Ok(PricingConfig::default());
+    };
+    let pricing: PricingConfig = serde_yaml_ng::from_str(text)
+        .context("DEFAULT_PRICING is not a price table ({as_of, models: [...]})")?;
+    let problems = pricing.problems();
+    if !problems.is_empty() {
+        let problems: Vec<String> = problems
+            .into_iter()
+            .map(|(path, problem)| format!("{path}: {problem}"))
+            .collect();
+        bail!(
+            "DEFAULT_PRICING is not a valid price table: {}",
+            problems.join("; ")
+        );
+    }
+    Ok(pricing)
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -60,6 +87,12 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    let pricing = default_pricing(args.default_pricing.as_deref())?;
+    info!(
+        models = pricing.models.len(),
+        as_of = pricing.as_of.as_deref().unwrap_or("-"),
+        "default price table"
+    );
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()
@@ -131,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             Defaults {
                 image: args.proxy_image.clone(),
+                pricing,
             },
             metrics.clone(),
             reporter,
@@ -298,5 +332,33 @@ fn init_tracing(format: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_pricing;
+
+    #[test]
+    fn the_default_price_table_is_read_as_the_chart_passes_it() {
+        assert_eq!(default_pricing(None).unwrap().models.len(), 0);
+        assert_eq!(default_pricing(Some("  ")).unwrap().models.len(), 0);
+        // The chart passes its `pricing` value as JSON.
+        let shipped: serde_json::Value =
+            serde_yaml_ng::from_str(include_str!("../../examples/pricing.yaml")).unwrap();
+        let table = default_pricing(Some(&shipped.to_string())).unwrap();
+        assert_eq!(table.as_of.as_deref(), Some("2026-12-06"));
+        assert!(table.models.len() >= 10);
+        let bad = r#"{"models": [{"match": "a*b", "input_usd_per_mtok": -1, "output_usd_per_mtok": 1, "cache_read_usd_per_mtok": 1, "cache_write_5m_usd_per_mtok": 1, "cache_write_1h_usd_per_mtok": 1}]}"#;
+        let err = default_pricing(Some(bad)).unwrap_err().to_string();
+        assert!(
+            err.contains("pricing.models[0].match") && err.contains("input_usd_per_mtok"),
+            "{err}"
+        );
+        let err = default_pricing(Some("[1, 2]")).unwrap_err().to_string();
+        assert!(
+            err.contains("DEFAULT_PRICING is not a price table"),
+            "{err}"
+        );
     }
 }

@@ -22,6 +22,7 @@ fn regions() -> Vec<UpstreamRegion> {
 fn defaults() -> Defaults {
     Defaults {
         image: "ghcr.io/claude-relay/claude-relay-proxy:0.1.0".into(),
+        pricing: Default::default(),
     }
 }
 

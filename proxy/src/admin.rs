@@ -1,6 +1,6 @@
 //! The admin listener, on its own port: `/healthz` (the process serves),
 //! `/readyz` (config loaded, listener up, not shutting down), `/metrics`,
-//! `GET /usage` (token usage per client per day, from the store) and
+//! `GET /usage` (token usage and cost per client per day, from the store) and
 //! `POST /cache/purge` (response cache entries of one client, or all).
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use crate::body::RelayBody;
 use crate::error::error_response;
 use crate::metrics::UpstreamLabels;
 use crate::runtime::App;
-use crate::store::{Store, civil_date, day_of, days_of, unix_ms};
+use crate::store::{COST_FIELD, Store, civil_date, day_of, days_of, unix_ms};
 
 /// The longest period `/usage` answers for, in days.
 const MAX_USAGE_DAYS: u64 = 366;
@@ -83,7 +83,8 @@ fn json_response(value: &Value) -> Response<RelayBody> {
 
 /// `GET /usage?from=YYYY-MM-DD&to=YYYY-MM-DD&client=ID`: each client's usage
 /// over the period (UTC days, both ends included; default today), in
-/// total, per model and per day, as the store holds it for every replica.
+/// total, per model and per day, as the store holds it for every replica;
+/// `cost_usd` is what the answers cost at the prices of `pricing`.
 async fn usage(app: &Arc<App>, query: &str) -> Response<RelayBody> {
     let snapshot = app.snapshot.load_full();
     let (today, _) = day_of(unix_ms());
@@ -163,16 +164,14 @@ async fn usage(app: &Arc<App>, query: &str) -> Response<RelayBody> {
                     }
                 }
             }
-            let mut day = json!({ "date": date });
-            for (k, v) in day_totals {
-                day[k] = v.into();
-            }
+            let mut day = counters_json(day_totals);
+            day["date"] = date.as_str().into();
             days.push(day);
         }
         out.push(json!({
             "client": client,
-            "total": with_zeros(total),
-            "models": models.into_iter().map(|(m, c)| (m, with_zeros(c))).collect::<BTreeMap<_, _>>(),
+            "total": counters_json(with_zeros(total)),
+            "models": models.into_iter().map(|(m, c)| (m, counters_json(with_zeros(c)))).collect::<BTreeMap<_, _>>(),
             "days": days,
         }));
     }
@@ -185,10 +184,26 @@ async fn usage(app: &Arc<App>, query: &str) -> Response<RelayBody> {
 
 /// Every counter, zero when nothing was recorded.
 fn with_zeros(mut counters: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    for kind in ["requests"].iter().chain(crate::store::Usage::KINDS.iter()) {
+    for kind in ["requests", COST_FIELD]
+        .iter()
+        .chain(crate::store::Usage::KINDS.iter())
+    {
         counters.entry((*kind).to_owned()).or_insert(0);
     }
     counters
+}
+
+/// Counters as JSON: the cost, kept in nano-dollars, as `cost_usd`.
+fn counters_json(counters: BTreeMap<String, u64>) -> Value {
+    let mut out = serde_json::Map::with_capacity(counters.len());
+    for (field, n) in counters {
+        if field == COST_FIELD {
+            out.insert("cost_usd".into(), crate::pricing::usd(n).into());
+        } else {
+            out.insert(field, n.into());
+        }
+    }
+    Value::Object(out)
 }
 
 /// `POST /cache/purge?client=ID` (that client's entries) or `POST

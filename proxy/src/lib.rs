@@ -15,6 +15,7 @@ pub mod h1_server;
 pub mod headers;
 pub mod keypool;
 pub mod metrics;
+pub mod pricing;
 pub mod reload;
 pub mod request_encoding;
 pub mod routing;

@@ -71,6 +71,21 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CostLabels {
+    pub client: Name,
+    /// A bounded set of model names, as for tokens.
+    pub model: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: Name,
+}
+
+/// A counter of US dollars.
+pub type CostCounter = Counter<f64, AtomicU64>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecodeLabels {
     /// gzip, deflate, br, zstd, or other (a coding the relay cannot read)
     pub encoding: &'static str,
@@ -81,7 +96,7 @@ pub struct DecodeLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct QuotaLabels {
     pub client: Name,
-    /// tokens_per_minute, tokens_per_day or max_concurrent
+    /// tokens_per_minute, tokens_per_day, usd_per_day, usd_per_month or max_concurrent
     pub reason: &'static str,
 }
 
@@ -138,6 +153,8 @@ pub struct Metrics {
     pub replay_unprotected: Counter,
     pub rate_limited: Family<ClientLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
+    pub cost: Family<CostLabels, CostCounter>,
+    pub unpriced_answers: Family<ModelLabels, Counter>,
     pub usage_decodes: Family<DecodeLabels, Counter>,
     pub quota_rejected: Family<QuotaLabels, Counter>,
     pub quota_unchecked: Family<ResultLabels, Counter>,
@@ -273,6 +290,18 @@ impl Metrics {
             "Tokens the upstream reported, by client, model and kind",
             tokens.clone(),
         );
+        let cost = Family::<CostLabels, CostCounter>::default();
+        registry.register(
+            "cost_usd",
+            "What answers cost in US dollars at the configured prices (pricing.models), by client and model",
+            cost.clone(),
+        );
+        let unpriced_answers = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "unpriced_answers",
+            "Answers whose model no pricing.models entry matches: their cost is unknown and not counted, by model",
+            unpriced_answers.clone(),
+        );
         let usage_decodes = Family::<DecodeLabels, Counter>::default();
         registry.register(
             "usage_decodes",
@@ -389,6 +418,8 @@ impl Metrics {
             replay_unprotected,
             rate_limited,
             tokens,
+            cost,
+            unpriced_answers,
             usage_decodes,
             quota_rejected,
             quota_unchecked,

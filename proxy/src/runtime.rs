@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub region_indices: Vec<usize>,
     /// Which requests the response cache takes, and under which key.
     pub cache: CachePolicy,
+    /// The prices answers are costed at.
+    pub pricing: Arc<crate::pricing::Pricing>,
 }
 
 impl Snapshot {
@@ -196,8 +198,10 @@ impl Snapshot {
         }
         let region_indices = (0..regions.len()).collect();
         let cache = CachePolicy::new(&config.cache);
+        let pricing = Arc::new(crate::pricing::Pricing::from_config(&config.pricing));
         Ok(Self {
             cache,
+            pricing,
             config,
             clients,
             regions,

@@ -25,8 +25,8 @@
 //! 7. **admit** — one store round trip, only when there is something to ask:
 //!    the nonce claimed once across replicas (401 on replay), the client's
 //!    rate window (429 with retry-after) and its quota: token budgets of the
-//!    minute and the day (429 with retry-after at the window's end) and a
-//!    concurrency slot (429). Store down: signed requests 503 (unless
+//!    minute and the day, dollar budgets of the day and the calendar month
+//!    (429 with retry-after at the window's end) and a concurrency slot (429). Store down: signed requests 503 (unless
 //!    `replay.fail_open`), rate limits fail open, quotas fail open for
 //!    `quota.fail_open_grace`, then this replica's own budgets decide.
 //!    A request the response cache takes ([`crate::cache`]) looks in level 1
@@ -34,7 +34,8 @@
 //!    On a level-1 miss the admission and the level-2 read go to the store
 //!    together, one round trip in time; a hit costs no quota (a slot the
 //!    store gave goes back) and no upstream call.
-//!    → [`crate::usage::Meter`] on the exchange (client, quota, slot, cache fill).
+//!    → [`crate::usage::Meter`] on the exchange (client, quota, prices, slot,
+//!    cache fill).
 //! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
@@ -422,6 +423,7 @@ fn meter(
         store: snapshot.store.clone(),
         client: client.id.clone(),
         quota: client.quota,
+        pricing: snapshot.pricing.clone(),
         slot: slot.map(|held| (exchange.request_id.clone(), held)),
         retention: *snapshot.config.usage.retention,
         usage_enabled: snapshot.config.usage.enabled,
@@ -604,15 +606,25 @@ fn decide_quota(
         }
         QuotaDecision::Allowed => Ok(None),
         QuotaDecision::OverBudget { per, retry_after } => {
-            let (limit, period) = match per {
-                BudgetPeriod::Minute => (quota.tokens_per_minute, "minute"),
-                BudgetPeriod::Day => (quota.tokens_per_day, "day (UTC)"),
+            let message = match per {
+                BudgetPeriod::Minute => format!(
+                    "token quota of {} tokens per minute used up for this client",
+                    quota.tokens_per_minute
+                ),
+                BudgetPeriod::Day => format!(
+                    "token quota of {} tokens per day (UTC) used up for this client",
+                    quota.tokens_per_day
+                ),
+                BudgetPeriod::UsdDay => format!(
+                    "spending budget of ${} per day (UTC) used up for this client",
+                    crate::pricing::usd(quota.usd_nanos_per_day)
+                ),
+                BudgetPeriod::UsdMonth => format!(
+                    "spending budget of ${} per calendar month (UTC) used up for this client",
+                    crate::pricing::usd(quota.usd_nanos_per_month)
+                ),
             };
-            refuse(
-                per.label(),
-                format!("token quota of {limit} tokens per {period} used up for this client"),
-                retry_after,
-            )
+            refuse(per.label(), message, retry_after)
         }
         QuotaDecision::OverConcurrency => refuse(
             "max_concurrent",

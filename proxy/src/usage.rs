@@ -15,10 +15,11 @@
 //! concurrency slot goes back as the answer ends, before the client sees
 //! the end ([`Meter::release_slot`]), so that a client's next request never
 //! meets its own last one. When the exchange ends (complete, cut off or
-//! abandoned) what was reported is counted in metrics and put in an outbox.
-//! Every 100 ms the outbox is written to the store, one script per client
-//! for all its finished requests: tokens charged to its budgets, usage
-//! added to its day's counters. No request waits for it; a store that is
+//! abandoned) what was reported is priced ([`crate::pricing`]: an unpriced
+//! model is counted, never guessed), counted in metrics and put in an
+//! outbox. Every 100 ms the outbox is written to the store, one script per
+//! client for all its finished requests: tokens and dollars charged to its
+//! budgets, usage and cost added to its day's counters. No request waits for it; a store that is
 //! down gets it when it is back.
 //!
 //! [`Accounting`] outlives reloads: the slots in flight (their leases are
@@ -35,7 +36,8 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
-use crate::metrics::{FastMap, Metrics, Name, TokenLabels};
+use crate::metrics::{CostCounter, CostLabels, FastMap, Metrics, ModelLabels, Name, TokenLabels};
+use crate::pricing::Pricing;
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
     unix_ms,
@@ -71,10 +73,25 @@ struct ReportedUsage {
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+/// `usage.cache_creation`: the cache writes by lifetime.
+#[derive(Debug, Default, Deserialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 impl ReportedUsage {
     fn apply_to(&self, usage: &mut Usage) {
+        if let Some(n) = self
+            .cache_creation
+            .as_ref()
+            .and_then(|c| c.ephemeral_1h_input_tokens)
+        {
+            usage.cache_creation_1h_input_tokens = n;
+        }
         let fields = [
             (self.input_tokens, &mut usage.input_tokens),
             (self.output_tokens, &mut usage.output_tokens),
@@ -387,18 +404,23 @@ static USAGE_KEY: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
 fn flat_usage(value: &[u8]) -> Option<ReportedUsage> {
     let mut json = Flat { s: value, at: 0 };
     let mut usage = ReportedUsage::default();
-    let mut seen = [false; 4];
+    let mut seen = [false; 5];
     json.object(|json, key| {
         let field = match key {
             b"input_tokens" => 0,
             b"output_tokens" => 1,
             b"cache_creation_input_tokens" => 2,
             b"cache_read_input_tokens" => 3,
+            b"cache_creation" => 4,
             _ => return json.skip_value(true),
         };
         // serde refuses a repeated field; let it say so.
         if std::mem::replace(&mut seen[field], true) {
             return None;
+        }
+        if field == 4 {
+            usage.cache_creation = Some(json.cache_creation()?);
+            return Some(());
         }
         *[
             &mut usage.input_tokens,
@@ -511,6 +533,29 @@ impl<'a> Flat<'a> {
                 return self.byte(b'}');
             }
         }
+    }
+
+    /// `cache_creation`: an object of counts by lifetime (`null`: given up
+    /// on, serde decides), other members skipped.
+    fn cache_creation(&mut self) -> Option<CacheCreation> {
+        let mut creation = CacheCreation::default();
+        let mut seen = [false; 2];
+        self.object(|json, key| {
+            let field = match key {
+                b"ephemeral_5m_input_tokens" => 0,
+                b"ephemeral_1h_input_tokens" => 1,
+                _ => return json.skip_value(false),
+            };
+            if std::mem::replace(&mut seen[field], true) {
+                return None;
+            }
+            *[
+                &mut creation.ephemeral_5m_input_tokens,
+                &mut creation.ephemeral_1h_input_tokens,
+            ][field] = json.count()?;
+            Some(())
+        })?;
+        Some(creation)
     }
 
     /// A value beside the counts: a plain string, a number, a literal, or
@@ -717,18 +762,32 @@ pub enum SlotHeld {
 pub struct Quota {
     pub tokens_per_minute: u64,
     pub tokens_per_day: u64,
+    /// Nano-dollars per UTC day and calendar month.
+    pub usd_nanos_per_day: u64,
+    pub usd_nanos_per_month: u64,
     pub max_concurrent: u32,
     pub count_cache_reads: bool,
 }
 
 impl Quota {
     pub fn from_config(quota: &claude_relay_crds::config::ClientQuota) -> Self {
+        let nanos = |usd: Option<f64>| {
+            usd.and_then(claude_relay_crds::config::nano_usd)
+                .unwrap_or(0)
+        };
         Self {
             tokens_per_minute: quota.tokens_per_minute.unwrap_or(0),
             tokens_per_day: quota.tokens_per_day.unwrap_or(0),
+            usd_nanos_per_day: nanos(quota.usd_per_day),
+            usd_nanos_per_month: nanos(quota.usd_per_month),
             max_concurrent: quota.max_concurrent.unwrap_or(0),
             count_cache_reads: quota.count_cache_reads,
         }
+    }
+
+    /// Whether spending is limited in dollars.
+    pub fn has_usd_budget(&self) -> bool {
+        self.usd_nanos_per_day > 0 || self.usd_nanos_per_month > 0
     }
 
     /// The admission question for request `slot`, now.
@@ -738,6 +797,8 @@ impl Quota {
             tokens_per_minute: self.tokens_per_minute,
             tokens_per_day: self.tokens_per_day,
             max_concurrent: self.max_concurrent,
+            usd_nanos_per_day: self.usd_nanos_per_day,
+            usd_nanos_per_month: self.usd_nanos_per_month,
             slot,
             now_ms,
             lease_until_ms: now_ms + SLOT_LEASE.as_millis() as u64,
@@ -751,6 +812,8 @@ pub struct Meter {
     pub store: Arc<AnyStore>,
     pub client: Name,
     pub quota: Option<Quota>,
+    /// The prices of the config the request came in under.
+    pub pricing: Arc<Pricing>,
     /// The slot (the request id) and where it is held.
     pub slot: Option<(Arc<str>, SlotHeld)>,
     pub retention: Duration,
@@ -817,6 +880,7 @@ impl SlotRelease {
     fn to_outbox(&self) {
         let settlement = Settlement {
             quota_tokens: 0,
+            quota_nanos: 0,
             usage: None,
             slot: Some(&self.slot),
             now_ms: unix_ms(),
@@ -901,8 +965,21 @@ impl Finished {
         };
         let accounting = &meter.accounting;
         let model = reported.model.as_deref().unwrap_or("unknown");
+        // Priced only when usage was reported: an answer without usage (an
+        // error, or unreadable) costs nothing the relay could know.
+        let cost_nanos = reported
+            .seen
+            .then(|| meter.pricing.cost_nanos(model, &reported.usage))
+            .flatten();
         if reported.seen {
             accounting.count_tokens(&meter.client, model, &reported.usage);
+            match cost_nanos {
+                Some(nanos) => accounting.count_cost(&meter.client, model, nanos),
+                None => {
+                    accounting.count_unpriced(model);
+                    tracing::warn!(request_id = %request_id, client = &*meter.client.0, model, "answer not priced: no pricing.models entry matches its model (counted in claude_relay_unpriced_answers_total)");
+                }
+            }
             tracing::info!(
                 target: "usage",
                 request_id = %request_id,
@@ -913,7 +990,9 @@ impl Finished {
                 input_tokens = reported.usage.input_tokens,
                 output_tokens = reported.usage.output_tokens,
                 cache_creation_input_tokens = reported.usage.cache_creation_input_tokens,
+                cache_creation_1h_input_tokens = reported.usage.cache_creation_1h_input_tokens,
                 cache_read_input_tokens = reported.usage.cache_read_input_tokens,
+                cost_usd = cost_nanos.map(crate::pricing::usd),
                 complete,
             );
         }
@@ -921,14 +1000,22 @@ impl Finished {
             .quota
             .filter(|q| q.tokens_per_minute > 0 || q.tokens_per_day > 0)
             .map_or(0, |q| reported.usage.quota_tokens(q.count_cache_reads));
+        let quota_nanos = meter
+            .quota
+            .filter(Quota::has_usd_budget)
+            .and(cost_nanos)
+            .unwrap_or(0);
         let settlement = Settlement {
             quota_tokens,
-            usage: reported.seen.then_some((model, reported.usage)),
+            quota_nanos,
+            usage: reported
+                .seen
+                .then_some((model, reported.usage, cost_nanos.unwrap_or(0))),
             slot: None,
             now_ms: unix_ms(),
             retention: meter.retention,
         };
-        if quota_tokens > 0 || settlement.usage.is_some() {
+        if quota_tokens > 0 || quota_nanos > 0 || settlement.usage.is_some() {
             accounting.enqueue(&meter.client, &meter.store, &settlement);
         }
     }
@@ -957,6 +1044,10 @@ pub struct Accounting {
     models: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     /// The token counters of each kind ([`Usage::KINDS`]) per client and model.
     token_counters: Mutex<FastMap<TokenKey, [Counter; 4]>>,
+    /// The cost counter (nano-dollars, exported as dollars) per client and model.
+    cost_counters: Mutex<FastMap<TokenKey, CostCounter>>,
+    /// The unpriced answer counters per model label.
+    unpriced_counters: Mutex<FastMap<Arc<str>, Counter>>,
     /// The decode counters by coding and result, looked up once.
     decode_counters: Mutex<FastMap<(&'static str, &'static str), Counter>>,
     /// Per client, what the next flush writes to the store.
@@ -986,6 +1077,8 @@ impl Accounting {
             fallback: MemoryStore::new(1),
             models: Mutex::default(),
             token_counters: Mutex::default(),
+            cost_counters: Mutex::default(),
+            unpriced_counters: Mutex::default(),
             decode_counters: Mutex::default(),
             outbox: Mutex::default(),
         })
@@ -1148,6 +1241,37 @@ impl Accounting {
         }
     }
 
+    /// Adds an answer's cost to its client's and model's spend.
+    fn count_cost(&self, client: &Name, model: &str, nanos: u64) {
+        let model = self.model_label(model);
+        lock(&self.cost_counters)
+            .entry((client.clone(), model.clone()))
+            .or_insert_with(|| {
+                self.metrics
+                    .cost
+                    .get_or_create(&CostLabels {
+                        client: client.clone(),
+                        model: Name(model),
+                    })
+                    .clone()
+            })
+            .inc_by(crate::pricing::usd(nanos));
+    }
+
+    /// Counts an answer whose model has no price.
+    fn count_unpriced(&self, model: &str) {
+        let model = self.model_label(model);
+        lock(&self.unpriced_counters)
+            .entry(model.clone())
+            .or_insert_with(|| {
+                self.metrics
+                    .unpriced_answers
+                    .get_or_create(&ModelLabels { model: Name(model) })
+                    .clone()
+            })
+            .inc();
+    }
+
     /// The model as a label value: a plausible model name among the first
     /// [`MODEL_LABELS`] seen, else `other`.
     fn model_label(&self, model: &str) -> Arc<str> {
@@ -1213,7 +1337,7 @@ mod tests {
     fn stream_of(model: &str) -> Vec<u8> {
         let events = [
             format!(
-                r#"{{"type":"message_start","message":{{"id":"m","model":"{model}","usage":{{"input_tokens":25,"output_tokens":1,"cache_creation_input_tokens":7,"cache_read_input_tokens":3}}}}}}"#
+                r#"{{"type":"message_start","message":{{"id":"m","model":"{model}","usage":{{"input_tokens":25,"output_tokens":1,"cache_creation_input_tokens":7,"cache_read_input_tokens":3,"cache_creation":{{"ephemeral_5m_input_tokens":5,"ephemeral_1h_input_tokens":2}}}}}}}}"#
             ),
             r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"message_delta is just text here"}}"#.into(),
             r#"{"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":10}}"#.into(),
@@ -1233,6 +1357,7 @@ mod tests {
             output_tokens: 15,
             cache_creation_input_tokens: 7,
             cache_read_input_tokens: 3,
+            cache_creation_1h_input_tokens: 2,
         }
     }
 
@@ -1315,7 +1440,8 @@ mod tests {
                 input_tokens: 12,
                 output_tokens: 34,
                 cache_creation_input_tokens: 0,
-                cache_read_input_tokens: 5
+                cache_read_input_tokens: 5,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert_eq!(tap.body().unwrap().as_ref(), &body[..]);
@@ -1374,8 +1500,14 @@ mod tests {
     #[test]
     fn the_usage_read_by_hand_is_always_what_serde_reads() {
         let api = br#"{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":7,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":180,"service_tier":"standard","server_tool_use":{"web_search_requests":1}}"#;
-        let cases: [&[u8]; 26] = [
+        let cases: [&[u8]; 31] = [
             api,
+            br#"{"input_tokens":1,"cache_creation_input_tokens":9,"cache_creation":{"ephemeral_5m_input_tokens":4,"ephemeral_1h_input_tokens":5}}"#,
+            br#"{"cache_creation":{"ephemeral_1h_input_tokens":5,"future_lifetime":"x"}}"#,
+            // Given up on by hand; serde decides.
+            br#"{"cache_creation":null,"input_tokens":2}"#,
+            br#"{"cache_creation":{"ephemeral_1h_input_tokens":1,"ephemeral_1h_input_tokens":2}}"#,
+            br#"{"cache_creation":{"nested":{"a":1}}}"#,
             br#"{"input_tokens":25,"output_tokens":180}"#,
             b"{ \"input_tokens\" : 1 ,\n\t\"output_tokens\":2\r\n}  ",
             br#"{}"#,
@@ -1404,11 +1536,13 @@ mod tests {
             br#"{"a":tru,"input_tokens":4}"#,
         ];
         let counts = |u: &ReportedUsage| {
+            let creation = u.cache_creation.as_ref();
             (
                 u.input_tokens,
                 u.output_tokens,
                 u.cache_creation_input_tokens,
                 u.cache_read_input_tokens,
+                creation.map(|c| (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens)),
             )
         };
         let mut by_hand = 0;
@@ -1425,10 +1559,20 @@ mod tests {
             }
         }
         // The API's own forms are read by hand.
-        assert_eq!(by_hand, 7);
+        assert_eq!(by_hand, 9);
         assert_eq!(
             flat_usage(api).map(|u| counts(&u)),
-            Some((Some(25), Some(180), Some(0), Some(7)))
+            Some((
+                Some(25),
+                Some(180),
+                Some(0),
+                Some(7),
+                Some((Some(0), Some(0)))
+            ))
+        );
+        assert_eq!(
+            flat_usage(cases[1]).map(|u| to_usage(&u).cache_creation_1h_input_tokens),
+            Some(5)
         );
     }
 

@@ -281,6 +281,9 @@ store:
   redis: {{url: "{redis}", command_timeout: 200ms}}
 breaker: {{window: 10s, min_requests: 2, failure_rate: 0.5, open_for: 30s}}
 quota: {{fail_open_grace: 1m}}
+pricing:
+  models:
+    - {{match: "claude-test*", input_usd_per_mtok: 3, output_usd_per_mtok: 15, cache_read_usd_per_mtok: 0.3, cache_write_5m_usd_per_mtok: 3.75, cache_write_1h_usd_per_mtok: 6}}
 clients:
   - id: app
     relay_keys: [{{env: TEST_APP_KEY}}]
@@ -344,6 +347,16 @@ regions:
         )
         .await;
     assert_eq!(gzip.status, 200);
+    // An answer of a model without a price (the others have one).
+    let unpriced = setup
+        .messages(
+            &proxy,
+            APP_KEY,
+            &BODY.replace("claude-test", "mystery-model"),
+            &[],
+        )
+        .await;
+    assert_eq!(unpriced.status, 200);
     // Refusals: a bad key, the rate limit, the quota.
     let refused = setup.messages(&proxy, "not-a-relay-key", BODY, &[]).await;
     assert_eq!(refused.status, 401);
@@ -386,6 +399,13 @@ regions:
 async fn every_dashboard_query_parses_and_names_only_what_the_relay_exports() {
     let (_setup, proxy) = relay_after_traffic_of_every_kind().await;
     let exposition = proxy.metrics().await;
+    // Spend, and answers without a price, have series for the dashboard.
+    for series in [
+        r#"claude_relay_cost_usd_total{client="app",model="claude-test"}"#,
+        r#"claude_relay_unpriced_answers_total{model="mystery-model"} 1"#,
+    ] {
+        assert!(exposition.contains(series), "{series} in {exposition}");
+    }
     let families = exported(&exposition);
     let dashboard = dashboard();
     let queries = panel_queries(&dashboard);

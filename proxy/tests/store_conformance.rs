@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use claude_relay_crds::config::RedisStoreConfig;
 use claude_relay_proxy::store::{
     BudgetPeriod, Charges, MemoryStore, QuotaAsk, QuotaDecision, RateDecision, RedisStore,
-    Settlement, Store, Usage, day_of, unix_ms,
+    Settlement, Store, Usage, day_of, days_of, unix_ms,
 };
 use claude_relay_testkit::redis::RedisServer;
 use futures_util::future::join_all;
@@ -195,6 +195,8 @@ fn ask<'a>(slot: &'a str, now_ms: u64, tpm: u64, tpd: u64, max_concurrent: u32) 
         tokens_per_minute: tpm,
         tokens_per_day: tpd,
         max_concurrent,
+        usd_nanos_per_day: 0,
+        usd_nanos_per_month: 0,
         slot,
         now_ms,
         lease_until_ms: now_ms + 60_000,
@@ -204,6 +206,7 @@ fn ask<'a>(slot: &'a str, now_ms: u64, tpm: u64, tpd: u64, max_concurrent: u32) 
 fn settlement(tokens: u64, now_ms: u64) -> Settlement<'static> {
     Settlement {
         quota_tokens: tokens,
+        quota_nanos: 0,
         usage: None,
         slot: None,
         now_ms,
@@ -256,6 +259,91 @@ async fn budgets_refuse_once_spent_until_the_window_ends<S: Store>(store: Arc<S>
             retry_after: day_left
         }
     );
+}
+
+const DAY_MS: u64 = 86_400_000;
+const USD: u64 = 1_000_000_000;
+
+/// Charges `nanos` to the dollar budgets of `client` at `now_ms`.
+async fn spend<S: Store>(store: &S, client: &str, nanos: u64, now_ms: u64) {
+    let charge = Charges::of(&Settlement {
+        quota_nanos: nanos,
+        ..settlement(0, now_ms)
+    });
+    store.settle(client, &charge).await.unwrap();
+}
+
+async fn dollar_budgets_refuse_once_spent_until_the_day_or_month_ends<S: Store>(store: Arc<S>) {
+    // Noon UTC on 2026-11-10 and the day after: one month, two days.
+    let noon = days_of("2026-11-10").unwrap() * DAY_MS + DAY_MS / 2;
+    let next_noon = noon + DAY_MS;
+    let dollars = |slot, now, max_concurrent| QuotaAsk {
+        usd_nanos_per_day: USD,
+        usd_nanos_per_month: 3 * USD / 2,
+        ..ask(slot, now, 0, 0, max_concurrent)
+    };
+    let check = |now: u64| {
+        let store = store.clone();
+        async move {
+            store
+                .check_quota("app", &dollars("s", now, 0))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(check(noon).await, QuotaDecision::Allowed);
+    spend(&*store, "app", 600_000_000, noon).await;
+    assert_eq!(check(noon).await, QuotaDecision::Allowed, "$0.60 of $1");
+    spend(&*store, "app", 500_000_000, noon).await;
+    assert_eq!(
+        check(noon).await,
+        QuotaDecision::OverBudget {
+            per: BudgetPeriod::UsdDay,
+            retry_after: Duration::from_millis(DAY_MS / 2)
+        }
+    );
+    // A refused request takes no concurrency slot.
+    assert_eq!(
+        store.check_quota("app", &dollars("refused", noon, 1)).await,
+        Ok(QuotaDecision::OverBudget {
+            per: BudgetPeriod::UsdDay,
+            retry_after: Duration::from_millis(DAY_MS / 2)
+        })
+    );
+    assert_eq!(
+        store.check_quota("app", &ask("free", noon, 0, 0, 1)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // Dollars are not tokens: the token budget of the day is untouched.
+    assert_eq!(
+        store.check_quota("app", &ask("t", noon, 0, 1, 0)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // Another client has its own budget.
+    assert_eq!(
+        store.check_quota("other", &dollars("s", noon, 0)).await,
+        Ok(QuotaDecision::Allowed)
+    );
+    // The next day has a fresh day budget; the month's $1.50 is spent
+    // after $0.40 more ($1.10 + $0.40), until December.
+    assert_eq!(check(next_noon).await, QuotaDecision::Allowed);
+    spend(&*store, "app", 399_999_999, next_noon).await;
+    assert_eq!(
+        check(next_noon).await,
+        QuotaDecision::Allowed,
+        "a nano-dollar short"
+    );
+    spend(&*store, "app", 1, next_noon).await;
+    let december = days_of("2026-12-01").unwrap() * DAY_MS;
+    assert_eq!(
+        check(next_noon).await,
+        QuotaDecision::OverBudget {
+            per: BudgetPeriod::UsdMonth,
+            retry_after: Duration::from_millis(december - next_noon)
+        }
+    );
+    // December starts afresh.
+    assert_eq!(check(december).await, QuotaDecision::Allowed);
 }
 
 async fn concurrency_cap_holds_and_slots_come_back<S: Store + 'static>(store: Arc<S>) {
@@ -371,6 +459,7 @@ async fn usage_adds_up_per_client_per_day<S: Store>(store: Arc<S>) {
         output_tokens: o,
         cache_creation_input_tokens: c,
         cache_read_input_tokens: r,
+        cache_creation_1h_input_tokens: 0,
     };
     // Requests settle one by one, or several in one batch, alike.
     let mut batch = Charges::default();
@@ -381,7 +470,7 @@ async fn usage_adds_up_per_client_per_day<S: Store>(store: Arc<S>) {
         ("other", "claude-a", usage(7, 7, 7, 7)),
     ] {
         let one = Settlement {
-            usage: Some((model, u)),
+            usage: Some((model, u, u.input_tokens * 3_000)),
             ..settlement(0, now)
         };
         if client == "app" && model == "claude-a" {
@@ -408,6 +497,9 @@ async fn usage_adds_up_per_client_per_day<S: Store>(store: Arc<S>) {
     assert_eq!(get("claude-a/requests"), 2);
     assert_eq!(get("claude-a/input_tokens"), 110);
     assert_eq!(get("claude-b/output_tokens"), 2);
+    // The cost, in nano-dollars, adds up like the tokens.
+    assert_eq!(get("cost_nanousd"), 111 * 3_000);
+    assert_eq!(get("claude-a/cost_nanousd"), 110 * 3_000);
     assert_eq!(store.usage("app", "2001-01-01").await.unwrap(), vec![]);
     let other = store.usage("other", &today).await.unwrap();
     assert!(
@@ -448,6 +540,7 @@ conformance!(
     rate_limit_window_and_retry_after,
     rate_limit_holds_under_concurrency,
     budgets_refuse_once_spent_until_the_window_ends,
+    dollar_budgets_refuse_once_spent_until_the_day_or_month_ends,
     concurrency_cap_holds_and_slots_come_back,
     a_released_slot_is_free_at_once,
     slot_leases_lapse_unless_renewed,

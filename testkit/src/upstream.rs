@@ -30,9 +30,12 @@
 //! has every answer's body as sent. `x-mock-pad: N` adds N bytes of `x`
 //! to a JSON answer's text (a compression bomb when compressed).
 //!
-//! `x-mock-usage: INPUT,OUTPUT,CACHE_CREATION,CACHE_READ` sets the usage a
-//! Messages answer reports (JSON `usage`; in a stream, `message_start` has
-//! all but OUTPUT, which it reports as 1, and `message_delta` reports OUTPUT).
+//! `x-mock-usage: INPUT,OUTPUT,CACHE_CREATION,CACHE_READ[,CACHE_1H]` sets
+//! the usage a Messages answer reports (JSON `usage`; in a stream,
+//! `message_start` has all but OUTPUT, which it reports as 1, and
+//! `message_delta` reports OUTPUT). Like the API, `usage.cache_creation`
+//! splits the cache writes by lifetime: CACHE_1H of them (default 0) as
+//! `ephemeral_1h_input_tokens`, the rest as `ephemeral_5m_input_tokens`.
 //! [`MockUpstream::messages_answered`] counts `/v1/messages` calls.
 //!
 //! Paths: `/v1/messages`, `/v1/messages/count_tokens`, `/v1/models`; any
@@ -327,7 +330,9 @@ async fn respond(
         .headers
         .get("x-mock-usage")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_usage);
+        .and_then(parse_usage)
+        .map_or((None, 0), |(usage, one_hour)| (Some(usage), one_hour));
+    let (usage, one_hour) = usage;
     let pad = parts
         .headers
         .get("x-mock-pad")
@@ -407,6 +412,7 @@ async fn respond(
             model,
             delay,
             usage.unwrap_or(DEFAULT_STREAM_USAGE),
+            one_hour,
             coding,
         ),
         _ => {
@@ -415,7 +421,7 @@ async fn respond(
             }
             json(
                 StatusCode::OK,
-                padded_message_json(&model, usage.unwrap_or(DEFAULT_USAGE), pad),
+                message_body(&model, usage.unwrap_or(DEFAULT_USAGE), one_hour, pad),
             )
         }
     }
@@ -461,12 +467,26 @@ pub const DEFAULT_USAGE: [u64; 4] = [25, 180, 0, 0];
 /// What a default stream reports: message_start's input and message_delta's output.
 pub const DEFAULT_STREAM_USAGE: [u64; 4] = [25, 15, 0, 0];
 
-fn parse_usage(text: &str) -> Option<[u64; 4]> {
+/// The four counts of `x-mock-usage`, and how many cache writes were for 1 hour.
+fn parse_usage(text: &str) -> Option<([u64; 4], u64)> {
     let numbers: Vec<u64> = text
         .split(',')
         .map(|n| n.trim().parse().ok())
         .collect::<Option<_>>()?;
-    numbers.try_into().ok()
+    match numbers[..] {
+        [i, o, c, r] => Some(([i, o, c, r], 0)),
+        [i, o, c, r, h] if h <= c => Some(([i, o, c, r], h)),
+        _ => None,
+    }
+}
+
+/// `usage.cache_creation` as the API writes it: `cache_creation` cache
+/// writes, `one_hour` of them for an hour.
+fn cache_creation(cache_creation: u64, one_hour: u64) -> serde_json::Value {
+    serde_json::json!({
+        "ephemeral_5m_input_tokens": cache_creation - one_hour.min(cache_creation),
+        "ephemeral_1h_input_tokens": one_hour.min(cache_creation),
+    })
 }
 
 /// A Messages API response of about 1 KB.
@@ -481,6 +501,12 @@ pub fn message_json_with(model: &str, usage: [u64; 4]) -> String {
 
 /// A Messages API response reporting `usage`, its text `pad` bytes longer.
 pub fn padded_message_json(model: &str, usage: [u64; 4], pad: usize) -> String {
+    message_body(model, usage, 0, pad)
+}
+
+/// A Messages API response reporting `usage` with `one_hour` of its cache
+/// writes for an hour, its text `pad` bytes longer.
+pub fn message_body(model: &str, usage: [u64; 4], one_hour: u64, pad: usize) -> String {
     let mut text = "The relay passes every byte through unchanged. ".repeat(16);
     text.extend(std::iter::repeat_n('x', pad));
     serde_json::json!({
@@ -495,7 +521,9 @@ pub fn padded_message_json(model: &str, usage: [u64; 4], pad: usize) -> String {
             "input_tokens": usage[0],
             "output_tokens": usage[1],
             "cache_creation_input_tokens": usage[2],
-            "cache_read_input_tokens": usage[3]
+            "cache_read_input_tokens": usage[3],
+            "cache_creation": cache_creation(usage[2], one_hour),
+            "service_tier": "standard"
         }
     })
     .to_string()
@@ -520,11 +548,17 @@ pub fn stream_events(model: &str) -> Vec<Bytes> {
 
 /// The events of a short streamed message reporting `usage`.
 pub fn stream_events_with(model: &str, usage: [u64; 4]) -> Vec<Bytes> {
+    stream_events_split(model, usage, 0)
+}
+
+/// The events of a short streamed message reporting `usage`, `one_hour`
+/// of its cache writes for an hour.
+pub fn stream_events_split(model: &str, usage: [u64; 4], one_hour: u64) -> Vec<Bytes> {
     use serde_json::json;
     let mut events = vec![
         event(
             "message_start",
-            json!({"type": "message_start", "message": {"id": "msg_stream_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": usage[0], "output_tokens": 1, "cache_creation_input_tokens": usage[2], "cache_read_input_tokens": usage[3]}}}),
+            json!({"type": "message_start", "message": {"id": "msg_stream_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": usage[0], "output_tokens": 1, "cache_creation_input_tokens": usage[2], "cache_read_input_tokens": usage[3], "cache_creation": cache_creation(usage[2], one_hour), "service_tier": "standard"}}}),
         ),
         event(
             "content_block_start",
@@ -556,6 +590,7 @@ fn stream(
     model: String,
     delay: Duration,
     usage: [u64; 4],
+    one_hour: u64,
     coding: Option<String>,
 ) -> MockResponse {
     let (tx, rx) = mpsc::channel::<Chunk>(4);
@@ -587,7 +622,7 @@ fn stream(
 
     tokio::spawn(async move {
         let tx = &mut tx;
-        let events = stream_events_with(&model, usage);
+        let events = stream_events_split(&model, usage, one_hour);
         let completed = match mode.as_str() {
             "stream-cut" => {
                 // The connection breaks: the body ends with an error, so

@@ -60,8 +60,11 @@ use crate::duration::HumanDuration;
     .message("set replicas or autoscaling, not both"))]
 // Budgets are charged from the usage the proxy reads; the proxy refuses this
 // too, but here `kubectl apply` says it at once.
-#[x_kube(validation = Rule::new("!has(self.usage) || self.usage.enabled || self.clients.all(c, !has(c.quota) || (!has(c.quota.tokensPerMinute) && !has(c.quota.tokensPerDay)))")
-    .message("token budgets (clients[].quota.tokensPerMinute, tokensPerDay) need usage.enabled"))]
+#[x_kube(validation = Rule::new("!has(self.usage) || self.usage.enabled || self.clients.all(c, !has(c.quota) || (!has(c.quota.tokensPerMinute) && !has(c.quota.tokensPerDay) && !has(c.quota.usdPerDay) && !has(c.quota.usdPerMonth)))")
+    .message("token and dollar budgets (clients[].quota.tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth) need usage.enabled"))]
+// Without the default table, dollar budgets need prices of the relay's own.
+#[x_kube(validation = Rule::new("!has(self.pricing) || self.pricing.includeDefaults || (has(self.pricing.models) && size(self.pricing.models) > 0) || self.clients.all(c, !has(c.quota) || (!has(c.quota.usdPerDay) && !has(c.quota.usdPerMonth)))")
+    .message("dollar budgets (clients[].quota.usdPerDay, usdPerMonth) need prices: set pricing.models or pricing.includeDefaults"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeRelaySpec {
     /// Fixed number of proxy pods (default 2). Leave unset when `autoscaling` is set.
@@ -128,6 +131,62 @@ pub struct ClaudeRelaySpec {
     /// Usage accounting: token counts per client, model and UTC day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSettings>,
+    /// Prices per model: the cost of answers (metrics, `/usage`) and
+    /// dollar budgets. Unset: the operator's default table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<PricingSettings>,
+}
+
+/// A model name, or a prefix ending in `*`.
+pub const MODEL_PATTERN: &str = r"^(\*|[A-Za-z0-9._:@-]{1,128}\*?)$";
+
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PricingSettings {
+    /// Start from the operator's default table (the chart's
+    /// `pricing.models`, with the date it was taken); an entry of `models`
+    /// replaces the default with the same `match` (default true).
+    #[serde(default = "default_true")]
+    pub include_defaults: bool,
+    /// Prices of this relay. An exact model name wins over patterns; among
+    /// patterns, the longest prefix wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 500))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["match".into()]))]
+    pub models: Option<Vec<ModelPricing>>,
+}
+
+impl Default for PricingSettings {
+    fn default() -> Self {
+        Self {
+            include_defaults: true,
+            models: None,
+        }
+    }
+}
+
+/// US dollars per million tokens of each kind, for the models `match` names.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPricing {
+    /// A model name (`claude-opus-4-1-20250805`) or a prefix ending in `*`
+    /// (`claude-sonnet-4-*`).
+    #[serde(rename = "match")]
+    #[schemars(pattern(MODEL_PATTERN))]
+    pub pattern: String,
+    #[schemars(range(min = 0, max = 100000))]
+    pub input_usd_per_mtok: f64,
+    #[schemars(range(min = 0, max = 100000))]
+    pub output_usd_per_mtok: f64,
+    /// Prompt cache reads.
+    #[schemars(range(min = 0, max = 100000))]
+    pub cache_read_usd_per_mtok: f64,
+    /// Prompt cache writes that live 5 minutes.
+    #[schemars(range(min = 0, max = 100000))]
+    pub cache_write_5m_usd_per_mtok: f64,
+    /// Prompt cache writes that live 1 hour.
+    #[schemars(range(min = 0, max = 100000))]
+    pub cache_write_1h_usd_per_mtok: f64,
 }
 
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -337,10 +396,13 @@ pub struct RelayClient {
 }
 
 /// Input plus output tokens (cache writes included; cache reads when
-/// `countCacheReads`) per UTC minute and day, and requests in flight.
+/// `countCacheReads`) per UTC minute and day, US dollars (at `pricing`) per
+/// UTC day and calendar month, and requests in flight.
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[x_kube(validation = Rule::new("has(self.tokensPerMinute) || has(self.tokensPerDay) || has(self.maxConcurrent)")
-    .message("a quota needs tokensPerMinute, tokensPerDay or maxConcurrent"))]
+#[x_kube(validation = Rule::new("has(self.tokensPerMinute) || has(self.tokensPerDay) || has(self.usdPerDay) || has(self.usdPerMonth) || has(self.maxConcurrent)")
+    .message("a quota needs tokensPerMinute, tokensPerDay, usdPerDay, usdPerMonth or maxConcurrent"))]
+#[x_kube(validation = Rule::new("(!has(self.usdPerDay) || double(self.usdPerDay) > 0.0) && (!has(self.usdPerMonth) || double(self.usdPerMonth) > 0.0)")
+    .message("usdPerDay and usdPerMonth must be greater than 0 (leave them unset for no limit)"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClientQuota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -349,6 +411,14 @@ pub struct ClientQuota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens_per_day: Option<i64>,
+    /// US dollars per UTC day, at the relay's prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000000))]
+    pub usd_per_day: Option<f64>,
+    /// US dollars per UTC calendar month, at the relay's prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000000))]
+    pub usd_per_month: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_concurrent: Option<i32>,

@@ -4,20 +4,24 @@
 //! later with defaults need no change here, and a field renamed on either
 //! side fails the render tests instead of silently vanishing.
 
-use claude_relay_crds::config::ProxyConfig;
+use claude_relay_crds::config::{ModelPrice, PricingConfig, ProxyConfig};
 use std::collections::BTreeSet;
 
-use claude_relay_crds::resources::{Continent, KeyStrategy, RatePeriod, RedisMode, Timeouts};
+use claude_relay_crds::resources::{
+    Continent, KeyStrategy, PricingSettings, RatePeriod, RedisMode, Timeouts,
+};
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use kube::ResourceExt;
 use serde_json::{Map, Value, json};
 
 use super::{ADMIN_PORT, GEOIP_DIR, HTTP_PORT, InvalidSpec, SECRETS_DIR, secret_path};
 
-/// Renders and validates the proxy config of `relay` with `regions`.
+/// Renders and validates the proxy config of `relay` with `regions`;
+/// `default_pricing` is the operator's default price table.
 pub fn render_config(
     relay: &ClaudeRelay,
     regions: &[UpstreamRegion],
+    default_pricing: &PricingConfig,
 ) -> Result<ProxyConfig, InvalidSpec> {
     let spec = &relay.spec;
     let mut server = json!({
@@ -57,12 +61,14 @@ pub fn render_config(
                 c["rate_limit"] = json!({ "requests": limit.requests, "per": per });
             }
             if let Some(quota) = &client.quota {
-                c["quota"] = json!({
+                c["quota"] = without_nulls(json!({
                     "tokens_per_minute": quota.tokens_per_minute,
                     "tokens_per_day": quota.tokens_per_day,
+                    "usd_per_day": quota.usd_per_day,
+                    "usd_per_month": quota.usd_per_month,
                     "max_concurrent": quota.max_concurrent,
                     "count_cache_reads": quota.count_cache_reads,
-                });
+                }));
             }
             if let Some(cache) = &client.cache {
                 c["cache"] = json!({ "enabled": cache.enabled });
@@ -145,6 +151,7 @@ pub fn render_config(
     if let Some(cache) = &spec.cache {
         doc["cache"] = cache_block(cache);
     }
+    doc["pricing"] = pricing(spec.pricing.as_ref(), default_pricing);
     if let Some(usage) = &spec.usage {
         doc["usage"] = without_nulls(json!({
             "enabled": usage.enabled,
@@ -242,6 +249,35 @@ fn routing(relay: &ClaudeRelay, sorted_regions: &[&UpstreamRegion]) -> Value {
         out["rules"] = rules.into();
     }
     out
+}
+
+/// The price table: the relay's own entries over the operator's default
+/// table (unless `includeDefaults` is off), an entry of the relay's
+/// replacing the default with the same `match`.
+fn pricing(own: Option<&PricingSettings>, defaults: &PricingConfig) -> Value {
+    let own = own.cloned().unwrap_or_default();
+    let models: Vec<ModelPrice> = own
+        .models
+        .iter()
+        .flatten()
+        .map(|m| ModelPrice {
+            pattern: m.pattern.clone(),
+            input_usd_per_mtok: m.input_usd_per_mtok,
+            output_usd_per_mtok: m.output_usd_per_mtok,
+            cache_read_usd_per_mtok: m.cache_read_usd_per_mtok,
+            cache_write_5m_usd_per_mtok: m.cache_write_5m_usd_per_mtok,
+            cache_write_1h_usd_per_mtok: m.cache_write_1h_usd_per_mtok,
+        })
+        .collect();
+    let table = if own.include_defaults {
+        defaults.overridden_by(&models)
+    } else {
+        PricingConfig {
+            as_of: None,
+            models,
+        }
+    };
+    serde_json::to_value(table).expect("a price table serializes")
 }
 
 /// The config document as the ConfigMap holds it. Serialised through JSON

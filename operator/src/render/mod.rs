@@ -7,6 +7,7 @@ mod objects;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use claude_relay_crds::config::PricingConfig;
 use claude_relay_crds::resources::SecretKeyRef;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -34,6 +35,9 @@ pub const PROXY_UID: i64 = 65532;
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub image: String,
+    /// The default price table (the chart's `pricing`), for relays whose
+    /// `pricing.includeDefaults` is on (or that set no `pricing`).
+    pub pricing: PricingConfig,
 }
 
 /// Everything applied for one relay.
@@ -61,7 +65,7 @@ pub fn render(
     regions: &[UpstreamRegion],
     defaults: &Defaults,
 ) -> Result<Rendered, InvalidSpec> {
-    let config = render_config(relay, regions)?;
+    let config = render_config(relay, regions, &defaults.pricing)?;
     let yaml = config::to_yaml(&config);
     let names = Names::of(relay);
     Ok(Rendered {

@@ -14,6 +14,16 @@ use super::*;
 fn defaults() -> Defaults {
     Defaults {
         image: "ghcr.io/claude-relay/claude-relay-proxy:0.1.0".into(),
+        pricing: Default::default(),
+    }
+}
+
+/// The operator's defaults with the price table the chart ships.
+fn priced_defaults() -> Defaults {
+    let table = include_str!("../../../examples/pricing.yaml");
+    Defaults {
+        pricing: serde_yaml_ng::from_str(table).unwrap(),
+        ..defaults()
     }
 }
 
@@ -118,7 +128,7 @@ fn region_timeouts_override_the_relays() {
         connect: Some(HumanDuration::from_millis(500)),
         ..Timeouts::default()
     });
-    let config = render_config(&relay, &[us]).unwrap();
+    let config = render_config(&relay, &[us], &defaults().pricing).unwrap();
     let t = &config.regions[0].timeouts;
     assert_eq!(t.connect, HumanDuration::from_millis(500));
     assert_eq!(t.idle, HumanDuration::from_secs(30));
@@ -164,7 +174,7 @@ fn routing_rules_come_first_then_the_regions_countries_then_continents() {
         trusted_proxies: Some(vec!["10.0.0.0/8".into()]),
         max_attempts: Some(2),
     });
-    let config = render_config(&relay, &geo_regions()).unwrap();
+    let config = render_config(&relay, &geo_regions(), &defaults().pricing).unwrap();
     let routing = &config.routing;
     assert_eq!(
         routing.rules,
@@ -192,7 +202,7 @@ fn derived_routes_fall_back_along_the_default_route() {
         default_regions: Some(vec!["us".into()]),
         ..Routing::default()
     });
-    let config = render_config(&relay, &geo_regions()).unwrap();
+    let config = render_config(&relay, &geo_regions(), &defaults().pricing).unwrap();
     assert_eq!(config.routing.default, ["us"]);
     let de = config
         .routing
@@ -225,14 +235,14 @@ fn a_rule_naming_a_region_not_selected_is_an_invalid_spec() {
         }]),
         ..Routing::default()
     });
-    let err = render_config(&relay, &regions()).unwrap_err();
+    let err = render_config(&relay, &regions(), &defaults().pricing).unwrap_err();
     assert!(err.0.contains("mars"), "{err}");
 
     relay.spec.routing = Some(Routing {
         default_regions: Some(vec!["venus".into()]),
         ..Routing::default()
     });
-    let err = render_config(&relay, &regions()).unwrap_err();
+    let err = render_config(&relay, &regions(), &defaults().pricing).unwrap_err();
     assert!(err.0.contains("venus"), "{err}");
 }
 
@@ -290,7 +300,7 @@ fn geoip_breaker_key_pool_and_replay_settings_reach_the_proxy() {
     assert!(config.replay.fail_open);
 
     // Unset: the proxy's defaults, not the operator's guesses.
-    let plain = render_config(&ClaudeRelay::test(), &regions()).unwrap();
+    let plain = render_config(&ClaudeRelay::test(), &regions(), &defaults().pricing).unwrap();
     assert_eq!(plain.breaker, BreakerConfig::default());
     assert_eq!(plain.key_pool, KeyPoolConfig::default());
     assert_eq!(plain.replay, ReplayConfig::default());
@@ -641,6 +651,7 @@ fn quotas_and_cache_are_rendered() {
         tokens_per_day: Some(5_000_000),
         max_concurrent: Some(20),
         count_cache_reads: true,
+        ..ClientQuota::default()
     });
     relay.spec.clients[0].cache = Some(ClientCache { enabled: true });
     relay.spec.clients[1].quota = Some(ClientQuota {
@@ -705,7 +716,7 @@ fn usage_settings_are_rendered() {
     let ninety_days = HumanDuration::from_secs(90 * 86_400);
 
     // Absent: no `usage` section, so the proxy's defaults hold.
-    let plain = render_config(&ClaudeRelay::test(), &regions()).unwrap();
+    let plain = render_config(&ClaudeRelay::test(), &regions(), &defaults().pricing).unwrap();
     assert_eq!(plain.usage, UsageConfig::default());
     assert_eq!(
         plain.usage,
@@ -781,5 +792,94 @@ fn token_budgets_without_usage_or_a_short_retention_are_invalid_specs() {
     assert_eq!(
         err.0,
         "invalid proxy config: usage.retention: must be at least 1d"
+    );
+}
+
+#[test]
+fn prices_are_the_defaults_with_the_relays_own_on_top() {
+    use claude_relay_crds::resources::{ClientQuota, ModelPricing, PricingSettings};
+    let defaults = priced_defaults();
+    let table = |relay: &ClaudeRelay| {
+        let config = parse_config_map(&render(relay, &regions(), &defaults).unwrap());
+        config.pricing
+    };
+    // No pricing in the spec: the default table, dated.
+    let mut relay = ClaudeRelay::test();
+    assert_eq!(table(&relay), defaults.pricing);
+    assert_eq!(table(&relay).as_of.as_deref(), Some("2026-12-06"));
+
+    let own = |pattern: &str, input| ModelPricing {
+        pattern: pattern.into(),
+        input_usd_per_mtok: input,
+        output_usd_per_mtok: 10.0,
+        cache_read_usd_per_mtok: 0.1,
+        cache_write_5m_usd_per_mtok: 1.25,
+        cache_write_1h_usd_per_mtok: 2.0,
+    };
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: true,
+        models: Some(vec![
+            own("claude-sonnet-4-*", 2.5),
+            own("internal-model", 1.0),
+        ]),
+    });
+    relay.spec.clients[0].quota = Some(ClientQuota {
+        usd_per_day: Some(12.5),
+        usd_per_month: Some(200.0),
+        ..ClientQuota::default()
+    });
+    let config = parse_config_map(&render(&relay, &regions(), &defaults).unwrap());
+    let priced = |pattern: &str| {
+        config
+            .pricing
+            .models
+            .iter()
+            .filter(|m| m.pattern == pattern)
+            .map(|m| m.input_usd_per_mtok)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        priced("claude-sonnet-4-*"),
+        [2.5],
+        "the relay's own replaces the default"
+    );
+    assert_eq!(priced("internal-model"), [1.0]);
+    assert_eq!(priced("claude-haiku-4-5*"), [1.0], "other defaults stay");
+    assert_eq!(
+        config.pricing.models.len(),
+        defaults.pricing.models.len() + 1
+    );
+    let quota = config.clients[0].quota.unwrap();
+    assert_eq!(
+        (quota.usd_per_day, quota.usd_per_month),
+        (Some(12.5), Some(200.0))
+    );
+
+    // Without the defaults, only the relay's own.
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: false,
+        models: Some(vec![own("internal-model", 1.0)]),
+    });
+    let own_only = table(&relay);
+    assert_eq!(own_only.models.len(), 1);
+    assert_eq!(own_only.as_of, None);
+
+    // Dollar budgets with no price at all: the proxy would refuse the config.
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: false,
+        models: None,
+    });
+    let err = render(&relay, &regions(), &defaults).unwrap_err();
+    assert!(err.0.contains("dollar budgets need prices"), "{}", err.0);
+    // A price the proxy cannot keep exactly is named with its path.
+    relay.spec.pricing = Some(PricingSettings {
+        include_defaults: false,
+        models: Some(vec![own("internal-model", 1.0001)]),
+    });
+    let err = render(&relay, &regions(), &defaults).unwrap_err();
+    assert!(
+        err.0.contains("pricing.models[0].input_usd_per_mtok"),
+        "{}",
+        err.0
     );
 }

@@ -42,6 +42,7 @@ pub fn context() -> (Arc<Context>, Handle) {
     };
     let defaults = Defaults {
         image: "ghcr.io/claude-relay/claude-relay-proxy:0.1.0".into(),
+        pricing: Default::default(),
     };
     let ctx = Context::new(client, defaults, Arc::new(Metrics::default()), reporter)
         .with_clock(fixed_now);

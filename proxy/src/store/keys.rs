@@ -55,6 +55,19 @@ impl Keys {
         format!("{}{}:tokens:d:{day}", self.prefix, client_tag(client))
     }
 
+    /// `claude-relay:{relay}:{{client}}:usd:d:{YYYY-MM-DD}`: nano-dollars
+    /// the client spent in one calendar day (UTC); expires two days after.
+    pub fn usd_day(&self, client: &str, day: &str) -> String {
+        format!("{}{}:usd:d:{day}", self.prefix, client_tag(client))
+    }
+
+    /// `claude-relay:{relay}:{{client}}:usd:m:{YYYY-MM}`: nano-dollars the
+    /// client spent in one calendar month (UTC); expires 35 days after
+    /// the month's last charge.
+    pub fn usd_month(&self, client: &str, month: &str) -> String {
+        format!("{}{}:usd:m:{month}", self.prefix, client_tag(client))
+    }
+
     /// `claude-relay:{relay}:{{client}}:inflight`: a sorted set of the
     /// client's requests in flight across replicas (member: a request's slot,
     /// score: unix milliseconds when its lease lapses unless renewed).
@@ -179,6 +192,8 @@ mod tests {
             assert_eq!(hashed_part(&keys.tokens_minute(client, 7)), tag);
             assert_eq!(hashed_part(&keys.tokens_day(client, "2026-11-26")), tag);
             assert_eq!(hashed_part(&keys.in_flight(client)), tag);
+            assert_eq!(hashed_part(&keys.usd_day(client, "2026-11-26")), tag);
+            assert_eq!(hashed_part(&keys.usd_month(client, "2026-11")), tag);
             assert_eq!(hashed_part(&keys.usage(client, "2026-11-26")), tag);
         }
         // Other clients, other tags: they spread over the slots.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{
     BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, day_of,
-    minute_of,
+    minute_of, month_of,
 };
 
 /// Independent locks, so concurrent requests rarely wait on each other.
@@ -35,11 +35,14 @@ pub struct MemoryStore {
     usage: Mutex<HashMap<(String, String), HashMap<String, u64>>>,
 }
 
-/// A client's spending in the current minute and day, and its slots.
+/// A client's spending in the current minute and day (tokens), day and
+/// month (nano-dollars; days since the epoch, `month_index`), and its slots.
 #[derive(Default)]
 struct Budget {
     minute: (u64, u64),
     day: (String, u64),
+    usd_day: (u64, u64),
+    usd_month: (u64, u64),
     /// Slot → unix ms when its lease lapses.
     slots: HashMap<String, u64>,
 }
@@ -91,6 +94,22 @@ impl MemoryStore {
                 retry_after: day_left,
             };
         }
+        let today = ask.now_ms / 86_400_000;
+        let (month, month_left) = month_of(ask.now_ms);
+        let spent = |(at, n): (u64, u64), now| if at == now { n } else { 0 };
+        if ask.usd_nanos_per_day > 0 && spent(budget.usd_day, today) >= ask.usd_nanos_per_day {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::UsdDay,
+                retry_after: day_left,
+            };
+        }
+        if ask.usd_nanos_per_month > 0 && spent(budget.usd_month, month) >= ask.usd_nanos_per_month
+        {
+            return QuotaDecision::OverBudget {
+                per: BudgetPeriod::UsdMonth,
+                retry_after: month_left,
+            };
+        }
         if ask.max_concurrent > 0 {
             budget.slots.retain(|_, until| *until > ask.now_ms);
             if budget.slots.len() >= ask.max_concurrent as usize {
@@ -132,6 +151,19 @@ impl MemoryStore {
                 }
                 if budget.day.0 == day {
                     budget.day.1 = budget.day.1.saturating_add(tokens);
+                }
+            }
+            for (kept, charged) in [
+                (&mut budget.usd_day, &charges.usd_days),
+                (&mut budget.usd_month, &charges.usd_months),
+            ] {
+                for (&at, &nanos) in charged {
+                    if kept.0 < at {
+                        *kept = (at, 0);
+                    }
+                    if kept.0 == at {
+                        kept.1 = kept.1.saturating_add(nanos);
+                    }
                 }
             }
         }

@@ -142,6 +142,10 @@ pub struct Usage {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// The part of `cache_creation_input_tokens` written for 1 hour
+    /// (`cache_creation.ephemeral_1h_input_tokens`), priced apart; not one
+    /// of [`Usage::KINDS`].
+    pub cache_creation_1h_input_tokens: u64,
 }
 
 impl Usage {
@@ -185,6 +189,7 @@ impl Usage {
         self.output_tokens += other.output_tokens;
         self.cache_creation_input_tokens += other.cache_creation_input_tokens;
         self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens;
     }
 }
 
@@ -194,6 +199,9 @@ pub struct QuotaAsk<'a> {
     pub tokens_per_minute: u64,
     pub tokens_per_day: u64,
     pub max_concurrent: u32,
+    /// Nano-dollars per UTC day and per UTC calendar month.
+    pub usd_nanos_per_day: u64,
+    pub usd_nanos_per_month: u64,
     /// Unique per request: the name of its concurrency slot.
     pub slot: &'a str,
     /// The replica's clock, unix milliseconds: picks the minute and the day.
@@ -207,7 +215,8 @@ pub struct QuotaAsk<'a> {
 pub enum QuotaDecision {
     /// Within every limit; a slot was taken when concurrency is capped.
     Allowed,
-    /// The minute's or the day's budget is spent; it frees up after `retry_after`.
+    /// A budget is spent (the minute's or the day's tokens, the day's or the
+    /// month's dollars); it frees up after `retry_after`.
     OverBudget {
         per: BudgetPeriod,
         retry_after: Duration,
@@ -220,6 +229,10 @@ pub enum QuotaDecision {
 pub enum BudgetPeriod {
     Minute,
     Day,
+    /// Dollars per UTC day.
+    UsdDay,
+    /// Dollars per UTC calendar month.
+    UsdMonth,
 }
 
 impl BudgetPeriod {
@@ -227,6 +240,8 @@ impl BudgetPeriod {
         match self {
             Self::Minute => "tokens_per_minute",
             Self::Day => "tokens_per_day",
+            Self::UsdDay => "usd_per_day",
+            Self::UsdMonth => "usd_per_month",
         }
     }
 }
@@ -236,8 +251,11 @@ impl BudgetPeriod {
 pub struct Settlement<'a> {
     /// Tokens charged to the budgets (0 when the client has none).
     pub quota_tokens: u64,
-    /// The usage the upstream reported, by model; absent: no usage (errors).
-    pub usage: Option<(&'a str, Usage)>,
+    /// Nano-dollars charged to the dollar budgets (0 when the client has none).
+    pub quota_nanos: u64,
+    /// The usage the upstream reported, by model, and what it cost in
+    /// nano-dollars (0 when unpriced); absent: no usage (errors).
+    pub usage: Option<(&'a str, Usage, u64)>,
     /// The concurrency slot to release.
     pub slot: Option<&'a str>,
     pub now_ms: u64,
@@ -255,6 +273,10 @@ pub struct Charges {
     pub minutes: BTreeMap<u64, u64>,
     /// Tokens per calendar day (days since the epoch).
     pub days: BTreeMap<u64, u64>,
+    /// Nano-dollars per calendar day (days since the epoch).
+    pub usd_days: BTreeMap<u64, u64>,
+    /// Nano-dollars per calendar month ([`month_index`]).
+    pub usd_months: BTreeMap<u64, u64>,
     /// Usage per day (days since the epoch) and model.
     pub usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
     /// Concurrency slots to release.
@@ -263,19 +285,26 @@ pub struct Charges {
     pub retention: Duration,
 }
 
-/// Requests that reported usage, and the sum of what they reported.
+/// Requests that reported usage, the sum of what they reported and of what
+/// it cost (nano-dollars; unpriced answers add nothing).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ModelUsage {
     pub requests: u64,
     pub usage: Usage,
+    pub cost_nanos: u64,
 }
 
 impl ModelUsage {
     fn add(&mut self, other: &ModelUsage) {
         self.requests += other.requests;
         self.usage.add(&other.usage);
+        self.cost_nanos = self.cost_nanos.saturating_add(other.cost_nanos);
     }
 }
+
+/// The usage hash's field holding the cost in nano-dollars (`/usage`
+/// shows it as `cost_usd`).
+pub const COST_FIELD: &str = "cost_nanousd";
 
 impl Charges {
     /// Adds one finished request.
@@ -289,9 +318,17 @@ impl Charges {
                 .or_default() += settlement.quota_tokens;
             *self.days.entry(day).or_default() += settlement.quota_tokens;
         }
-        if let Some((model, usage)) = settlement.usage {
+        if settlement.quota_nanos > 0 {
+            *self.usd_days.entry(day).or_default() += settlement.quota_nanos;
+            *self.usd_months.entry(month_index(day)).or_default() += settlement.quota_nanos;
+        }
+        if let Some((model, usage, cost_nanos)) = settlement.usage {
             let models = self.usage.entry(day).or_default();
-            let one = ModelUsage { requests: 1, usage };
+            let one = ModelUsage {
+                requests: 1,
+                usage,
+                cost_nanos,
+            };
             match models.get_mut(model) {
                 Some(counts) => counts.add(&one),
                 None => {
@@ -311,6 +348,12 @@ impl Charges {
         }
         for (day, n) in other.days {
             *self.days.entry(day).or_default() += n;
+        }
+        for (day, n) in other.usd_days {
+            *self.usd_days.entry(day).or_default() += n;
+        }
+        for (month, n) in other.usd_months {
+            *self.usd_months.entry(month).or_default() += n;
         }
         for (day, models) in other.usage {
             let mine = self.usage.entry(day).or_default();
@@ -339,26 +382,31 @@ impl Charges {
     pub fn is_empty(&self) -> bool {
         self.minutes.is_empty()
             && self.days.is_empty()
+            && self.usd_days.is_empty()
+            && self.usd_months.is_empty()
             && self.usage.is_empty()
             && self.release.is_empty()
     }
 
-    /// One day's usage as the fields of its usage hash: `requests` and the
-    /// token counts in total, and the same per model as `{model}/{field}`.
+    /// One day's usage as the fields of its usage hash: `requests`, the
+    /// token counts and the cost ([`COST_FIELD`]) in total, and the same per
+    /// model as `{model}/{field}`.
     pub fn usage_fields(models: &BTreeMap<String, ModelUsage>) -> Vec<(String, u64)> {
         let mut total = ModelUsage::default();
-        let mut fields = Vec::with_capacity((models.len() + 1) * 5);
+        let mut fields = Vec::with_capacity((models.len() + 1) * 6);
         for (model, counts) in models {
             total.add(counts);
             fields.push((format!("{model}/requests"), counts.requests));
             for (kind, n) in Usage::KINDS.iter().zip(counts.usage.counts()) {
                 fields.push((format!("{model}/{kind}"), n));
             }
+            fields.push((format!("{model}/{COST_FIELD}"), counts.cost_nanos));
         }
         fields.push(("requests".into(), total.requests));
         for (kind, n) in Usage::KINDS.iter().zip(total.usage.counts()) {
             fields.push(((*kind).to_owned(), n));
         }
+        fields.push((COST_FIELD.to_owned(), total.cost_nanos));
         fields
     }
 }
@@ -390,8 +438,41 @@ pub fn day_of(now_ms: u64) -> (String, Duration) {
     )
 }
 
+/// The calendar month (UTC) of `now_ms` as [`month_index`], and the time
+/// left in it.
+pub fn month_of(now_ms: u64) -> (u64, Duration) {
+    let (year, month, _) = civil(now_ms / DAY_MS);
+    let (next_year, next_month) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let next_ms = u64::try_from(days_from_civil(next_year, next_month, 1)).unwrap_or(0) * DAY_MS;
+    (
+        month_index(now_ms / DAY_MS),
+        Duration::from_millis(next_ms.saturating_sub(now_ms).max(1)),
+    )
+}
+
+/// The month of a day (days since the epoch) as months since 0000-01.
+pub fn month_index(days: u64) -> u64 {
+    let (year, month, _) = civil(days);
+    u64::try_from(year * 12 + month - 1).unwrap_or(0)
+}
+
+/// `YYYY-MM` of a [`month_index`].
+pub fn month_name(index: u64) -> String {
+    format!("{:04}-{:02}", index / 12, index % 12 + 1)
+}
+
 /// `YYYY-MM-DD` of a count of days since 1970-01-01 (proleptic Gregorian).
 pub fn civil_date(days: u64) -> String {
+    let (year, month, day) = civil(days);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Year, month and day of a count of days since 1970-01-01.
+fn civil(days: u64) -> (i64, i64, i64) {
     // Howard Hinnant's days-to-civil, on eras of 400 years.
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -402,7 +483,18 @@ pub fn civil_date(days: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a date (negative before).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Days since 1970-01-01 of a `YYYY-MM-DD` date; `None` when it is not one.
@@ -414,13 +506,7 @@ pub fn days_of(date: &str) -> Option<u64> {
     if date.len() != 10 || !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
         return None;
     }
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
     // 2026-02-31 is not a date: it does not come back the same.
     (civil_date(days) == date).then_some(days)
 }
@@ -661,6 +747,26 @@ mod tests {
     }
 
     #[test]
+    fn months_end_on_the_first_of_the_next() {
+        // 2024-02-29 12:00 UTC: a leap day, 12 hours before March.
+        let now = 19_782 * DAY_MS + DAY_MS / 2;
+        let (month, left) = month_of(now);
+        assert_eq!(month_name(month), "2024-02");
+        assert_eq!(left, Duration::from_millis(DAY_MS / 2));
+        // 2025-12-31 23:59:59.999: the year turns over.
+        let days = days_of("2025-12-31").unwrap();
+        let (month, left) = month_of((days + 1) * DAY_MS - 1);
+        assert_eq!(month_name(month), "2025-12");
+        assert_eq!(left, Duration::from_millis(1));
+        assert_eq!(month_name(month_index(days + 1)), "2026-01");
+        assert_eq!(month_index(days + 1), month + 1);
+        // The first instant of a month has the whole month ahead.
+        let (month, left) = month_of(days_of("2026-11-01").unwrap() * DAY_MS);
+        assert_eq!(month_name(month), "2026-11");
+        assert_eq!(left, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
     fn windows_end_on_calendar_boundaries() {
         let now = 20_418 * DAY_MS + 3_600_000 + 59_000; // 01:00:59 UTC
         let (minute, left) = minute_of(now);
@@ -676,12 +782,14 @@ mod tests {
         let now = 20_418 * DAY_MS + 30_000;
         let one = |tokens, slot| Settlement {
             quota_tokens: tokens,
+            quota_nanos: tokens * 1_000,
             usage: Some((
                 "m",
                 Usage {
                     input_tokens: tokens,
                     ..Usage::default()
                 },
+                tokens * 2_000,
             )),
             slot,
             now_ms: now,
@@ -703,6 +811,10 @@ mod tests {
         assert_eq!(field("requests"), 3);
         assert_eq!(field("m/requests"), 3);
         assert_eq!(field("m/output_tokens"), 0);
+        assert_eq!(field("m/cost_nanousd"), 32_000);
+        assert_eq!(field(COST_FIELD), 32_000);
+        assert_eq!(charges.usd_days[&20_418], 16_000);
+        assert_eq!(charges.usd_months[&month_index(20_418)], 16_000);
         assert_eq!(charges.release, ["a", "b"]);
         // Three minutes on, the first minute's budget no longer matters.
         let due = charges.still_due(now + 180_000);
@@ -718,6 +830,7 @@ mod tests {
             output_tokens: 20,
             cache_creation_input_tokens: 5,
             cache_read_input_tokens: 100,
+            cache_creation_1h_input_tokens: 2,
         };
         assert_eq!(usage.quota_tokens(false), 35);
         assert_eq!(usage.quota_tokens(true), 135);

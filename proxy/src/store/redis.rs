@@ -32,7 +32,7 @@ use futures_util::StreamExt;
 use super::keys::Keys;
 use super::{
     BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, civil_date,
-    day_of, minute_of,
+    day_of, minute_of, month_name, month_of,
 };
 use crate::secrets;
 
@@ -52,14 +52,18 @@ return {count, ttl}
 /// A request's admission in one round trip; each part is optional.
 /// KEYS, in this order, for the parts asked: the nonce (ARGV[1] ms, '0':
 /// none), the rate window (ARGV[2] ms, '0': none; ARGV[3] its limit), and
-/// for a quota (ARGV[12] = '1') the minute's and the day's token counters
-/// and the in-flight set. Quota ARGV: [4] tokens per minute, [5] per day,
-/// [6] max concurrent (0: no limit), [7] now ms, [8] lease end ms, [9] the
-/// slot, [10] ms left in the minute, [11] in the day.
+/// for a quota (ARGV[12] = '1') the minute's and the day's token counters,
+/// the in-flight set, and the day's and the month's dollar counters. Quota
+/// ARGV: [4] tokens per minute, [5] per day, [6] max concurrent (0: no
+/// limit), [7] now ms, [8] lease end ms, [9] the slot, [10] ms left in the
+/// minute, [11] in the day, [13] nano-dollars per day, [14] per month, [15]
+/// ms left in the month.
 /// Returns {fresh (1, 0, -1 not asked), count (-1: no limit), ms left in the
 /// rate window, quota (-1 not asked, 0 allowed, 1 minute, 2 day, 3
-/// concurrency), ms until it frees up}. A replayed nonce or a request over
-/// its rate limit stops the script before anything else is counted.
+/// concurrency, 4 dollars of the day, 5 of the month), ms until it frees
+/// up}. A replayed nonce or a request over its rate limit stops the script
+/// before anything else is counted. Every budget is read before a slot is
+/// taken, so a refused request holds none.
 pub(crate) const ADMIT_LUA: &str = "\
 local k = 1
 local fresh = -1
@@ -93,6 +97,13 @@ end
 if tpd > 0 and tonumber(redis.call('GET', KEYS[k + 1]) or '0') >= tpd then
   return {fresh, count, ttl, 2, tonumber(ARGV[11])}
 end
+local usdd, usdm = tonumber(ARGV[13]), tonumber(ARGV[14])
+if usdd > 0 and tonumber(redis.call('GET', KEYS[k + 3]) or '0') >= usdd then
+  return {fresh, count, ttl, 4, tonumber(ARGV[11])}
+end
+if usdm > 0 and tonumber(redis.call('GET', KEYS[k + 4]) or '0') >= usdm then
+  return {fresh, count, ttl, 5, tonumber(ARGV[15])}
+end
 if maxc > 0 then
   local set = KEYS[k + 2]
   redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[7])
@@ -109,22 +120,29 @@ return {fresh, count, ttl, 0, 0}
 ";
 
 /// Settles the finished requests of one client. KEYS[1]: its in-flight
-/// set; then ARGV[1] minute counters, ARGV[2] day counters and ARGV[3] usage
-/// hashes, in that order; ARGV[4] the usage hashes' TTL (ms). Then ARGV
-/// holds the tokens of each minute and day counter, then for each usage
-/// hash the number of its fields followed by field and increment pairs,
-/// then the slots to release.
+/// set; then ARGV[1] minute counters, ARGV[2] day counters, ARGV[5] dollar
+/// day counters, ARGV[6] dollar month counters and ARGV[3] usage hashes, in
+/// that order; ARGV[4] the usage hashes' TTL (ms). Then ARGV holds the
+/// amount of each minute, day, dollar day and dollar month counter, then
+/// for each usage hash the number of its fields followed by field and
+/// increment pairs, then the slots to release.
 pub(crate) const SETTLE_LUA: &str = "\
 local m, d, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local a, k = 5, 2
+local ud, um = tonumber(ARGV[5]), tonumber(ARGV[6])
+local a, k = 7, 2
 for i = 1, m do
   redis.call('INCRBY', KEYS[k], ARGV[a])
   redis.call('PEXPIRE', KEYS[k], 120000)
   k, a = k + 1, a + 1
 end
-for i = 1, d do
+for i = 1, d + ud do
   redis.call('INCRBY', KEYS[k], ARGV[a])
   redis.call('PEXPIRE', KEYS[k], 172800000)
+  k, a = k + 1, a + 1
+end
+for i = 1, um do
+  redis.call('INCRBY', KEYS[k], ARGV[a])
+  redis.call('PEXPIRE', KEYS[k], 3024000000)
   k, a = k + 1, a + 1
 end
 for i = 1, u do
@@ -313,8 +331,8 @@ impl RedisStore {
         rate: Option<(u32, Duration)>,
         quota: Option<&QuotaAsk<'_>>,
     ) -> Result<super::Admission, StoreError> {
-        let mut keys = Vec::with_capacity(5);
-        let mut args = Vec::with_capacity(12);
+        let mut keys = Vec::with_capacity(7);
+        let mut args = Vec::with_capacity(15);
         match nonce {
             Some((nonce, ttl)) => {
                 keys.push(self.keys.nonce(client, nonce));
@@ -334,9 +352,12 @@ impl RedisStore {
             Some(ask) => {
                 let (minute, minute_left) = minute_of(ask.now_ms);
                 let (day, day_left) = day_of(ask.now_ms);
+                let (month, month_left) = month_of(ask.now_ms);
                 keys.push(self.keys.tokens_minute(client, minute));
                 keys.push(self.keys.tokens_day(client, &day));
                 keys.push(self.keys.in_flight(client));
+                keys.push(self.keys.usd_day(client, &day));
+                keys.push(self.keys.usd_month(client, &month_name(month)));
                 args.extend([
                     ask.tokens_per_minute.to_string(),
                     ask.tokens_per_day.to_string(),
@@ -347,9 +368,12 @@ impl RedisStore {
                     minute_left.as_millis().to_string(),
                     day_left.as_millis().to_string(),
                     "1".into(),
+                    ask.usd_nanos_per_day.to_string(),
+                    ask.usd_nanos_per_month.to_string(),
+                    month_left.as_millis().to_string(),
                 ]);
             }
-            None => args.extend(std::iter::repeat_n(String::from("0"), 9)),
+            None => args.extend(std::iter::repeat_n(String::from("0"), 12)),
         }
         let reply: Vec<i64> = self.run_script(ADMIT_LUA, ADMIT_SHA1, keys, args).await?;
         let [fresh, count, left_ms, quota_code, quota_ms] = reply[..] else {
@@ -376,6 +400,14 @@ impl RedisStore {
                     retry_after: ms(quota_ms),
                 }),
                 3 => Some(QuotaDecision::OverConcurrency),
+                4 => Some(QuotaDecision::OverBudget {
+                    per: BudgetPeriod::UsdDay,
+                    retry_after: ms(quota_ms),
+                }),
+                5 => Some(QuotaDecision::OverBudget {
+                    per: BudgetPeriod::UsdMonth,
+                    retry_after: ms(quota_ms),
+                }),
                 _ => None,
             },
         })
@@ -506,6 +538,8 @@ impl Store for RedisStore {
             charges.days.len().to_string(),
             charges.usage.len().to_string(),
             millis_i64(charges.retention).to_string(),
+            charges.usd_days.len().to_string(),
+            charges.usd_months.len().to_string(),
         ];
         for (minute, tokens) in &charges.minutes {
             keys.push(self.keys.tokens_minute(client, *minute));
@@ -514,6 +548,14 @@ impl Store for RedisStore {
         for (day, tokens) in &charges.days {
             keys.push(self.keys.tokens_day(client, &civil_date(*day)));
             args.push(tokens.to_string());
+        }
+        for (day, nanos) in &charges.usd_days {
+            keys.push(self.keys.usd_day(client, &civil_date(*day)));
+            args.push(nanos.to_string());
+        }
+        for (month, nanos) in &charges.usd_months {
+            keys.push(self.keys.usd_month(client, &month_name(*month)));
+            args.push(nanos.to_string());
         }
         for (day, models) in &charges.usage {
             keys.push(self.keys.usage(client, &civil_date(*day)));
@@ -593,8 +635,8 @@ fn millis_i64(d: Duration) -> i64 {
 
 /// SHA-1 of [`ADMIT_LUA`], [`SETTLE_LUA`] and [`RENEW_LUA`] (checked by a
 /// test against a real Redis).
-pub(crate) const ADMIT_SHA1: &str = "5326341333f95d819bd644827979a79ebc1efcac";
-pub(crate) const SETTLE_SHA1: &str = "2389f98047c17417b085df96770cd59d8678aab3";
+pub(crate) const ADMIT_SHA1: &str = "280cd5c1edeba604ad53be66b20651332077d37f";
+pub(crate) const SETTLE_SHA1: &str = "56228ccc2303415598f953d3212afac64efc1f02";
 pub(crate) const RENEW_SHA1: &str = "0eb98f3fbcf9783295329878d8799622b9bd2af6";
 
 impl Drop for RedisStore {
