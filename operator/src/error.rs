@@ -6,8 +6,10 @@
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("the relay has no {0}")]
+    #[error("the object has no {0}")]
     MissingField(&'static str),
+    #[error("the watches did not list their objects in time (check the operator's RBAC)")]
+    CacheNotReady,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,6 +23,7 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "client",
             Error::MissingField(_) => "missing_field",
+            Error::CacheNotReady => "cache_not_ready",
         }
     }
 }
