@@ -2,8 +2,7 @@
 //! current. Reconciles read relays, regions, referenced Secrets and owned
 //! objects from here instead of GETting or LISTing them on every pass.
 
-use std::time::Duration;
-
+use futures_util::FutureExt;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -14,11 +13,8 @@ use kube::Resource;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
-
-/// How long a reconcile waits for the first list of every cache; a watch
-/// that cannot start (RBAC, API down) fails the reconcile, which backs off.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How soon a reconcile that found the caches not yet filled runs again.
+pub const NOT_READY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Read sides of the caches.
 #[derive(Clone)]
@@ -99,39 +95,37 @@ pub fn caches() -> (Caches, Writers) {
 }
 
 impl Caches {
-    /// Waits until everything a relay's reconcile reads has been listed
-    /// once, so a starting operator never mistakes an unfilled cache for
-    /// a missing region or Secret.
-    pub async fn relay_inputs_ready(&self) -> Result<()> {
-        let all = async {
-            self.regions.wait_until_ready().await?;
-            self.secrets.wait_until_ready().await?;
-            self.service_accounts.wait_until_ready().await?;
-            self.roles.wait_until_ready().await?;
-            self.role_bindings.wait_until_ready().await?;
-            self.config_maps.wait_until_ready().await?;
-            self.deployments.wait_until_ready().await?;
-            self.services.wait_until_ready().await?;
-            self.pdbs.wait_until_ready().await?;
-            self.hpas.wait_until_ready().await
-        };
-        match tokio::time::timeout(READY_TIMEOUT, all).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Error::CacheNotReady),
-        }
+    /// Whether everything a relay's reconcile reads has been listed once,
+    /// so a starting operator never mistakes an unfilled cache for a missing
+    /// region or Secret. Never waits: the watches that fill the caches are
+    /// driven by the same controller as the reconcile.
+    pub fn relay_inputs_ready(&self) -> bool {
+        ready(&self.regions)
+            && ready(&self.secrets)
+            && ready(&self.service_accounts)
+            && ready(&self.roles)
+            && ready(&self.role_bindings)
+            && ready(&self.config_maps)
+            && ready(&self.deployments)
+            && ready(&self.services)
+            && ready(&self.pdbs)
+            && ready(&self.hpas)
     }
 
-    /// Waits until relays and regions have been listed once.
-    pub async fn region_inputs_ready(&self) -> Result<()> {
-        let all = async {
-            self.relays.wait_until_ready().await?;
-            self.regions.wait_until_ready().await
-        };
-        match tokio::time::timeout(READY_TIMEOUT, all).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Error::CacheNotReady),
-        }
+    /// Whether relays and regions have been listed once.
+    pub fn region_inputs_ready(&self) -> bool {
+        ready(&self.relays) && ready(&self.regions)
     }
+}
+
+fn ready<K>(store: &Store<K>) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
 }
 
 /// The cached object `namespace/name` of a store.

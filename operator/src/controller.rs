@@ -356,7 +356,10 @@ async fn reconcile_relay(relay: &ClaudeRelay, ctx: &Context) -> Result<Action> {
         forget_applied(ctx, &ns, &name);
         return Ok(Action::await_change());
     }
-    ctx.caches.relay_inputs_ready().await?;
+    if !ctx.caches.relay_inputs_ready() {
+        debug!("caches not filled yet");
+        return Ok(Action::requeue(cache::NOT_READY_RETRY));
+    }
     let previous = relay.status.clone();
     let mut observed = Observed {
         generation: relay.metadata.generation,

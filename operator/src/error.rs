@@ -8,8 +8,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the object has no {0}")]
     MissingField(&'static str),
-    #[error("the watches did not list their objects in time (check the operator's RBAC)")]
-    CacheNotReady,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -23,7 +21,6 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "client",
             Error::MissingField(_) => "missing_field",
-            Error::CacheNotReady => "cache_not_ready",
         }
     }
 }

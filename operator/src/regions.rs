@@ -114,7 +114,9 @@ async fn reconcile_region(region: &UpstreamRegion, ctx: &Context) -> Result<Acti
     if region.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    ctx.caches.region_inputs_ready().await?;
+    if !ctx.caches.region_inputs_ready() {
+        return Ok(Action::requeue(crate::cache::NOT_READY_RETRY));
+    }
     let ns = region.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = region.name_any();
     let desired = region_status(&ctx.caches.relays, region);
