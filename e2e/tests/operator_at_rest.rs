@@ -221,18 +221,23 @@ async fn events_of(cluster: &Cluster, name: &str) -> Vec<(String, String, String
         .collect()
 }
 
-async fn expect_event(cluster: &Cluster, relay: &str, reason: &str, note: &str) {
-    eventually(
-        &format!("event {reason}: {note}"),
-        Duration::from_secs(15),
-        async || {
-            events_of(cluster, relay)
-                .await
-                .into_iter()
-                .find(|(_, r, n)| r == reason && n.contains(note))
-        },
-    )
+async fn expect_event(world: &World, relay: &str, reason: &str, note: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let events = events_of(&world.cluster, relay).await;
+            if events.iter().any(|(_, r, n)| r == reason && n.contains(note)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
     .await;
+    assert!(
+        found.is_ok(),
+        "no event {reason}: {note}; events: {:#?}\noperator log:\n{}",
+        events_of(&world.cluster, relay).await,
+        world.operator_log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +262,7 @@ async fn what_happens_to_a_relay_shows_as_events() {
         .unwrap();
     world.start_operator(REFRESH);
     let cluster = &world.cluster;
-    expect_event(cluster, "main", "MissingSecret", "Secret app-credentials not found").await;
+    expect_event(&world, "main", "MissingSecret", "Secret app-credentials not found").await;
 
     // The Secrets appear (the operator watches them): the objects are created.
     cluster
@@ -268,28 +273,24 @@ async fn what_happens_to_a_relay_shows_as_events() {
         .apply(&secret("app-credentials", &[("relay-key", RELAY_KEY)]))
         .await
         .unwrap();
-    expect_event(cluster, "main", "Created", "ConfigMap main-config created").await;
-    expect_event(cluster, "main", "Created", "Deployment main created").await;
-    expect_event(cluster, "main", "RedisUnreachable", "cannot read breaker state from Redis").await;
+    expect_event(&world, "main", "Created", "ConfigMap main-config created").await;
+    expect_event(&world, "main", "Created", "Deployment main created").await;
+    expect_event(&world, "main", "RedisUnreachable", "cannot read breaker state from Redis").await;
 
     // A spec the operator refuses.
     let mut bad = relay("main", &[("relay", "main")], Some(&dead_redis));
-    bad.spec.usage = Some(claude_relay_crds::resources::UsageSettings {
-        enabled: false,
-        retention: None,
-    });
-    bad.spec.clients[0].quota = Some(claude_relay_crds::resources::ClientQuota {
-        tokens_per_minute: Some(10_000),
-        ..Default::default()
-    });
+    bad.spec.region_selector = serde_json::from_value(serde_json::json!({
+        "matchExpressions": [{"key": "relay", "operator": "Near", "values": ["main"]}]
+    }))
+    .unwrap();
     cluster.apply(&bad).await.unwrap();
-    expect_event(cluster, "main", "InvalidSpec", "token budgets need usage.enabled").await;
+    expect_event(&world, "main", "InvalidSpec", "regionSelector").await;
 
     // Fixed, with one more replica: the Deployment changes.
     let mut fixed = relay("main", &[("relay", "main")], Some(&dead_redis));
     fixed.spec.replicas = Some(3);
     cluster.apply(&fixed).await.unwrap();
-    expect_event(cluster, "main", "Updated", "Deployment main changed").await;
+    expect_event(&world, "main", "Updated", "Deployment main changed").await;
 
     // Each event once (no repeats at every refresh), and never a secret value.
     tokio::time::sleep(REFRESH * 5).await;

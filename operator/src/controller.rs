@@ -563,8 +563,9 @@ where
     if let Some((reason, verb)) = changed {
         info!(kind = K::kind(&()).as_ref(), %name, "{verb}");
         ctx.events
-            .normal(
+            .about_owned(
                 relay,
+                object.object_ref(&()),
                 reason,
                 "Apply",
                 format!("{} {name} {verb}", K::kind(&())),
@@ -612,9 +613,18 @@ async fn ensure_all(
                 match api.delete(name, &DeleteParams::default()).await {
                     Ok(_) => {
                         info!("autoscaling off: deleted the HorizontalPodAutoscaler");
+                        let hpa = HorizontalPodAutoscaler {
+                            metadata: ObjectMeta {
+                                name: Some(name.clone()),
+                                namespace: Some(ns.to_string()),
+                                ..ObjectMeta::default()
+                            },
+                            ..HorizontalPodAutoscaler::default()
+                        };
                         ctx.events
-                            .normal(
+                            .about_owned(
                                 relay,
+                                hpa.object_ref(&()),
                                 "Deleted",
                                 "Delete",
                                 format!("HorizontalPodAutoscaler {name} deleted: autoscaling is off"),

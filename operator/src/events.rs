@@ -2,7 +2,9 @@
 //! through kube-runtime's recorder. Events are published on transitions
 //! only (a problem appears, an owned object is created or changed, Redis
 //! becomes unreachable, a breaker opens or closes), and the same event for
-//! the same relay is sent at most once per [`REPEAT_AFTER`]. Notes name
+//! the same relay is sent at most once per [`REPEAT_AFTER`] (kube's
+//! recorder then counts repeats within its own window as a series of one
+//! Event, keyed by reason and related object, not by note). Notes name
 //! objects, regions and Secret keys, never a value.
 
 use std::collections::HashMap;
@@ -10,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use claude_relay_crds::ClaudeRelay;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -65,9 +68,19 @@ impl Events {
             .await;
     }
 
-    pub async fn normal(&self, relay: &ClaudeRelay, reason: &str, action: &str, note: String) {
-        self.publish(relay, event(EventType::Normal, reason, action, note))
-            .await;
+    /// A normal event about `object`, an object of `relay`: the recorder
+    /// keeps one Event per (reason, related object).
+    pub async fn about_owned(
+        &self,
+        relay: &ClaudeRelay,
+        object: ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let mut event = event(EventType::Normal, reason, action, note);
+        event.secondary = Some(object);
+        self.publish(relay, event).await;
     }
 }
 
