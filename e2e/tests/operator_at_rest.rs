@@ -120,7 +120,10 @@ async fn expect_listed(cluster: &Cluster, region: &str, relays: &[&str]) {
         }
     })
     .await;
-    assert!(found.is_ok(), "region {region} lists {last:?}, want {want:?}");
+    assert!(
+        found.is_ok(),
+        "region {region} lists {last:?}, want {want:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +160,12 @@ async fn region_status_lists_exactly_the_relays_that_select_it() {
 
     // Region labels changed: us is no longer gold, so b leaves it.
     cluster
-        .apply(&region("us", "https://api.anthropic.com", 0, &[("relay", "main")]))
+        .apply(&region(
+            "us",
+            "https://api.anthropic.com",
+            0,
+            &[("relay", "main")],
+        ))
         .await
         .unwrap();
     expect_listed(cluster, "us", &[]).await;
@@ -225,7 +233,10 @@ async fn expect_event(world: &World, relay: &str, reason: &str, note: &str) {
     let found = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let events = events_of(&world.cluster, relay).await;
-            if events.iter().any(|(_, r, n)| r == reason && n.contains(note)) {
+            if events
+                .iter()
+                .any(|(_, r, n)| r == reason && n.contains(note))
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -262,7 +273,13 @@ async fn what_happens_to_a_relay_shows_as_events() {
         .unwrap();
     world.start_operator(REFRESH);
     let cluster = &world.cluster;
-    expect_event(&world, "main", "MissingSecret", "Secret app-credentials not found").await;
+    expect_event(
+        &world,
+        "main",
+        "MissingSecret",
+        "Secret app-credentials not found",
+    )
+    .await;
 
     // The Secrets appear (the operator watches them): the objects are created.
     cluster
@@ -275,7 +292,13 @@ async fn what_happens_to_a_relay_shows_as_events() {
         .unwrap();
     expect_event(&world, "main", "Created", "ConfigMap main-config created").await;
     expect_event(&world, "main", "Created", "Deployment main created").await;
-    expect_event(&world, "main", "RedisUnreachable", "cannot read breaker state from Redis").await;
+    expect_event(
+        &world,
+        "main",
+        "RedisUnreachable",
+        "cannot read breaker state from Redis",
+    )
+    .await;
 
     // A spec the operator refuses.
     let mut bad = relay("main", &[("relay", "main")], Some(&dead_redis));

@@ -2,8 +2,8 @@
 //! current. Reconciles read relays, regions, referenced Secrets and owned
 //! objects from here instead of GETting or LISTing them on every pass.
 
-use futures_util::FutureExt;
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
+use futures_util::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};

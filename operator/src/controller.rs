@@ -187,11 +187,14 @@ pub async fn run(
     );
     let relays = relay_controller.store();
     let (relays_for_regions, regions_for_secrets) = (relays.clone(), caches.regions.clone());
-    let secrets = watcher(api::<Secret>(&client, namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(cache::strip_secret)
-        .reflect(w.secrets)
-        .touched_objects();
+    let secrets = watcher(
+        api::<Secret>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(cache::strip_secret)
+    .reflect(w.secrets)
+    .touched_objects();
     let relays_done = relay_controller
         .owns_stream(cached(&client, namespace, owned(), w.deployments))
         .owns_stream(cached(&client, namespace, owned(), w.config_maps))
@@ -502,11 +505,7 @@ fn forget_applied(ctx: &Context, ns: &str, name: &str) {
     ctx.applied
         .lock()
         .expect("applied map lock")
-        .retain(|key, _| {
-            !owned
-                .iter()
-                .any(|n| key.ends_with(&format!("/{ns}/{n}")))
-        });
+        .retain(|key, _| !owned.iter().any(|n| key.ends_with(&format!("/{ns}/{n}"))));
 }
 
 fn hash_of<K: Serialize>(object: &K) -> u64 {
@@ -523,7 +522,12 @@ fn hash_of<K: Serialize>(object: &K) -> u64 {
 /// restart everything is applied once (the map is in memory), which also
 /// repairs drift made while no operator ran. Returns the object as the
 /// server has it (from the apply, or from the cache when nothing was sent).
-async fn ensure_applied<K>(ctx: &Context, store: &Store<K>, relay: &ClaudeRelay, object: &K) -> Result<K>
+async fn ensure_applied<K>(
+    ctx: &Context,
+    store: &Store<K>,
+    relay: &ClaudeRelay,
+    object: &K,
+) -> Result<K>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -627,7 +631,9 @@ async fn ensure_all(
                                 hpa.object_ref(&()),
                                 "Deleted",
                                 "Delete",
-                                format!("HorizontalPodAutoscaler {name} deleted: autoscaling is off"),
+                                format!(
+                                    "HorizontalPodAutoscaler {name} deleted: autoscaling is off"
+                                ),
                             )
                             .await;
                     }
@@ -753,18 +759,27 @@ async fn publish_status_events(
         s.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
-    let problems = [Problem::InvalidSpec, Problem::MissingSecret, Problem::NoRegionsSelected];
+    let problems = [
+        Problem::InvalidSpec,
+        Problem::MissingSecret,
+        Problem::NoRegionsSelected,
+    ];
     if let Some((_, reason, message)) = condition(Some(status), "Ready")
         && problems.iter().any(|p| p.reason() == reason)
-        && condition(previous, "Ready").is_none_or(|(_, r, m)| (r, m) != (reason.clone(), message.clone()))
+        && condition(previous, "Ready")
+            .is_none_or(|(_, r, m)| (r, m) != (reason.clone(), message.clone()))
     {
-        ctx.events.warning(relay, &reason, "Reconcile", message).await;
+        ctx.events
+            .warning(relay, &reason, "Reconcile", message)
+            .await;
     }
     if let Some((_, reason, message)) = condition(Some(status), "Degraded")
         && reason == "RedisUnreachable"
         && condition(previous, "Degraded").is_none_or(|(_, r, _)| r != reason)
     {
-        ctx.events.warning(relay, &reason, "ReadBreakerState", message).await;
+        ctx.events
+            .warning(relay, &reason, "ReadBreakerState", message)
+            .await;
     }
     let before = previous.map(|s| s.breakers.as_slice()).unwrap_or_default();
     for event in status::breaker_events(before, &status.breakers) {

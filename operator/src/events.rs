@@ -54,11 +54,7 @@ impl Events {
             }
             sent.insert(key, now);
         }
-        if let Err(e) = self
-            .recorder
-            .publish(&event, &relay.object_ref(&()))
-            .await
-        {
+        if let Err(e) = self.recorder.publish(&event, &relay.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "cannot publish event");
         }
     }

@@ -22,8 +22,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Map, Value, json};
-use tracing::{info_span, warn};
 use tracing::Instrument;
+use tracing::{info_span, warn};
 
 use crate::controller::{Context, FIELD_MANAGER, selects};
 use crate::error::{Error, Result};
@@ -131,7 +131,11 @@ async fn reconcile_region(region: &UpstreamRegion, ctx: &Context) -> Result<Acti
         "status": desired,
     });
     let written = match api
-        .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
         .await
     {
         Ok(written) => written,

@@ -380,7 +380,10 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
         entry.push_str(&format!(" ({})", reason.0));
     }
     shared.log.lock().expect("log lock").push(entry);
-    let named = parse_path(&request.path).ok().flatten().is_some_and(|t| t.name.is_some());
+    let named = parse_path(&request.path)
+        .ok()
+        .flatten()
+        .is_some_and(|t| t.name.is_some());
     let watching = matches!(request.param("watch"), Some("true" | "1"));
     shared.calls.lock().expect("calls lock").push(Call {
         client: user_agent,

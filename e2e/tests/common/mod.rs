@@ -103,7 +103,12 @@ pub fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
 }
 
 /// A region labelled `labels`, its key in Secret `upstream-keys`.
-pub fn region(name: &str, base_url: &str, priority: i32, labels: &[(&str, &str)]) -> UpstreamRegion {
+pub fn region(
+    name: &str,
+    base_url: &str,
+    priority: i32,
+    labels: &[(&str, &str)],
+) -> UpstreamRegion {
     let labels: serde_json::Map<String, Value> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
