@@ -33,6 +33,8 @@
 //!   for an administrator, [`ApiServer::write_service_account_kubeconfig`]
 //!   for a service account) and RBAC for service accounts: what the Roles
 //!   bound to them allow, `resourceNames` included;
+//! - an audit of every request with its client (User-Agent) and verb, to
+//!   count a controller's requests: [`ApiServer::calls`], [`ApiServer::writes`];
 //! - fault injection for tests: [`ApiServer::fail_watches`].
 //!
 //! What it does not do: scheduling, a kubelet, controllers (no ReplicaSets or
