@@ -74,12 +74,15 @@ pub struct Context {
     applied: Mutex<HashMap<String, Applied>>,
     /// Values of the Secrets that hold Redis credentials, by Secret and
     /// resourceVersion: read again only when the Secret changes.
-    redis_secrets: Mutex<HashMap<(String, String), (String, BTreeMap<String, ByteString>)>>,
+    redis_secrets: Mutex<HashMap<(String, String), VersionedSecretData>>,
     /// The clock of condition transition times; fixed in tests.
     now: fn() -> Timestamp,
     /// How often a healthy relay is looked at again (breaker state, replicas).
     status_refresh: Duration,
 }
+
+/// A Secret's data and the resourceVersion it was read at.
+type VersionedSecretData = (String, BTreeMap<String, ByteString>);
 
 /// One owned object as this process last applied it.
 #[derive(Clone, Debug)]
