@@ -190,6 +190,7 @@ pub async fn run(
     );
     let relays = relay_controller.store();
     let (relays_for_regions, regions_for_secrets) = (relays.clone(), caches.regions.clone());
+    let forget = ctx.clone();
     let secrets = watcher(
         api::<Secret>(&client, namespace),
         watcher::Config::default(),
@@ -216,7 +217,15 @@ pub async fn run(
         })
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move { log_result("relay", result) });
+        .for_each(|result| {
+            // A relay gone from the cache (its owned objects' deletions
+            // trigger it one last time): forget what was applied for it.
+            if let Err(controller::Error::ObjectNotFound(relay)) = &result {
+                let ns = relay.namespace.as_deref().unwrap_or_default();
+                forget_applied(&forget, ns, &relay.name);
+            }
+            async move { log_result("relay", result) }
+        });
 
     let regions_done = regions::controller(
         &client,
