@@ -6,7 +6,7 @@
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("the relay has no {0}")]
+    #[error("the object has no {0}")]
     MissingField(&'static str),
 }
 

@@ -26,45 +26,52 @@ use crate::error::Result;
 /// The field manager that holds `spec.replicas` between the operator and the HPA.
 pub const HANDOVER_MANAGER: &str = "claude-relay-operator-handover";
 
-/// Applies the rendered Deployment as the operator's field manager; with an
-/// HPA (`hpa` is the rendered one) hands `spec.replicas` over first when
-/// needed. Returns the Deployment as the server has it.
-pub async fn apply_deployment(
+/// Whether the Deployment's `spec.replicas` may still have to be handed over
+/// before the operator applies it: only with an HPA, and only while the
+/// operator's own manager owns the count or no Deployment is known yet. At
+/// rest (the HPA or the handover manager holds it) this costs nothing.
+pub fn may_be_needed(live: Option<&Deployment>, hpa: Option<&HorizontalPodAutoscaler>) -> bool {
+    hpa.is_some() && live.is_none_or(|current| owns_replicas(current, FIELD_MANAGER))
+}
+
+/// Hands `spec.replicas` over to the HPA before the operator applies the
+/// rendered Deployment without it: creates a missing Deployment at
+/// minReplicas, or moves the operator's count (at least minReplicas) to
+/// [`HANDOVER_MANAGER`]. Reads the live Deployment itself, since a cache may
+/// not have seen the latest write yet and a stale "missing" would reset the
+/// count.
+pub async fn prepare(
     client: &Client,
     ns: &str,
     deployment: &Deployment,
     hpa: Option<&HorizontalPodAutoscaler>,
-) -> Result<Deployment> {
+) -> Result<()> {
+    let Some(hpa) = hpa else { return Ok(()) };
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let name = deployment.name_any();
-    let operator = PatchParams::apply(FIELD_MANAGER).force();
-    if let Some(hpa) = hpa {
-        let min = hpa.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1);
-        match api.get_opt(&name).await? {
-            None => {
-                // Created at minReplicas, and the count handed over at once,
-                // so the apply below may leave it out.
-                let mut first = deployment.clone();
-                first.spec.get_or_insert_default().replicas = Some(min);
-                api.patch(&name, &operator, &Patch::Apply(&first)).await?;
-                hand_over(&api, &name, min).await?;
-            }
-            Some(current) if owns_replicas(&current, FIELD_MANAGER) => {
-                let replicas = current
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.replicas)
-                    .unwrap_or(0)
-                    .max(min);
-                hand_over(&api, &name, replicas).await?;
-            }
-            // Already the handover manager's or the HPA's.
-            Some(_) => {}
+    let min = hpa.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1);
+    match api.get_opt(&name).await? {
+        None => {
+            // Created at minReplicas, and the count handed over at once, so
+            // the operator's apply may leave it out.
+            let mut first = deployment.clone();
+            first.spec.get_or_insert_default().replicas = Some(min);
+            let operator = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&name, &operator, &Patch::Apply(&first)).await?;
+            hand_over(&api, &name, min).await
         }
+        Some(current) if owns_replicas(&current, FIELD_MANAGER) => {
+            let replicas = current
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .unwrap_or(0)
+                .max(min);
+            hand_over(&api, &name, replicas).await
+        }
+        // Already the handover manager's or the HPA's.
+        Some(_) => Ok(()),
     }
-    Ok(api
-        .patch(&name, &operator, &Patch::Apply(deployment))
-        .await?)
 }
 
 /// Applies `spec.replicas` alone as [`HANDOVER_MANAGER`]; forced, since the

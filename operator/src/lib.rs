@@ -4,7 +4,9 @@
 //!
 //! Permissions it needs (for the chart's ClusterRole): `clauderelays` and
 //! `upstreamregions` get/list/watch and `patch` on their `status`;
-//! get on `secrets` (to check that referenced keys exist and read a Redis URL);
+//! get/list/watch on `secrets` (the cache keeps only their key names, to
+//! check that referenced keys exist; a Redis URL or password is read with a
+//! get when its Secret changes);
 //! get/list/watch/patch/delete on the owned kinds (`get` on deployments: the
 //! replica hand-over to an HPA reads who owns `spec.replicas`) (`configmaps`, `services`,
 //! `serviceaccounts`, `deployments`, `roles`, `rolebindings`,
@@ -16,10 +18,13 @@
 
 pub mod admin;
 pub mod breakers;
+pub mod cache;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod handover;
 pub mod leader;
 pub mod metrics;
+pub mod regions;
 pub mod render;
 pub mod status;

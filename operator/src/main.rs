@@ -116,9 +116,14 @@ async fn main() -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
 
-    let client = Client::try_default()
+    let mut config = kube::Config::infer()
         .await
-        .context("cannot build a Kubernetes client")?;
+        .context("cannot find a Kubernetes configuration")?;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(controller::USER_AGENT),
+    ));
+    let client = Client::try_from(config).context("cannot build a Kubernetes client")?;
     check_crds(&client, args.namespace.as_deref()).await?;
     state.set_ready(true);
 
@@ -159,18 +164,16 @@ async fn main() -> anyhow::Result<()> {
         .await;
     }
     metrics.leader.set(1);
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            Defaults {
-                image: args.proxy_image.clone(),
-                pricing,
-            },
-            metrics.clone(),
-            reporter,
-        )
-        .with_status_refresh(args.status_refresh),
-    );
+    let ctx = Context::new(
+        client.clone(),
+        Defaults {
+            image: args.proxy_image.clone(),
+            pricing,
+        },
+        metrics.clone(),
+        reporter,
+    )
+    .with_status_refresh(args.status_refresh);
 
     // Leadership lost: stop reconciling at once, like a shutdown.
     let (lost_tx, lost_rx) = watch::channel(false);

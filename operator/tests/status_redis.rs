@@ -11,7 +11,6 @@ use claude_relay_crds::resources::{BreakerState, ClaudeRelayStatus, RegionBreake
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use common::*;
 use fred::prelude::{Builder, ClientLike, Config, HashesInterface};
-use http::Method;
 use serde_json::{Value, json};
 
 /// A `redis-server` on a free loopback port, stopped on drop.
@@ -126,18 +125,6 @@ fn relay_with_redis(url: &str) -> ClaudeRelay {
 }
 
 async fn expect_until_status(handle: &mut Handle) -> Value {
-    expect(handle, Method::GET, REGIONS, 200, |_| {
-        region_list(&regions())
-    })
-    .await;
-    for (name, key) in [
-        ("app-key", "key"),
-        ("eu-keys", "api-key"),
-        ("us-keys", "api-key"),
-    ] {
-        let path = format!("/api/v1/namespaces/team-a/secrets/{name}");
-        expect(handle, Method::GET, &path, 200, |_| secret(name, &[key])).await;
-    }
     expect_applies(handle, 2).await;
     expect_apply(handle, &format!("{RELAYS}/main/status"), json!({}))
         .await
@@ -145,48 +132,37 @@ async fn expect_until_status(handle: &mut Handle) -> Value {
         .clone()
 }
 
-async fn expect_region_patch(handle: &mut Handle, region: &str) -> Value {
-    let seen = expect(
-        handle,
-        Method::PATCH,
-        &format!("{REGIONS}/{region}/status"),
-        200,
-        |_| {
-            serde_json::to_value(UpstreamRegion::test(region, "https://api.anthropic.com")).unwrap()
-        },
-    )
-    .await;
-    assert_eq!(
-        seen.content_type.as_deref(),
-        Some("application/merge-patch+json")
-    );
-    seen.body
+/// A context whose caches hold the test regions, Secrets and the relay's
+/// objects as rendered.
+fn context_for(
+    relay: &ClaudeRelay,
+) -> (
+    std::sync::Arc<claude_relay_operator::controller::Context>,
+    Handle,
+) {
+    let (ctx, handle, _) = context_with(&Cluster {
+        regions: regions(),
+        rendered_for: Some(relay.clone()),
+        ..Cluster::default()
+    });
+    (ctx, handle)
 }
 
 #[tokio::test]
-async fn breakers_from_redis_reach_status_events_and_regions() {
+async fn breakers_from_redis_reach_status_and_events() {
     let redis = Redis::start();
     publish(&redis.url(), "us", "closed", "0.01", "none").await;
     publish(&redis.url(), "eu", "open", "0.62", "status_529").await;
 
     let relay = relay_with_redis(&redis.url());
-    let (ctx, mut handle) = context();
+    let (ctx, mut handle) = context_for(&relay);
     let server = tokio::spawn(async move {
         let status = expect_until_status(&mut handle).await;
-        let event = expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            201,
-            |seen| seen.body.clone(),
-        )
-        .await;
-        let us = expect_region_patch(&mut handle, "us").await;
-        let eu = expect_region_patch(&mut handle, "eu").await;
-        (status, event.body, us, eu)
+        let event = expect_event(&mut handle).await;
+        (status, event)
     });
     run(&relay, &ctx).await;
-    let (status, event, us, eu) = server.await.unwrap();
+    let (status, event) = server.await.unwrap();
 
     assert_eq!(status["breakerSummary"], "us:closed eu:open");
     assert_eq!(
@@ -209,26 +185,18 @@ async fn breakers_from_redis_reach_status_events_and_regions() {
         event["note"],
         "breaker of region eu opened (last error: status_529)"
     );
-
-    assert_eq!(
-        us,
-        json!({"status": {"relays": {"main": "closed"}, "breaker": "closed"}})
-    );
-    assert_eq!(
-        eu,
-        json!({"status": {"relays": {"main": "open"}, "breaker": "open"}})
-    );
 }
 
 #[tokio::test]
 async fn unreachable_redis_is_reported_and_breakers_unknown() {
     // Nothing listens on this port.
     let relay = relay_with_redis(&format!("redis://127.0.0.1:{}", free_port()));
-    let (ctx, mut handle) = context();
+    let (ctx, mut handle) = context_for(&relay);
     let server = tokio::spawn(async move {
         let status = expect_until_status(&mut handle).await;
-        expect_region_patch(&mut handle, "us").await;
-        expect_region_patch(&mut handle, "eu").await;
+        let event = expect_event(&mut handle).await;
+        assert_eq!(event["reason"], "RedisUnreachable");
+        assert_eq!(event["type"], "Warning");
         status
     });
     run(&relay, &ctx).await;

@@ -86,8 +86,8 @@ PATCH, which the API server also authorizes as `create` when the object does
 not exist yet.
 */}}
 {{- define "claude-relay.operatorRules" -}}
-# Its API: watched, and status reported (relays: server-side apply;
-# regions: a merge patch of the per-relay breaker state).
+# Its API: watched, and status reported with server-side apply (regions:
+# a merge patch also removes entries older operator versions wrote).
 - apiGroups: ["relay.claude-relay.dev"]
   resources: ["clauderelays", "upstreamregions"]
   verbs: ["get", "list", "watch"]
@@ -119,12 +119,14 @@ not exist yet.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Checks that referenced keys exist and reads Redis URLs; never lists or
-# watches Secrets, so they stay out of its memory.
+# Watches Secrets to see that referenced keys exist, keeping only key
+# names in memory (values are dropped as they arrive); reads a Redis URL or
+# password with `get` when its Secret changes.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
-# Events when a breaker opens or closes.
+  verbs: ["get", "list", "watch"]
+# Events on relays: problems, owned objects created or changed, Redis
+# unreachable, breakers opening and closing.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -91,8 +91,9 @@ pub struct UpstreamRegionStatus {
     /// The worst breaker state among the relays using this region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<BreakerState>,
-    /// Breaker state per relay (by relay name). Each relay's reconcile writes
-    /// only its own key, with a merge patch.
+    /// Breaker state per relay (by relay name): exactly the relays of this
+    /// namespace that select the region now (`unknown` until a relay has
+    /// reported its breaker), written by the operator with server-side apply.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub relays: BTreeMap<String, BreakerState>,
 }

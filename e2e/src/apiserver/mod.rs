@@ -33,6 +33,8 @@
 //!   for an administrator, [`ApiServer::write_service_account_kubeconfig`]
 //!   for a service account) and RBAC for service accounts: what the Roles
 //!   bound to them allow, `resourceNames` included;
+//! - an audit of every request with its client (User-Agent) and verb, to
+//!   count a controller's requests: [`ApiServer::calls`], [`ApiServer::writes`];
 //! - fault injection for tests: [`ApiServer::fail_watches`].
 //!
 //! What it does not do: scheduling, a kubelet, controllers (no ReplicaSets or
@@ -48,6 +50,7 @@
 //! in one page), `410 Gone` for old resourceVersions (the
 //! whole history is kept), dry runs, and protobuf.
 
+mod audit;
 mod rbac;
 mod schema;
 mod selector;
@@ -70,6 +73,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use audit::Call;
 pub use rbac::{ADMIN_TOKEN, service_account_token};
 pub use selector::{FieldSelector, LabelSelector};
 pub use store::{ApiError, Change, Key, PatchKind, ResourceType, Store};
@@ -82,6 +86,8 @@ struct Shared {
     changed: watch::Sender<u64>,
     /// One line per request: method, target, status, and the error if any.
     log: Mutex<Vec<String>>,
+    /// Every request with its client and verb.
+    calls: Mutex<Vec<Call>>,
     stop: watch::Sender<bool>,
     /// Bumped to end the watches in progress.
     watch_epoch: watch::Sender<u64>,
@@ -115,6 +121,7 @@ impl ApiServer {
             changed: watch::channel(store.resource_version()).0,
             store: Mutex::new(store),
             log: Mutex::default(),
+            calls: Mutex::default(),
             stop: watch::channel(false).0,
             watch_epoch: watch::channel(0).0,
             failing_watches: Mutex::new(0),
@@ -165,6 +172,20 @@ impl ApiServer {
     /// Every request so far, one line each.
     pub fn requests(&self) -> Vec<String> {
         self.shared.log.lock().expect("log lock").clone()
+    }
+
+    /// Every request so far with its client (User-Agent) and verb.
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().expect("calls lock").clone()
+    }
+
+    /// The writes (create, update, patch, delete) made so far by clients
+    /// whose User-Agent starts with `client`.
+    pub fn writes(&self, client: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.is_write() && c.client.starts_with(client))
+            .collect()
     }
 
     /// Reads or changes the objects directly (as a controller of the
@@ -314,6 +335,7 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
     let content_type = header(&req, "content-type");
     let accept = header(&req, "accept");
     let authorization = header(&req, "authorization");
+    let user_agent = header(&req, "user-agent");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -360,6 +382,17 @@ async fn handle(shared: &Arc<Shared>, req: http::Request<hyper::body::Incoming>)
         entry.push_str(&format!(" ({})", reason.0));
     }
     shared.log.lock().expect("log lock").push(entry);
+    let named = parse_path(&request.path)
+        .ok()
+        .flatten()
+        .is_some_and(|t| t.name.is_some());
+    let watching = matches!(request.param("watch"), Some("true" | "1"));
+    shared.calls.lock().expect("calls lock").push(Call {
+        client: user_agent,
+        verb: audit::verb(&request.method, named, watching),
+        target: line,
+        code: response.status().as_u16(),
+    });
     response
 }
 

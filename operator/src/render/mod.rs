@@ -92,7 +92,12 @@ pub struct Names {
 
 impl Names {
     pub fn of(relay: &ClaudeRelay) -> Self {
-        let name = relay.name_any();
+        Self::of_name(&relay.name_any())
+    }
+
+    /// The names for a relay called `name`.
+    pub fn of_name(name: &str) -> Self {
+        let name = name.to_string();
         Self {
             config_map: format!("{name}-config"),
             proxy: format!("{name}-proxy"),
