@@ -46,6 +46,8 @@ pub struct Services {
     pub keypools: Arc<KeyPools>,
     pub accounting: Arc<Accounting>,
     pub cache: Arc<ResponseCache>,
+    /// The span queue and its exporter (`traces`).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 impl Services {
@@ -63,6 +65,7 @@ impl Services {
             keypools: KeyPools::new(&config.relay_name, redis.clone(), metrics.clone()),
             accounting: Accounting::new(metrics.clone()),
             cache: ResponseCache::new(&config.cache, &config.relay_name, redis, metrics.clone()),
+            tracer: crate::trace::Tracer::new(metrics.clone()),
             metrics,
         }
     }
@@ -75,6 +78,7 @@ impl Services {
         self.cache.spawn_sync();
         self.accounting.spawn_renewal();
         self.accounting.spawn_flush();
+        self.tracer.spawn_export();
     }
 }
 
@@ -93,6 +97,8 @@ pub struct Snapshot {
     pub region_indices: Vec<usize>,
     /// Which requests the response cache takes, and under which key.
     pub cache: CachePolicy,
+    /// `traces`, its header secrets resolved; `None`: no spans.
+    pub trace: Option<Arc<crate::trace::TraceSettings>>,
 }
 
 impl Snapshot {
@@ -196,7 +202,12 @@ impl Snapshot {
         }
         let region_indices = (0..regions.len()).collect();
         let cache = CachePolicy::new(&config.cache);
+        let trace = match &config.traces {
+            Some(traces) => Some(Arc::new(crate::trace::TraceSettings::build(traces)?)),
+            None => None,
+        };
         Ok(Self {
+            trace,
             cache,
             config,
             clients,
@@ -285,6 +296,7 @@ impl App {
         if let Some(days) = snapshot.cert_expiry_days {
             metrics.tls_cert_expiry_days.set(days);
         }
+        services.tracer.configure(snapshot.trace.clone());
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -305,6 +317,7 @@ impl App {
         self.services
             .cache
             .reconfigure(&snapshot.config.cache, &snapshot.cache.generations());
+        self.services.tracer.configure(snapshot.trace.clone());
         self.snapshot.store(Arc::new(snapshot));
     }
 
