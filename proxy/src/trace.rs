@@ -431,15 +431,15 @@ impl Drop for RequestSpan {
             self.end_ns = now;
         }
         let end = self.end_ns;
-        let mut attempts = std::mem::take(&mut self.attempts);
-        for attempt in &mut attempts {
+        for attempt in &mut self.attempts {
             if attempt.end_ns == 0 {
                 attempt.end_ns = end.max(attempt.start_ns);
             }
         }
         let record = TraceRecord {
             request: self.request_span(),
-            attempts: attempts
+            attempts: self
+                .attempts
                 .iter()
                 .map(|attempt| self.attempt_span(attempt))
                 .collect(),
