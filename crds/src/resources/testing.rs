@@ -50,6 +50,7 @@ impl ClaudeRelay {
             quota: None,
             cache: None,
             usage: None,
+            traces: None,
         };
         let mut relay = ClaudeRelay::new("main", spec);
         relay.metadata = ObjectMeta {
