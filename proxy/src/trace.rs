@@ -106,7 +106,7 @@ pub struct Tracer {
 
 #[derive(Default)]
 struct Queue {
-    traces: Vec<TraceRecord>,
+    traces: Vec<SpanData>,
     spans: usize,
 }
 
@@ -162,22 +162,24 @@ impl Tracer {
         };
         Some(Box::new(RequestSpan {
             tracer: self.clone(),
-            trace_id,
-            span_id: new_span_id(),
-            parent_span_id,
-            start_ns: unix_nanos(),
-            end_ns: 0,
-            method: method.clone(),
-            path: path.to_owned(),
-            route,
-            request: RequestFields::default(),
-            answer: None,
-            relay: RelayFields::default(),
-            attempts: Vec::new(),
+            data: SpanData {
+                trace_id,
+                span_id: new_span_id(),
+                parent_span_id,
+                start_ns: unix_nanos(),
+                end_ns: 0,
+                method: method.clone(),
+                path: path.to_owned(),
+                route,
+                request: RequestFields::default(),
+                answer: None,
+                relay: RelayFields::default(),
+                attempts: Vec::new(),
+            },
         }))
     }
 
-    fn enqueue(&self, record: TraceRecord) {
+    fn enqueue(&self, record: SpanData) {
         let spans = 1 + record.attempts.len();
         let cap = self
             .settings
@@ -332,6 +334,12 @@ struct AttemptSpan {
 /// A sampled request's span; queued for export when dropped.
 pub struct RequestSpan {
     tracer: Arc<Tracer>,
+    data: SpanData,
+}
+
+/// What a request's spans say; encoded by the exporter, off the request path.
+#[derive(Default)]
+struct SpanData {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent_span_id: Option<[u8; 8]>,
@@ -350,14 +358,14 @@ impl RequestSpan {
     /// Reads the model fields of a (decoded) JSON request body.
     pub fn read_request(&mut self, body: &[u8]) {
         if let Ok(fields) = serde_json::from_slice::<RequestFields>(body) {
-            self.request = fields;
+            self.data.request = fields;
         }
     }
 
     /// Opens an attempt's span; the `traceparent` that names it goes upstream.
     pub fn attempt_started(&mut self, region: &Name, key_index: usize) -> HeaderValue {
         let span_id = new_span_id();
-        self.attempts.push(AttemptSpan {
+        self.data.attempts.push(AttemptSpan {
             span_id,
             start_ns: unix_nanos(),
             end_ns: 0,
@@ -368,7 +376,7 @@ impl RequestSpan {
         });
         let text = format!(
             "00-{}-{}-01",
-            hex::encode(self.trace_id),
+            hex::encode(self.data.trace_id),
             hex::encode(span_id)
         );
         HeaderValue::from_str(&text).expect("hex is a valid header value")
@@ -377,7 +385,7 @@ impl RequestSpan {
     /// The attempt's answer: its status. An attempt's span lasts until
     /// its answer's headers; the request's span covers the body.
     pub fn attempt_answered(&mut self, status: u16) {
-        if let Some(attempt) = self.attempts.last_mut() {
+        if let Some(attempt) = self.data.attempts.last_mut() {
             attempt.status = Some(status);
             attempt.end_ns = unix_nanos();
         }
@@ -385,7 +393,7 @@ impl RequestSpan {
 
     /// The attempt failed before an answer.
     pub fn attempt_failed(&mut self, error: &RelayError) {
-        if let Some(attempt) = self.attempts.last_mut() {
+        if let Some(attempt) = self.data.attempts.last_mut() {
             attempt.end_ns = unix_nanos();
             attempt.error = Some(match error {
                 RelayError::UpstreamTimeout { .. } => "timeout",
@@ -405,8 +413,8 @@ impl RequestSpan {
         cache: Option<&'static str>,
         outcome: &'static str,
     ) {
-        self.end_ns = unix_nanos();
-        self.relay = RelayFields {
+        self.data.end_ns = unix_nanos();
+        self.data.relay = RelayFields {
             status,
             request_id: Some(request_id.clone()),
             client: client.cloned(),
@@ -419,39 +427,25 @@ impl RequestSpan {
     /// What the answer reported (model, id, usage), read after it went out.
     pub fn answered(&mut self, reported: &Reported) {
         if reported.seen || reported.model.is_some() {
-            self.answer = Some(reported.clone());
+            self.data.answer = Some(reported.clone());
         }
     }
 }
 
 impl Drop for RequestSpan {
     fn drop(&mut self) {
-        let now = unix_nanos();
-        if self.end_ns == 0 {
-            self.end_ns = now;
+        let data = &mut self.data;
+        if data.end_ns == 0 {
+            data.end_ns = unix_nanos();
         }
-        let end = self.end_ns;
-        for attempt in &mut self.attempts {
+        let end = data.end_ns;
+        for attempt in &mut data.attempts {
             if attempt.end_ns == 0 {
                 attempt.end_ns = end.max(attempt.start_ns);
             }
         }
-        let record = TraceRecord {
-            request: self.request_span(),
-            attempts: self
-                .attempts
-                .iter()
-                .map(|attempt| self.attempt_span(attempt))
-                .collect(),
-        };
-        self.tracer.enqueue(record);
+        self.tracer.enqueue(std::mem::take(&mut self.data));
     }
-}
-
-/// A finished request's spans, in OTLP/JSON.
-struct TraceRecord {
-    request: Value,
-    attempts: Vec<Value>,
 }
 
 // OTLP span kinds and status codes.
@@ -459,7 +453,7 @@ const KIND_SERVER: u8 = 2;
 const KIND_CLIENT: u8 = 3;
 const STATUS_ERROR: u8 = 2;
 
-impl RequestSpan {
+impl SpanData {
     fn is_inference(&self) -> bool {
         self.route == "messages"
     }
@@ -636,10 +630,13 @@ fn span_json(span: SpanJson<'_>) -> Value {
 }
 
 /// An OTLP `ExportTraceServiceRequest` in JSON.
-fn encode(service_name: &str, traces: &[TraceRecord]) -> Bytes {
-    let spans: Vec<&Value> = traces
+fn encode(service_name: &str, traces: &[SpanData]) -> Bytes {
+    let spans: Vec<Value> = traces
         .iter()
-        .flat_map(|t| std::iter::once(&t.request).chain(&t.attempts))
+        .flat_map(|t| {
+            std::iter::once(t.request_span())
+                .chain(t.attempts.iter().map(|attempt| t.attempt_span(attempt)))
+        })
         .collect();
     let request = json!({
         "resourceSpans": [{
