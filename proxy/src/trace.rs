@@ -25,7 +25,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use claude_relay_crds::config::TracesConfig;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use serde_json::{Value, json};
+use std::fmt::Write as _;
 
 use crate::error::RelayError;
 use crate::metrics::{Metrics, Name, ResultLabels};
@@ -458,7 +458,7 @@ impl SpanData {
         self.route == "messages"
     }
 
-    fn request_span(&self) -> Value {
+    fn request_span(&self, out: &mut String) {
         let mut attributes = Attributes::default();
         let request_model = self.request.model.as_deref();
         if self.route == "messages" || self.route == "count_tokens" {
@@ -527,20 +527,23 @@ impl SpanData {
             (true, None) => "chat".to_owned(),
             (false, _) => format!("{} {}", self.method, self.route),
         };
-        span_json(SpanJson {
-            trace_id: &self.trace_id,
-            span_id: &self.span_id,
-            parent: self.parent_span_id.as_ref(),
-            name,
-            kind: KIND_SERVER,
-            start_ns: self.start_ns,
-            end_ns: self.end_ns,
-            attributes,
-            error: relay.status >= 500,
-        })
+        span_json(
+            SpanJson {
+                trace_id: &self.trace_id,
+                span_id: &self.span_id,
+                parent: self.parent_span_id.as_ref(),
+                name,
+                kind: KIND_SERVER,
+                start_ns: self.start_ns,
+                end_ns: self.end_ns,
+                attributes,
+                error: relay.status >= 500,
+            },
+            out,
+        );
     }
 
-    fn attempt_span(&self, attempt: &AttemptSpan) -> Value {
+    fn attempt_span(&self, attempt: &AttemptSpan, out: &mut String) {
         let mut attributes = Attributes::default();
         attributes.text("gen_ai.system", "anthropic");
         attributes.text("gen_ai.provider.name", "anthropic");
@@ -565,36 +568,50 @@ impl SpanData {
         if let Some(error) = &error_type {
             attributes.text("error.type", error);
         }
-        span_json(SpanJson {
-            trace_id: &self.trace_id,
-            span_id: &attempt.span_id,
-            parent: Some(&self.span_id),
-            name: format!("upstream {}", attempt.region.0),
-            kind: KIND_CLIENT,
-            start_ns: attempt.start_ns,
-            end_ns: attempt.end_ns,
-            attributes,
-            error: failed,
-        })
+        span_json(
+            SpanJson {
+                trace_id: &self.trace_id,
+                span_id: &attempt.span_id,
+                parent: Some(&self.span_id),
+                name: format!("upstream {}", attempt.region.0),
+                kind: KIND_CLIENT,
+                start_ns: attempt.start_ns,
+                end_ns: attempt.end_ns,
+                attributes,
+                error: failed,
+            },
+            out,
+        );
     }
 }
 
+/// Span attributes written as OTLP/JSON `KeyValue`s as they are added:
+/// a span costs one string, not a tree of JSON values.
 #[derive(Default)]
-struct Attributes(Vec<Value>);
+struct Attributes(String);
 
 impl Attributes {
+    fn key(&mut self, key: &str) {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+        // Keys are the constants of this module: nothing to escape.
+        let _ = write!(self.0, r#"{{"key":"{key}","value":{{"#);
+    }
     fn text(&mut self, key: &str, value: &str) {
-        self.0
-            .push(json!({"key": key, "value": {"stringValue": value}}));
+        self.key(key);
+        self.0.push_str(r#""stringValue":"#);
+        json_string(&mut self.0, value);
+        self.0.push_str("}}");
     }
     /// OTLP/JSON writes 64-bit integers as strings.
     fn int(&mut self, key: &str, value: u64) {
-        self.0
-            .push(json!({"key": key, "value": {"intValue": value.to_string()}}));
+        self.key(key);
+        let _ = write!(self.0, r#""intValue":"{value}"}}}}"#);
     }
     fn boolean(&mut self, key: &str, value: bool) {
-        self.0
-            .push(json!({"key": key, "value": {"boolValue": value}}));
+        self.key(key);
+        let _ = write!(self.0, r#""boolValue":{value}}}}}"#);
     }
 }
 
@@ -610,47 +627,79 @@ struct SpanJson<'a> {
     error: bool,
 }
 
-fn span_json(span: SpanJson<'_>) -> Value {
-    let mut value = json!({
-        "traceId": hex::encode(span.trace_id),
-        "spanId": hex::encode(span.span_id),
-        "name": span.name,
-        "kind": span.kind,
-        "startTimeUnixNano": span.start_ns.to_string(),
-        "endTimeUnixNano": span.end_ns.to_string(),
-        "attributes": span.attributes.0,
-    });
+/// Appends an OTLP/JSON `Span` to `out`.
+fn span_json(span: SpanJson<'_>, out: &mut String) {
+    let mut hex = [0u8; 32];
+    let mut id = |bytes: &[u8]| -> String {
+        let text = &mut hex[..bytes.len() * 2];
+        hex::encode_to_slice(bytes, text).expect("twice the length");
+        String::from_utf8_lossy(text).into_owned()
+    };
+    let _ = write!(
+        out,
+        r#"{{"traceId":"{}","spanId":"{}","#,
+        id(span.trace_id),
+        id(span.span_id)
+    );
     if let Some(parent) = span.parent {
-        value["parentSpanId"] = Value::from(hex::encode(parent));
+        let _ = write!(out, r#""parentSpanId":"{}","#, id(parent));
     }
+    out.push_str(r#""name":"#);
+    json_string(out, &span.name);
+    let _ = write!(
+        out,
+        r#","kind":{},"startTimeUnixNano":"{}","endTimeUnixNano":"{}","attributes":[{}]"#,
+        span.kind, span.start_ns, span.end_ns, span.attributes.0
+    );
     if span.error {
-        value["status"] = json!({"code": STATUS_ERROR});
+        let _ = write!(out, r#","status":{{"code":{STATUS_ERROR}}}"#);
     }
-    value
+    out.push('}');
+}
+
+/// `value` as a JSON string.
+fn json_string(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c < ' ' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// An OTLP `ExportTraceServiceRequest` in JSON.
 fn encode(service_name: &str, traces: &[SpanData]) -> Bytes {
-    let spans: Vec<Value> = traces
-        .iter()
-        .flat_map(|t| {
-            std::iter::once(t.request_span())
-                .chain(t.attempts.iter().map(|attempt| t.attempt_span(attempt)))
-        })
-        .collect();
-    let request = json!({
-        "resourceSpans": [{
-            "resource": {"attributes": [
-                {"key": "service.name", "value": {"stringValue": service_name}},
-                {"key": "service.version", "value": {"stringValue": env!("CARGO_PKG_VERSION")}},
-            ]},
-            "scopeSpans": [{
-                "scope": {"name": "claude-relay", "version": env!("CARGO_PKG_VERSION")},
-                "spans": spans,
-            }],
-        }],
-    });
-    Bytes::from(serde_json::to_vec(&request).expect("JSON values serialize"))
+    let mut out = String::with_capacity(512 + traces.len() * 2048);
+    let mut resource = Attributes::default();
+    resource.text("service.name", service_name);
+    resource.text("service.version", env!("CARGO_PKG_VERSION"));
+    let _ = write!(
+        out,
+        r#"{{"resourceSpans":[{{"resource":{{"attributes":[{}]}},"scopeSpans":[{{"scope":{{"name":"claude-relay","version":"{}"}},"spans":["#,
+        resource.0,
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut first = true;
+    for trace in traces {
+        for attempt in std::iter::once(None).chain(trace.attempts.iter().map(Some)) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            match attempt {
+                None => trace.request_span(&mut out),
+                Some(attempt) => trace.attempt_span(attempt, &mut out),
+            }
+        }
+    }
+    out.push_str("]}]}]}");
+    Bytes::from(out)
 }
 
 /// A parsed W3C `traceparent`.
@@ -771,6 +820,38 @@ mod tests {
                 "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future"
             ))
             .is_some()
+        );
+    }
+
+    #[test]
+    fn exports_are_json_whatever_the_names() {
+        let mut data = SpanData {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            route: "messages",
+            path: "/v1/messages".into(),
+            ..SpanData::default()
+        };
+        data.request.model = Some("claude \"x\"\\\n\u{1}é".into());
+        data.attempts.push(AttemptSpan {
+            span_id: [9; 8],
+            start_ns: 1,
+            end_ns: 2,
+            region: Name::from("eu"),
+            key_index: 1,
+            status: Some(529),
+            error: None,
+        });
+        let body = encode("relay \"one\"", &[data]);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let spans = &value["resourceSpans"][0]["scopeSpans"][0]["spans"];
+        assert_eq!(spans[0]["name"], "chat claude \"x\"\\\n\u{1}é");
+        assert_eq!(spans[0]["traceId"], "07".repeat(16));
+        assert_eq!(spans[1]["parentSpanId"], "08".repeat(8));
+        assert_eq!(spans[1]["status"]["code"], 2);
+        assert_eq!(
+            value["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+            "relay \"one\""
         );
     }
 
