@@ -156,8 +156,7 @@ fn promql_names(expr: &str) -> Names {
     };
     let word_at = |i: &mut usize| {
         let start = *i;
-        while *i < chars.len()
-            && (chars[*i].is_alphanumeric() || chars[*i] == '_' || chars[*i] == ':')
+        while *i < chars.len() && (chars[*i].is_alphanumeric() || chars[*i] == '_' || chars[*i] == ':')
         {
             *i += 1;
         }
@@ -180,8 +179,7 @@ fn promql_names(expr: &str) -> Names {
             i += 1;
         } else if c.is_ascii_digit() || c == '$' {
             i += 1;
-            while i < chars.len()
-                && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
             {
                 i += 1;
             }
@@ -248,17 +246,13 @@ fn check_names(
         labels_of_expr.extend(labels.iter().map(String::as_str));
         for label in matchers {
             if !labels.contains(label) && !TARGET_LABELS.contains(&label.as_str()) {
-                problems.push(format!(
-                    "{what}: {metric} has no label {label} (it has {labels:?})"
-                ));
+                problems.push(format!("{what}: {metric} has no label {label} (it has {labels:?})"));
             }
         }
     }
     for label in &names.grouping {
         if !labels_of_expr.contains(label.as_str()) {
-            problems.push(format!(
-                "{what}: groups by {label}, which no metric of it has"
-            ));
+            problems.push(format!("{what}: groups by {label}, which no metric of it has"));
         }
     }
     problems
@@ -372,11 +366,8 @@ regions:
     assert_eq!(without_store.status, 200, "{:?}", without_store.body);
     proxy.rewrite_config(&format!("{config}\n# touched\n"));
     eventually(Duration::from_secs(5), "a config reload", || async {
-        (proxy
-            .metric("claude_relay_config_reloads_total{result=\"ok\"}")
-            .await
-            >= Some(1.0))
-        .then_some(())
+        (proxy.metric("claude_relay_config_reloads_total{result=\"ok\"}").await >= Some(1.0))
+            .then_some(())
     })
     .await;
     (setup, proxy)
@@ -427,9 +418,7 @@ async fn every_dashboard_query_parses_and_names_only_what_the_relay_exports() {
     let mut text = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (_, expr)) in queries.iter().enumerate() {
         let expr = serde_json::to_string(&as_sent(expr, "1m")).unwrap();
-        text.push_str(&format!(
-            "      - record: dashboard:query{i}\n        expr: {expr}\n"
-        ));
+        text.push_str(&format!("      - record: dashboard:query{i}\n        expr: {expr}\n"));
     }
     std::fs::write(&rules, text).unwrap();
     let checked = Command::new("promtool")
@@ -499,10 +488,7 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -586,14 +572,10 @@ async fn a_real_prometheus_scrapes_the_relay_answers_the_dashboard_and_fires_an_
         .trim_end_matches('/')
         .to_string();
     let prometheus = Prometheus::start(&target, &chart_file("rules/claude-relay-alerts.yaml"));
-    eventually(
-        Duration::from_secs(20),
-        "prometheus scraping the relay",
-        || async {
-            let up = prometheus.query("up{job=\"relay\"} == 1").await?;
-            (!up.is_empty()).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(20), "prometheus scraping the relay", || async {
+        let up = prometheus.query("up{job=\"relay\"} == 1").await?;
+        (!up.is_empty()).then_some(())
+    })
     .await;
 
     // A dashboard panel's own query, as Grafana would send it.
@@ -614,9 +596,7 @@ async fn a_real_prometheus_scrapes_the_relay_answers_the_dashboard_and_fires_an_
         let answer = setup.messages(&proxy, APP_KEY, BODY, &[]).await;
         assert_eq!(answer.status, 200);
         let result = prometheus.query(&by_status).await?;
-        let ok = result
-            .into_iter()
-            .find(|s| s["metric"]["status"] == "200")?;
+        let ok = result.into_iter().find(|s| s["metric"]["status"] == "200")?;
         let rate: f64 = ok["value"][1].as_str()?.parse().ok()?;
         (rate > 0.0).then_some(ok)
     })
@@ -626,21 +606,17 @@ async fn a_real_prometheus_scrapes_the_relay_answers_the_dashboard_and_fires_an_
     // A config the relay refuses: the alert's expression turns non-empty,
     // then the alert fires, with the relay's labels.
     proxy.rewrite_config("regions: [not a config");
-    let fired = eventually(
-        Duration::from_secs(30),
-        "the reload alert firing",
-        || async {
-            let alerts = prometheus.api("/api/v1/alerts").await?;
-            alerts["data"]["alerts"]
-                .as_array()?
-                .iter()
-                .find(|a| {
-                    a["labels"]["alertname"] == "ClaudeRelayConfigReloadFailing"
-                        && a["state"] == "firing"
-                })
-                .cloned()
-        },
-    )
+    let fired = eventually(Duration::from_secs(30), "the reload alert firing", || async {
+        let alerts = prometheus.api("/api/v1/alerts").await?;
+        alerts["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| {
+                a["labels"]["alertname"] == "ClaudeRelayConfigReloadFailing"
+                    && a["state"] == "firing"
+            })
+            .cloned()
+    })
     .await;
     assert_eq!(fired["labels"]["relay"], "claude", "{fired}");
     assert_eq!(fired["labels"]["namespace"], "relays");
