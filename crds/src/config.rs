@@ -64,6 +64,9 @@ pub struct ProxyConfig {
     /// Prices per model: the cost of each answer, and budgets in dollars.
     #[serde(default, skip_serializing_if = "PricingConfig::is_empty")]
     pub pricing: PricingConfig,
+    /// OpenTelemetry trace export over OTLP/HTTP. Absent: no spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TracesConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -522,6 +525,96 @@ impl Default for CacheConfig {
             routes: Vec::new(),
         }
     }
+}
+
+/// OpenTelemetry traces: a span per request and per upstream attempt,
+/// sent in batches to an OTLP/HTTP collector (JSON encoding).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's OTLP/HTTP URL: a base (`http://collector:4318`, to
+    /// which `/v1/traces` is added) or the full traces URL.
+    pub endpoint: String,
+    /// Share of requests without a sampled parent that are traced, 0 to 1.
+    /// A client's `traceparent` decides for its own requests.
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+    /// Headers sent with every export (such as the collector's token),
+    /// each value from a secret: `{file: /path}` or `{env: NAME}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, SecretSource>,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// How often the spans queued are sent.
+    #[serde(default = "default_export_interval")]
+    pub export_interval: HumanDuration,
+    /// Spans held for the next export; past it, new spans are dropped
+    /// (and counted), never waited for.
+    #[serde(default = "default_max_queue_spans")]
+    pub max_queue_spans: usize,
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "claude-relay".into()
+}
+fn default_export_interval() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_max_queue_spans() -> usize {
+    4096
+}
+
+impl TracesConfig {
+    /// What is wrong, as (path below `traces`, message) pairs.
+    fn problems(&self) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        if let Err(why) = check_collector_url(&self.endpoint) {
+            out.push(("endpoint".into(), why));
+        }
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            out.push(("sampling_ratio".into(), "must be between 0 and 1"));
+        }
+        for name in self.headers.keys() {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(token) {
+                out.push((format!("headers.{name}"), "not a valid HTTP header name"));
+            }
+        }
+        if self.service_name.is_empty() {
+            out.push(("service_name".into(), "must not be empty"));
+        }
+        if self.export_interval.is_zero() {
+            out.push(("export_interval".into(), "must be greater than 0"));
+        }
+        if self.max_queue_spans == 0 {
+            out.push(("max_queue_spans".into(), "must be greater than 0"));
+        }
+        out
+    }
+}
+
+/// An OTLP/HTTP collector URL: http or https, a host, no credentials in it
+/// (those go in `headers`, from a secret).
+pub fn check_collector_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err("must name a host");
+    }
+    if authority.contains('@') {
+        return Err("must not carry credentials; give them in traces.headers from a secret");
+    }
+    if url.contains(['?', '#']) {
+        return Err("must not have a query or fragment");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1245,6 +1338,11 @@ impl ProxyConfig {
 
         self.validate_signing_and_store(&mut problems);
         self.validate_routing(&mut problems);
+        if let Some(traces) = &self.traces {
+            for (path, message) in traces.problems() {
+                problems.push(format!("traces.{path}: {message}"));
+            }
+        }
 
         if problems.is_empty() {
             Ok(())
@@ -1525,6 +1623,11 @@ impl ProxyConfig {
         }
         if let Some(db) = &self.routing.geoip_db {
             files.push(db.clone());
+        }
+        for source in self.traces.iter().flat_map(|t| t.headers.values()) {
+            if let SecretSource::File(path) = source {
+                files.push(path.clone());
+            }
         }
         files
     }

@@ -52,6 +52,8 @@ pub struct Exchange {
     pub meter: Option<crate::usage::Meter>,
     /// `hit_l1`, `hit_l2` or `miss` when the response cache was asked.
     pub cache: Option<&'static str>,
+    /// The request's span when it is traced ([`crate::trace`]).
+    pub trace: Option<Box<crate::trace::RequestSpan>>,
 }
 
 const NO_UPSTREAM: &str = "-";
@@ -79,6 +81,7 @@ impl Exchange {
             key_lease: None,
             meter: None,
             cache: None,
+            trace: None,
         }
     }
 }
@@ -109,6 +112,17 @@ impl Drop for Exchange {
             outcome = self.outcome.as_str(),
             cache = self.cache.unwrap_or("-"),
         );
+        let mut trace = self.trace.take();
+        if let Some(span) = &mut trace {
+            span.close(
+                &self.request_id,
+                self.status,
+                self.client.as_ref(),
+                self.upstream.as_ref(),
+                self.cache,
+                self.outcome.as_str(),
+            );
+        }
         if let Some(meter) = self.meter.take() {
             crate::usage::Finished {
                 meter,
@@ -116,6 +130,7 @@ impl Drop for Exchange {
                 region: self.upstream.clone(),
                 key_id: self.key_lease.as_ref().map(|l| l.id().to_owned()),
                 complete: self.outcome == Outcome::Complete,
+                trace,
             }
             .spawn();
         }

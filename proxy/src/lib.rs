@@ -27,6 +27,7 @@ pub mod signing;
 pub mod stack;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod usage;
 pub mod worker;

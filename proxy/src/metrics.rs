@@ -161,6 +161,8 @@ pub struct Metrics {
     pub cache_requests: Family<ResultLabels, Counter>,
     pub cache_memory_bytes: Gauge,
     pub cache_memory_entries: Gauge,
+    /// Trace spans by fate (`crate::trace`).
+    pub trace_spans: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -338,6 +340,12 @@ impl Metrics {
             "Responses in the level-1 (process memory) cache",
             cache_memory_entries.clone(),
         );
+        let trace_spans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Trace spans, by result (exported, dropped_queue_full, dropped_export_failed)",
+            trace_spans.clone(),
+        );
         let breaker_state = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "breaker_state",
@@ -426,6 +434,7 @@ impl Metrics {
             cache_requests,
             cache_memory_bytes,
             cache_memory_entries,
+            trace_spans,
         }
     }
 

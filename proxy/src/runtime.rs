@@ -46,6 +46,8 @@ pub struct Services {
     pub keypools: Arc<KeyPools>,
     pub accounting: Arc<Accounting>,
     pub cache: Arc<ResponseCache>,
+    /// The span queue and its exporter (`traces`).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 impl Services {
@@ -63,6 +65,7 @@ impl Services {
             keypools: KeyPools::new(&config.relay_name, redis.clone(), metrics.clone()),
             accounting: Accounting::new(metrics.clone()),
             cache: ResponseCache::new(&config.cache, &config.relay_name, redis, metrics.clone()),
+            tracer: crate::trace::Tracer::new(metrics.clone()),
             metrics,
         }
     }
@@ -75,6 +78,7 @@ impl Services {
         self.cache.spawn_sync();
         self.accounting.spawn_renewal();
         self.accounting.spawn_flush();
+        self.tracer.spawn_export();
     }
 }
 
@@ -95,6 +99,8 @@ pub struct Snapshot {
     pub cache: CachePolicy,
     /// The prices answers are costed at.
     pub pricing: Arc<crate::pricing::Pricing>,
+    /// `traces`, its header secrets resolved; `None`: no spans.
+    pub trace: Option<Arc<crate::trace::TraceSettings>>,
 }
 
 impl Snapshot {
@@ -199,7 +205,12 @@ impl Snapshot {
         let region_indices = (0..regions.len()).collect();
         let cache = CachePolicy::new(&config.cache);
         let pricing = Arc::new(crate::pricing::Pricing::from_config(&config.pricing));
+        let trace = match &config.traces {
+            Some(traces) => Some(Arc::new(crate::trace::TraceSettings::build(traces)?)),
+            None => None,
+        };
         Ok(Self {
+            trace,
             cache,
             pricing,
             config,
@@ -289,6 +300,7 @@ impl App {
         if let Some(days) = snapshot.cert_expiry_days {
             metrics.tls_cert_expiry_days.set(days);
         }
+        services.tracer.configure(snapshot.trace.clone());
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -309,6 +321,7 @@ impl App {
         self.services
             .cache
             .reconfigure(&snapshot.config.cache, &snapshot.cache.generations());
+        self.services.tracer.configure(snapshot.trace.clone());
         self.snapshot.store(Arc::new(snapshot));
     }
 

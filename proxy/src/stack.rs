@@ -116,6 +116,15 @@ pub async fn handle(
         request.method().clone(),
     ));
     let snapshot = app.snapshot.load_full();
+    if let Some(settings) = &snapshot.trace {
+        exchange.trace = app.services.tracer.start(
+            settings,
+            request.headers(),
+            request.method(),
+            request.uri().path(),
+            route,
+        );
+    }
     // hyper's HTTP/1 server closes a connection whose request body was left
     // unread; the answer says so, so that the client does not reuse it.
     let hyper_http1 = matches!(request.body(), http_body_util::Either::Right(_))
@@ -155,19 +164,37 @@ pub fn refuse_before_body(
     let snapshot = app.snapshot.load();
     let controls = headers::has_relay_controls(headers);
     let error = identify(&snapshot, headers, controls).err()?;
-    Some(refuse(app, method, path, error))
+    Some(refuse_traced(app, method, path, error, Some(headers)))
 }
 
 /// The answer to a request the server refuses itself (too slow, refused
 /// before its body), recorded like any other.
 pub fn refuse(app: &App, method: &Method, path: &str, error: RelayError) -> Response<RelayBody> {
+    refuse_traced(app, method, path, error, None)
+}
+
+/// [`refuse`], with a span when the request's head is at hand and traced.
+fn refuse_traced(
+    app: &App,
+    method: &Method,
+    path: &str,
+    error: RelayError,
+    headers: Option<&http::HeaderMap>,
+) -> Response<RelayBody> {
     let request_id = app.ids.next();
+    let route = route_of(path);
     let mut exchange = Box::new(Exchange::start(
         app.metrics.clone(),
         request_id.clone(),
-        route_of(path),
+        route,
         method.clone(),
     ));
+    if let (Some(settings), Some(headers)) = (&app.snapshot.load().trace, headers) {
+        exchange.trace = app
+            .services
+            .tracer
+            .start(settings, headers, method, path, route);
+    }
     let response = refusal(app, error, &request_id);
     exchange.status = response.status().as_u16();
     let (parts, body) = response.into_parts();
@@ -310,6 +337,9 @@ async fn relay(
             None
         }
     };
+    if let Some(span) = &mut exchange.trace {
+        span.read_request(&decoded);
+    }
     // Up to `max_body_bytes` of decoded JSON need not wait for the upstream.
     drop(decoded);
     let nonce = signed
@@ -833,7 +863,25 @@ async fn forward(
                     })
                     .inc();
             }
-            let sent = attempt(app, region, &parts, body.clone(), lease.header(), exchange).await;
+            let traceparent = exchange
+                .trace
+                .as_mut()
+                .map(|span| span.attempt_started(&region.name, lease.index()));
+            let sent = attempt(
+                app,
+                region,
+                &parts,
+                body.clone(),
+                (lease.header(), traceparent.as_ref()),
+                exchange,
+            )
+            .await;
+            if let Some(span) = &mut exchange.trace {
+                match &sent {
+                    Ok(answer) => span.attempt_answered(answer.response.status().as_u16()),
+                    Err((error, _)) => span.attempt_failed(error),
+                }
+            }
             match sent {
                 Ok(mut answer) => {
                     let status = answer.response.status();
@@ -923,7 +971,7 @@ async fn attempt(
     region: &Region,
     parts: &http::request::Parts,
     body: Bytes,
-    key: &HeaderValue,
+    (key, traceparent): (&HeaderValue, Option<&HeaderValue>),
     exchange: &mut Exchange,
 ) -> Result<Attempt, (RelayError, FailureKind)> {
     let transport = &region.transport;
@@ -933,6 +981,7 @@ async fn attempt(
         client_headers: &parts.headers,
         api_key: key,
         body,
+        traceparent,
     };
 
     let started = Instant::now();

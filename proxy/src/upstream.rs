@@ -332,9 +332,14 @@ impl Transport {
                 };
                 // The client's headers are written as they are filtered, with
                 // no header map built for the upstream.
+                let ours = request.traceparent.is_some();
                 let fields = [(&HOST_FIELD, &self.host)]
                     .into_iter()
-                    .chain(headers::for_upstream(request.client_headers))
+                    .chain(
+                        headers::for_upstream(request.client_headers)
+                            .filter(move |(name, _)| !ours || **name != TRACEPARENT),
+                    )
+                    .chain(request.traceparent.map(|value| (&TRACEPARENT, value)))
                     .chain([(&API_KEY_FIELD, request.api_key)]);
                 // Back in the list when the response's body is done.
                 let home: Arc<dyn h1::Home<H1Io>> = pool.clone();
@@ -361,6 +366,9 @@ impl Transport {
                 *headers = headers::upstream_request_headers(request.client_headers);
                 headers.insert(X_API_KEY, request.api_key.clone());
                 headers.insert(HOST, self.host.clone());
+                if let Some(traceparent) = request.traceparent {
+                    headers.insert(crate::trace::TRACEPARENT, traceparent.clone());
+                }
                 match sender.try_send_request(outgoing).await {
                     Ok(response) => Ok(response.map(Either::Right)),
                     Err(mut error) => match error.take_message() {
@@ -469,6 +477,7 @@ fn build_connector(
 // Statics, not the consts themselves: the HTTP/1 head borrows them.
 static HOST_FIELD: http::HeaderName = HOST;
 static API_KEY_FIELD: http::HeaderName = X_API_KEY;
+static TRACEPARENT: http::HeaderName = crate::trace::TRACEPARENT;
 
 /// Pooled connections tried before a new one is made.
 const MAX_POOLED_TRIES: usize = 4;
@@ -526,6 +535,9 @@ pub struct Outgoing<'a> {
     pub client_headers: &'a HeaderMap,
     pub api_key: &'a HeaderValue,
     pub body: Bytes,
+    /// The relay's `traceparent` (naming the attempt's span), in place of
+    /// the client's, when the request is traced.
+    pub traceparent: Option<&'a HeaderValue>,
 }
 
 struct Pooled {

@@ -116,6 +116,7 @@ impl ReportedUsage {
 /// accounting needs; serde skips the rest without building it.
 #[derive(Debug, Default, Deserialize)]
 struct MessageUsage {
+    id: Option<String>,
     model: Option<String>,
     usage: Option<ReportedUsage>,
 }
@@ -133,6 +134,8 @@ struct StreamEvent<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reported {
     pub model: Option<String>,
+    /// The message id (`msg_...`), for traces.
+    pub id: Option<String>,
     pub usage: Usage,
     /// Whether any usage was seen at all.
     pub seen: bool,
@@ -242,6 +245,7 @@ fn json_reported(body: &[u8]) -> Reported {
         .map(|message| {
             let mut reported = Reported {
                 model: message.model,
+                id: message.id,
                 ..Reported::default()
             };
             if let Some(usage) = message.usage {
@@ -363,8 +367,9 @@ impl DecodedTap {
 /// them is not parsed: a third of the relay's work per request went to
 /// parsing it. A body laid out otherwise is parsed whole.
 fn message_usage(body: &[u8]) -> Option<MessageUsage> {
-    if let (Some(usage), Some(model)) = (trailing_usage(body), leading_model(body)) {
+    if let (Some(usage), Some(model)) = (trailing_usage(body), leading_member(body, b"model")) {
         return Some(MessageUsage {
+            id: leading_member(body, b"id"),
             model: Some(model),
             usage: Some(usage),
         });
@@ -590,15 +595,15 @@ impl<'a> Flat<'a> {
     }
 }
 
-/// `model` among the leading members of the top-level object, when only
-/// plain strings come before it.
-fn leading_model(body: &[u8]) -> Option<String> {
+/// A member (`model`, `id`) among the leading members of the top-level
+/// object, when only plain strings come before it.
+fn leading_member(body: &[u8], wanted: &[u8]) -> Option<String> {
     let mut rest = body.trim_ascii_start().strip_prefix(b"{")?;
     for _ in 0..8 {
         let (key, after) = plain_string(rest.trim_ascii_start())?;
         let value = after.trim_ascii_start().strip_prefix(b":")?;
         let (value, after) = plain_string(value.trim_ascii_start())?;
-        if key == b"model" {
+        if key == wanted {
             return std::str::from_utf8(value).ok().map(str::to_owned);
         }
         rest = after.trim_ascii_start().strip_prefix(b",")?;
@@ -681,6 +686,9 @@ impl SseUsage {
                 if let Some(message) = event.message {
                     if message.model.is_some() {
                         self.reported.model = message.model;
+                    }
+                    if message.id.is_some() {
+                        self.reported.id = message.id;
                     }
                     if let Some(usage) = message.usage {
                         usage.apply_to(&mut self.reported.usage);
@@ -898,6 +906,8 @@ pub struct Finished {
     pub region: Option<Name>,
     pub key_id: Option<String>,
     pub complete: bool,
+    /// The request's span, told the answer's usage (`crate::trace`).
+    pub trace: Option<Box<crate::trace::RequestSpan>>,
 }
 
 impl Finished {
@@ -950,6 +960,7 @@ impl Finished {
             region,
             key_id,
             complete,
+            trace,
         } = self;
         if let Some((encoding, result, error)) =
             meter.tap.as_ref().and_then(UsageTap::decode_result)
@@ -963,6 +974,9 @@ impl Finished {
             Some(tap) if meter.usage_enabled => tap.reported(),
             _ => Reported::default(),
         };
+        if let Some(mut span) = trace {
+            span.answered(&reported);
+        }
         let accounting = &meter.accounting;
         let model = reported.model.as_deref().unwrap_or("unknown");
         // Priced only when usage was reported: an answer without usage (an
@@ -1463,7 +1477,7 @@ mod tests {
     #[test]
     fn json_usage_is_read_where_the_api_puts_it_and_never_from_content() {
         let api = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-a","content":[{"type":"tool_use","id":"t","name":"f","input":{"usage":{"input_tokens":999}}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":7,"output_tokens":8}}"#;
-        assert!(trailing_usage(api).is_some() && leading_model(api).is_some());
+        assert!(trailing_usage(api).is_some() && leading_member(api, b"model").is_some());
         let tricky: [&[u8]; 8] = [
             api,
             // Pretty-printed, with spaces and a newline at the end.

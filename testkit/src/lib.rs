@@ -2,6 +2,7 @@
 pub mod compress;
 pub mod egress;
 pub mod http;
+pub mod otlp;
 pub mod proxy;
 pub mod redis;
 pub mod upstream;

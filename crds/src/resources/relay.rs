@@ -135,6 +135,9 @@ pub struct ClaudeRelaySpec {
     /// dollar budgets. Unset: the operator's default table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<PricingSettings>,
+    /// OpenTelemetry traces sent to an OTLP/HTTP collector (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TracesSettings>,
 }
 
 /// A model name, or a prefix ending in `*`.
@@ -188,6 +191,55 @@ pub struct ModelPricing {
     #[schemars(range(min = 0, max = 100000))]
     pub cache_write_1h_usd_per_mtok: f64,
 }
+
+/// OpenTelemetry traces: a span per request and per upstream attempt.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracesSettings {
+    /// The collector's OTLP/HTTP URL: a base (`http://otel-collector:4318`,
+    /// `/v1/traces` is added) or the full traces URL. No credentials in it:
+    /// give them in `headers`.
+    #[schemars(pattern(COLLECTOR_URL_PATTERN))]
+    pub endpoint: String,
+    /// Share of requests without a sampled parent `traceparent` that are
+    /// traced, 0 to 1 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampling_ratio: Option<f64>,
+    /// Headers sent with every export (a collector's token), each value
+    /// from a key of a Secret, mounted into the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    pub headers: Option<Vec<TraceHeader>>,
+    /// `service.name` of the spans (default `claude-relay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_name: Option<String>,
+    /// How often queued spans are sent (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_interval: Option<HumanDuration>,
+    /// Spans held for the next export; past it new spans are dropped and
+    /// counted (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_queue_spans: Option<i64>,
+}
+
+/// An http(s) URL without user info, query or fragment.
+pub const COLLECTOR_URL_PATTERN: &str = r"^https?://[^/@?#]+(/[^?#]*)?$";
+
+/// One header of the trace exports, its value from a Secret.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceHeader {
+    /// The header's name, such as `authorization`.
+    #[schemars(pattern(HEADER_NAME_PATTERN))]
+    pub name: String,
+    pub value_secret_ref: SecretKeyRef,
+}
+
+/// An HTTP header name (a token).
+pub const HEADER_NAME_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

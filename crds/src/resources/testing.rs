@@ -51,6 +51,7 @@ impl ClaudeRelay {
             cache: None,
             usage: None,
             pricing: None,
+            traces: None,
         };
         let mut relay = ClaudeRelay::new("main", spec);
         relay.metadata = ObjectMeta {

@@ -159,6 +159,10 @@ pub fn render_config(
         }));
     }
 
+    if let Some(traces) = &spec.traces {
+        doc["traces"] = traces_block(traces);
+    }
+
     let config: ProxyConfig = serde_json::from_value(doc).map_err(|e| {
         InvalidSpec(format!(
             "the proxy config cannot be built (operator and proxy versions differ?): {e}"
@@ -311,6 +315,25 @@ fn timeouts(region: Option<&Timeouts>, relay: Option<&Timeouts>) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// The `traces` section: header values are files of the mounted Secrets;
+/// unset fields keep the proxy's defaults.
+fn traces_block(traces: &claude_relay_crds::resources::TracesSettings) -> Value {
+    let headers: Map<String, Value> = traces
+        .headers
+        .iter()
+        .flatten()
+        .map(|h| (h.name.to_ascii_lowercase(), file(&h.value_secret_ref)))
+        .collect();
+    without_nulls(json!({
+        "endpoint": traces.endpoint,
+        "sampling_ratio": traces.sampling_ratio,
+        "headers": headers,
+        "service_name": traces.service_name,
+        "export_interval": traces.export_interval,
+        "max_queue_spans": traces.max_queue_spans,
+    }))
 }
 
 /// The `cache` section; unset fields keep the proxy's defaults (the JSON

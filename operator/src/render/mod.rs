@@ -170,6 +170,15 @@ pub fn referenced_secret_keys(
         keys.extend(redis.url_secret_ref.iter().cloned());
         keys.extend(redis.password_secret_ref.iter().cloned());
     }
+    if let Some(traces) = &relay.spec.traces {
+        keys.extend(
+            traces
+                .headers
+                .iter()
+                .flatten()
+                .map(|h| h.value_secret_ref.clone()),
+        );
+    }
     for region in regions {
         keys.extend(region.spec.api_key_secret_refs.iter().cloned());
         keys.extend(region.spec.ca_secret_ref.iter().cloned());

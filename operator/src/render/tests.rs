@@ -883,3 +883,57 @@ fn prices_are_the_defaults_with_the_relays_own_on_top() {
         err.0
     );
 }
+
+#[test]
+fn traces_are_rendered_with_header_secrets_mounted() {
+    use claude_relay_crds::resources::{TraceHeader, TracesSettings};
+    assert_eq!(
+        render_config(&ClaudeRelay::test(), &regions(), &defaults().pricing)
+            .unwrap()
+            .traces,
+        None
+    );
+    let mut relay = ClaudeRelay::test();
+    relay.spec.traces = Some(TracesSettings {
+        endpoint: "http://otel-collector.observability:4318".into(),
+        sampling_ratio: Some(0.1),
+        headers: Some(vec![TraceHeader {
+            name: "Authorization".into(),
+            value_secret_ref: SecretKeyRef::new("otel-token", "header"),
+        }]),
+        service_name: None,
+        export_interval: Some("2s".parse().unwrap()),
+        max_queue_spans: None,
+    });
+    let rendered = render(&relay, &regions(), &defaults()).unwrap();
+    let value = json_of(&parse_config_map(&rendered));
+    assert_eq!(
+        value["traces"],
+        json!({
+            "endpoint": "http://otel-collector.observability:4318",
+            "sampling_ratio": 0.1,
+            "headers": {"authorization": {"file": "/etc/claude-relay/secrets/otel-token/header"}},
+            "service_name": "claude-relay",
+            "export_interval": "2s",
+            "max_queue_spans": 4096,
+        })
+    );
+    // The token's Secret is mounted like the API keys'; only its path is in
+    // the ConfigMap.
+    let pod = json_of(&rendered.deployment)["spec"]["template"]["spec"].clone();
+    let mounts: Vec<_> = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/etc/claude-relay/secrets/otel-token"),
+        "{mounts:?}"
+    );
+
+    // What the proxy refuses is an invalid spec naming the field.
+    relay.spec.traces.as_mut().unwrap().endpoint = "otel-collector:4318".into();
+    let err = render(&relay, &regions(), &defaults()).unwrap_err();
+    assert!(err.0.contains("traces.endpoint"), "{err}");
+}
