@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::body::RelayBody;
-use crate::error::error_response;
-use crate::metrics::UpstreamLabels;
-use crate::runtime::App;
+use crate::base::metrics::UpstreamLabels;
+use crate::control::runtime::App;
+use crate::http::body::RelayBody;
+use crate::http::error::error_response;
 use crate::store::{Store, civil_date, day_of, days_of, unix_ms};
 
 /// The longest period `/usage` answers for, in days.

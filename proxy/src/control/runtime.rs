@@ -13,18 +13,18 @@ use claude_relay_crds::config::UpstreamTimeouts;
 use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
-use crate::auth::Clients;
-use crate::breaker::{Breakers, RegionBreaker};
-use crate::cache::{CachePolicy, ResponseCache};
-use crate::keypool::{KeyPool, KeyPools};
-use crate::metrics::{Metrics, Name};
-use crate::routing::Router;
-use crate::routing::geoip::GeoIp;
-use crate::secrets;
+use crate::accounting::cache::{CachePolicy, ResponseCache};
+use crate::accounting::usage::Accounting;
+use crate::admission::auth::Clients;
+use crate::base::metrics::{Metrics, Name};
+use crate::base::secrets;
+use crate::control::tls;
 use crate::store::AnyStore;
-use crate::tls;
-use crate::upstream::{EgressProxy, Transport, TransportKey};
-use crate::usage::Accounting;
+use crate::upstream::breaker::{Breakers, RegionBreaker};
+use crate::upstream::keypool::{KeyPool, KeyPools};
+use crate::upstream::pool::{EgressProxy, Transport, TransportKey};
+use crate::upstream::routing::Router;
+use crate::upstream::routing::geoip::GeoIp;
 
 pub struct Region {
     pub name: Name,

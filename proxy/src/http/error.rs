@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::RelayBody;
-use crate::headers::RELAY_REQUEST_ID;
+use crate::http::body::RelayBody;
+use crate::http::headers::RELAY_REQUEST_ID;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -19,7 +19,7 @@ pub enum RelayError {
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("signed request refused: {0}")]
-    Signature(#[from] crate::signing::SignatureError),
+    Signature(#[from] crate::admission::signing::SignatureError),
     #[error("{0}")]
     NotFound(String),
     /// The client sent its request body too slowly.
@@ -101,7 +101,7 @@ impl RelayError {
             // RFC 9110 §15.5.16: a 415 for a content coding names the ones taken.
             response.headers_mut().insert(
                 header::ACCEPT_ENCODING,
-                HeaderValue::from_static(crate::request_encoding::ACCEPTED),
+                HeaderValue::from_static(crate::http::request_encoding::ACCEPTED),
             );
         }
         response

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::{Metrics, Name};
+use crate::base::metrics::{Metrics, Name};
 
 /// How the exchange ended, as the access log tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +47,9 @@ pub struct Exchange {
     /// Holds the region's in-flight slot until the body is done.
     pub permit: Option<OwnedSemaphorePermit>,
     /// Holds the upstream key's in-flight count until the body is done.
-    pub key_lease: Option<crate::keypool::KeyLease>,
+    pub key_lease: Option<crate::upstream::keypool::KeyLease>,
     /// Usage, quota and cache work settled when the exchange ends.
-    pub meter: Option<crate::usage::Meter>,
+    pub meter: Option<crate::accounting::usage::Meter>,
     /// `hit_l1`, `hit_l2` or `miss` when the response cache was asked.
     pub cache: Option<&'static str>,
 }
@@ -110,7 +110,7 @@ impl Drop for Exchange {
             cache = self.cache.unwrap_or("-"),
         );
         if let Some(meter) = self.meter.take() {
-            crate::usage::Finished {
+            crate::accounting::usage::Finished {
                 meter,
                 request_id: self.request_id.clone(),
                 region: self.upstream.clone(),

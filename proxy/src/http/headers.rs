@@ -4,7 +4,7 @@ use std::cell::RefCell;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
 
-use crate::metrics::FastMap;
+use crate::base::metrics::FastMap;
 
 /// The relay's own request id, beside the upstream's `request-id`.
 pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");

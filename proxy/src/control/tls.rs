@@ -10,7 +10,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::runtime::App;
+use crate::control::runtime::App;
 
 pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,

@@ -18,7 +18,7 @@ use claude_relay_crds::config::ServerConfig;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::RelayError;
+use crate::http::error::RelayError;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimits {

@@ -1,10 +1,10 @@
 //! Listeners and the life of the process: start, serve, drain on SIGTERM.
 //!
-//! Threads: one worker per core (see [`crate::worker`]), each a
+//! Threads: one worker per core (see [`crate::base::worker`]), each a
 //! single-threaded runtime with its own SO_REUSEPORT listener on the API
 //! address; and this control thread, which runs the admin listener, the
 //! config reloader and the signal handling. HTTP/1 connections are served
-//! by the relay's own loop ([`crate::h1_server`]), HTTP/2 by hyper.
+//! by the relay's own loop ([`crate::serve::h1_server`]), HTTP/2 by hyper.
 //!
 //! Client connections are capped by `server.max_connections`, across the
 //! workers: at the cap a worker stops accepting, so new connections wait in
@@ -29,9 +29,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::reload::{ConfigSource, Reloader};
-use crate::runtime::App;
-use crate::{admin, h1_server, worker};
+use crate::base::worker;
+use crate::control::admin;
+use crate::control::reload::{ConfigSource, Reloader};
+use crate::control::runtime::App;
+use crate::serve::h1_server;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors kept aside from client connections and the upstream
@@ -175,7 +177,7 @@ pub fn run(
     let admin_bound = admin.local_addr()?;
     let tls = match app.snapshot.load().downstream_cert {
         Some(_) => Some(TlsAcceptor::from(Arc::new(
-            crate::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
+            crate::control::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
         ))),
         None => None,
     };

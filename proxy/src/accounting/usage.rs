@@ -7,11 +7,11 @@
 //! answer, the body's chunks are kept by reference and `model` and `usage`
 //! read where the API puts them once the response is over, off the
 //! response path. A compressed answer (`Content-Encoding`) is decoded on
-//! the side first ([`crate::encoding`]), up to a cap on the decoded bytes,
+//! the side first ([`crate::http::encoding`]), up to a cap on the decoded bytes,
 //! each chunk once the writer has had its turn to send it, the last one
 //! when the body is dropped; the client's bytes are never touched.
 //!
-//! [`Meter`] rides on the request's [`crate::access::Exchange`]. Its
+//! [`Meter`] rides on the request's [`crate::accounting::access::Exchange`]. Its
 //! concurrency slot goes back as the answer ends, before the client sees
 //! the end ([`Meter::release_slot`]), so that a client's next request never
 //! meets its own last one. When the exchange ends (complete, cut off or
@@ -34,8 +34,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
-use crate::metrics::{FastMap, Metrics, Name, TokenLabels};
+use crate::base::metrics::{FastMap, Metrics, Name, TokenLabels};
+use crate::http::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
     unix_ms,
@@ -759,7 +759,7 @@ pub struct Meter {
     /// Reads the response's usage; set when the response may report some.
     pub tap: Option<UsageTap>,
     /// Stores the response in the cache when it completes.
-    pub cache_fill: Option<crate::cache::Fill>,
+    pub cache_fill: Option<crate::accounting::cache::Fill>,
 }
 
 impl Meter {
@@ -1009,7 +1009,7 @@ impl Accounting {
     /// with requests finished since the last flush, all in parallel.
     pub fn spawn_flush(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        crate::breaker::spawn_periodic(FLUSH_EVERY, move || {
+        crate::upstream::breaker::spawn_periodic(FLUSH_EVERY, move || {
             let this = this.clone();
             async move { this.flush_once().await }
         })
@@ -1082,7 +1082,7 @@ impl Accounting {
     pub fn store_error(&self, error: &StoreError) {
         self.metrics
             .store_errors
-            .get_or_create(&crate::metrics::ResultLabels {
+            .get_or_create(&crate::base::metrics::ResultLabels {
                 result: error.label(),
             })
             .inc();
@@ -1106,7 +1106,7 @@ impl Accounting {
         };
         self.metrics
             .quota_unchecked
-            .get_or_create(&crate::metrics::ResultLabels { result: label })
+            .get_or_create(&crate::base::metrics::ResultLabels { result: label })
             .inc();
         result
     }
@@ -1118,7 +1118,7 @@ impl Accounting {
             .or_insert_with(|| {
                 self.metrics
                     .usage_decodes
-                    .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+                    .get_or_create(&crate::base::metrics::DecodeLabels { encoding, result })
                     .clone()
             })
             .inc();
@@ -1172,7 +1172,7 @@ impl Accounting {
     /// [`RENEW_EVERY`], so long streams keep theirs.
     pub fn spawn_renewal(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        crate::breaker::spawn_periodic(RENEW_EVERY, move || {
+        crate::upstream::breaker::spawn_periodic(RENEW_EVERY, move || {
             let this = this.clone();
             async move { this.renew_once().await }
         })

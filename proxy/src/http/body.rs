@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{Exchange, Outcome};
-use crate::upstream::UpstreamBody;
-use crate::usage::UsageTap;
+use crate::accounting::access::{Exchange, Outcome};
+use crate::accounting::usage::UsageTap;
+use crate::upstream::pool::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -20,7 +20,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// relay's own HTTP/1 server (left), or still coming through hyper (right),
 /// within the body's deadlines.
 pub type RequestBody =
-    http_body_util::Either<http_body_util::Full<Bytes>, crate::body_deadline::TimedIncoming>;
+    http_body_util::Either<http_body_util::Full<Bytes>, crate::http::body_deadline::TimedIncoming>;
 
 pub struct RelayBody {
     inner: Inner,
@@ -145,7 +145,7 @@ impl RelayBody {
         if let Some(release) = exchange
             .meter
             .as_mut()
-            .and_then(crate::usage::Meter::release_slot)
+            .and_then(crate::accounting::usage::Meter::release_slot)
         {
             self.ending = Some(Box::new(Ending {
                 release: Box::pin(release.run()),

@@ -1,0 +1,3 @@
+pub mod access;
+pub mod cache;
+pub mod usage;

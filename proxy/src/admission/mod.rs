@@ -1,0 +1,3 @@
+pub mod auth;
+pub mod sign_cli;
+pub mod signing;

@@ -1,0 +1,3 @@
+pub mod metrics;
+pub mod secrets;
+pub mod worker;

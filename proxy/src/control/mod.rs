@@ -1,0 +1,4 @@
+pub mod admin;
+pub mod reload;
+pub mod runtime;
+pub mod tls;

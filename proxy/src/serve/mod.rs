@@ -1,0 +1,2 @@
+pub mod h1_server;
+pub mod server;

@@ -1,0 +1,4 @@
+pub mod breaker;
+pub mod keypool;
+pub mod pool;
+pub mod routing;
