@@ -13,10 +13,11 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::admission::signing::{SignatureError, SigningSecret};
+use crate::admission::signing::SigningSecret;
 use crate::base::metrics::Name;
 use crate::base::secrets;
 use crate::http::error::RelayError;
+use crate::http::error::SignatureError;
 
 pub struct Clients {
     /// (client index, key digest); a client may hold several keys (rotation).

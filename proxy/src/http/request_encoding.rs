@@ -18,10 +18,8 @@ use tokio::sync::Semaphore;
 
 use crate::http::error::RelayError;
 
-/// What the `Accept-Encoding` of a 415 names: the codings the relay reads.
-pub const ACCEPTED: &str = "gzip, deflate";
-
-/// The content coding of a request body.
+/// The content coding of a request body (a 415 names these: see
+/// `error::ACCEPTED_REQUEST_CODINGS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coding {
     Identity,
