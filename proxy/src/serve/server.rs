@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -177,7 +179,7 @@ pub fn run(
     let admin_bound = admin.local_addr()?;
     let tls = match app.snapshot.load().downstream_cert {
         Some(_) => Some(TlsAcceptor::from(Arc::new(
-            crate::control::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
+            server_config(app.clone()).map_err(anyhow::Error::msg)?,
         ))),
         None => None,
     };
@@ -437,4 +439,32 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         () = terminate => {},
     }
+}
+
+/// Serves whatever certificate the snapshot in force holds.
+#[derive(Debug)]
+pub struct SnapshotCert(pub Arc<App>);
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("App")
+    }
+}
+
+impl ResolvesServerCert for SnapshotCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.snapshot.load().downstream_cert.clone()
+    }
+}
+
+pub fn server_config(app: Arc<App>) -> Result<rustls::ServerConfig, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(SnapshotCert(app)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
