@@ -20,6 +20,11 @@ use tokio::time::{Instant, Sleep};
 
 use crate::http::error::RelayError;
 
+/// A request's body as the relay takes it: read whole already by the
+/// relay's own HTTP/1 server (left), or still coming through hyper (right),
+/// within the body's deadlines.
+pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, TimedIncoming>;
+
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimits {
     pub timeout: Duration,

@@ -39,8 +39,8 @@ use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
 use crate::control::runtime::App;
-use crate::http::body::{RelayBody, RequestBody};
-use crate::http::body_deadline::{BodyClock, BodyLimits, TimedIncoming};
+use crate::http::body::RelayBody;
+use crate::http::body_deadline::{BodyClock, BodyLimits, RequestBody, TimedIncoming};
 use crate::http::error::RelayError;
 use crate::http::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
 use crate::stack;
