@@ -56,6 +56,15 @@
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.
+//!
+//! The folders follow these layers, each using only those before it (no
+//! import cycles: `scripts/check-module-cycles.sh` checks it in CI):
+//! `base` (metrics, secrets, workers) → `store` (shared state) → `http`
+//! (HTTP/1 client, headers, codings, bodies, errors) → `upstream` (routing,
+//! breakers, key pools, connection pools) → `accounting` (usage, quotas,
+//! cache, access record) → `admission` (relay keys, signatures) → `control`
+//! (config snapshot, reloads, TLS certificates, admin) → this module → `serve`
+//! (listeners and the HTTP/1 server, which call [`handle`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
