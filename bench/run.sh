@@ -13,7 +13,8 @@
 #   bench/run.sh                 # defaults
 #   DURATION=20 CONNECTIONS=128 bench/run.sh
 #   ROUNDS=5 bench/run.sh        # rounds of the throughput and signed runs (median)
-#   RELAY=path bench/run.sh      # measure another build of the relay
+#   RELAY=path bench/run.sh      # measure another build of the relay (LOAD=, MOCK=:
+#                                # the load generator's and mock upstream's; all three: no build)
 #   BASE=path bench/run.sh       # and a second build beside it, taking turns in
 #                                # the throughput and relay-key runs (base/relay ratios)
 set -euo pipefail
@@ -32,12 +33,14 @@ need wrk
 need redis-server
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
-echo "building release binaries..."
-(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin relay-load --bin mock-upstream)
+if [ -z "${RELAY:-}" ] || [ -z "${LOAD:-}" ] || [ -z "${MOCK:-}" ]; then
+  echo "building release binaries..."
+  (cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin relay-load --bin mock-upstream)
+fi
 RELAY=${RELAY:-$root/target/release/claude-relay-proxy}
 BASE=${BASE:-}
-LOAD="$root/target/release/relay-load"
-MOCK="$root/target/release/mock-upstream"
+LOAD=${LOAD:-$root/target/release/relay-load}
+MOCK=${MOCK:-$root/target/release/mock-upstream}
 
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
 UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port); BL=$(free_port); BA=$(free_port)
