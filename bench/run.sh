@@ -13,6 +13,10 @@
 #   bench/run.sh                 # defaults
 #   DURATION=20 CONNECTIONS=128 bench/run.sh
 #   ROUNDS=5 bench/run.sh        # rounds of the throughput and signed runs (median)
+#   RELAY=path bench/run.sh      # measure another build of the relay (LOAD=, MOCK=:
+#                                # the load generator's and mock upstream's; all three: no build)
+#   BASE=path bench/run.sh       # and a second build beside it, taking turns in
+#                                # the throughput and relay-key runs (base/relay ratios)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,14 +33,17 @@ need wrk
 need redis-server
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
-echo "building release binaries..."
-(cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin relay-load --bin mock-upstream)
-RELAY="$root/target/release/claude-relay-proxy"
-LOAD="$root/target/release/relay-load"
-MOCK="$root/target/release/mock-upstream"
+if [ -z "${RELAY:-}" ] || [ -z "${LOAD:-}" ] || [ -z "${MOCK:-}" ]; then
+  echo "building release binaries..."
+  (cd "$root" && cargo build --release --locked -q -p claude-relay-proxy -p claude-relay-testkit --bin claude-relay-proxy --bin relay-load --bin mock-upstream)
+fi
+RELAY=${RELAY:-$root/target/release/claude-relay-proxy}
+BASE=${BASE:-}
+LOAD=${LOAD:-$root/target/release/relay-load}
+MOCK=${MOCK:-$root/target/release/mock-upstream}
 
 UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); MK=$(free_port); RD=$(free_port); R3=$(free_port); R3A=$(free_port)
-UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port)
+UA=$(free_port); UAA=$(free_port); UN=$(free_port); UNA=$(free_port); BL=$(free_port); BA=$(free_port)
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --daemonize no > "$work/redis.log" 2>&1 & redis_pid=$!; pids+=($redis_pid)
 
 write_proxy_conf "$NG" "$UP" 256 8192 "worker_processes auto;"
@@ -96,6 +103,12 @@ accounting "$UN" "$UNA" false > "$work/usage-off.yaml"
 "$RELAY" --config "$work/usage-on.yaml" > "$work/usage-on.log" 2>&1 & pids+=($!)
 "$RELAY" --config "$work/usage-off.yaml" > "$work/usage-off.log" 2>&1 & pids+=($!)
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
+if [ -n "$BASE" ]; then
+  # The same relay config on other ports, served by the other build.
+  sed -e "s/127.0.0.1:$RL\$/127.0.0.1:$BL/" -e "s/127.0.0.1:$RA\$/127.0.0.1:$BA/" "$work/relay.yaml" > "$work/base.yaml"
+  "$BASE" --config "$work/base.yaml" > "$work/base.log" 2>&1 & base_pid=$!; pids+=($base_pid)
+  wait_port "$BL"
+fi
 "$RELAY" --config "$work/relay3.yaml" > "$work/relay3.log" 2>&1 & pids+=($!)
 wait_port "$UP"; wait_port "$NG"; wait_port "$RL"; wait_port "$MK"; wait_port "$RD"; wait_port "$R3"; wait_port "$UA"; wait_port "$UN"
 sleep 0.5
@@ -132,9 +145,10 @@ tp_all=$(for _ in $(seq 1 "$ROUNDS"); do
         run_wrk direct "http://127.0.0.1:$UP/v1/messages" 2 "$CONNECTIONS" "$DURATION"
         run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 2 "$CONNECTIONS" "$DURATION"
         run_wrk relay  "http://127.0.0.1:$RL/v1/messages" 2 "$CONNECTIONS" "$DURATION"
+        [ -z "$BASE" ] || run_wrk base "http://127.0.0.1:$BL/v1/messages" 2 "$CONNECTIONS" "$DURATION"
         run_wrk relay3 "http://127.0.0.1:$R3/v1/messages" 2 "$CONNECTIONS" "$DURATION"; done)
 echo "$tp_all" > "$out/throughput-rounds.txt"
-tp=$(for t in direct nginx relay relay3; do echo "$tp_all" | median_of "$t"; done)
+tp=$(for t in direct nginx relay relay3 ${BASE:+base}; do echo "$tp_all" | median_of "$t"; done)
 echo "latency: wrk -t1 -c1 -d${DURATION}s (one request at a time)"
 lat=$( { run_wrk direct "http://127.0.0.1:$UP/v1/messages" 1 1 "$DURATION"
          run_wrk nginx  "http://127.0.0.1:$NG/v1/messages" 1 1 "$DURATION"
@@ -144,17 +158,18 @@ echo "signed vs relay-key: relay-load -c$CONNECTIONS -d${DURATION}s (fresh nonce
 # CPU time (user + system, clock ticks) a process has used so far.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
-load() { # mode: relay-load's line, plus the CPU the relay and Redis spent per request
-  local relay0 redis0 line n
-  relay0=$(ticks "$relay_pid"); redis0=$(ticks "$redis_pid")
-  line=$("$LOAD" --url "http://127.0.0.1:$RL/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
+load() { # mode [port pid]: relay-load's line, plus the CPU the relay and Redis spent per request
+  local port=${2:-$RL} pid=${3:-$relay_pid} relay0 redis0 line n
+  relay0=$(ticks "$pid"); redis0=$(ticks "$redis_pid")
+  line=$("$LOAD" --url "http://127.0.0.1:$port/v1/messages" --connections "$CONNECTIONS" --seconds "$DURATION" --threads 2 \
     --mode "$1" --relay-key bench-relay-key --key-id bench-signer --secret-file "$work/signing.secret")
   n=$(echo "$line" | sed 's/.*requests=\([0-9]*\).*/\1/')
-  echo "$line relay_cpu_us=$(( ($(ticks "$relay_pid") - relay0) * 1000000 / CLK_TCK / (n > 0 ? n : 1) ))" \
+  echo "$line relay_cpu_us=$(( ($(ticks "$pid") - relay0) * 1000000 / CLK_TCK / (n > 0 ? n : 1) ))" \
     "redis_cpu_us=$(( ($(ticks "$redis_pid") - redis0) * 1000000 / CLK_TCK / (n > 0 ? n : 1) ))"
 }
 load relay-key > /dev/null  # warm-up of the generator's own connections
-sig_all=$(for _ in $(seq 1 "$ROUNDS"); do echo "relay-key $(load relay-key)"; echo "signed $(load signed)"; done)
+sig_all=$(for _ in $(seq 1 "$ROUNDS"); do echo "relay-key $(load relay-key)"; echo "signed $(load signed)"
+           [ -z "$BASE" ] || echo "base-key $(load relay-key "$BL" "$base_pid")"; done)
 echo "$sig_all" > "$out/relay-load.txt"
 # relay-load prints key=value pairs; the median turn of each by rps.
 sig=$(for m in relay-key signed; do echo "$sig_all" | awk -v m="$m" '$1==m' | sed 's/rps=/rps= /' | sort -k5 -n | sed 's/rps= /rps=/' |
@@ -240,9 +255,19 @@ report=$(
   echo "$sig" | sed 's/=/ /g' | awk '$1=="relay-key"{k=$7} $1=="signed"{s=$7} END {printf "ratio: signed/relay-key throughput %.2f (target >= 0.80)\n", s/k}'
   # CPU per request is steadier than req/s on a shared machine: the median turn of each.
   cpu_median() { echo "$sig_all" | awk -v m="$1" '$1==m' | tr ' ' '\n' | sed -n "s/^$2=//p" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-  for m in relay-key signed; do
+  for m in relay-key signed ${BASE:+base-key}; do
     printf "%-10s CPU per request: relay %4d us, Redis %3d us (median of %d rounds)\n" "$m" "$(cpu_median "$m" relay_cpu_us)" "$(cpu_median "$m" redis_cpu_us)" "$ROUNDS"
   done
+  if [ -n "$BASE" ]; then
+    echo
+    echo "this build against BASE ($BASE), taking turns in the same run"
+    b=$(echo "$tp" | awk '$1=="base"{print $2}')
+    awk -v r="$r" -v b="$b" 'BEGIN {printf "throughput (median of the wrk rounds): relay %.0f, base %.0f req/s, relay/base %.3f\n", r, b, r/b}'
+    echo "$tp_all" | awk '$1=="relay"||$1=="base" {printf "  round %s %.0f req/s\n", $1, $2}'
+    k=$(cpu_median relay-key relay_cpu_us); bk=$(cpu_median base-key relay_cpu_us)
+    awk -v k="$k" -v b="$bk" 'BEGIN {printf "relay CPU per relay-key request (median): relay %d, base %d us, relay/base %.3f\n", k, b, k/b}'
+    echo "$sig_all" | awk '$1=="relay-key"||$1=="base-key"' | sed 's/=/ /g' | awk '{printf "  round %-9s %8.0f req/s  relay_cpu_us %s\n", $1, $7, $(NF-2)}'
+  fi
   echo
   echo "time to first stream event (relay-load -c1 -d${DURATION}s, mock upstream, three turns on/off)"
   echo "$first" | sed 's/=/ /g' | awk '{printf "accounting %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %d\n", $1, $7, $9, $11, $13}'

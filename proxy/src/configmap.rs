@@ -5,7 +5,7 @@
 //! `metadata.name=NAME`, which is what a Role restricted by `resourceNames`
 //! allows) delivers every new version within a second or so, where a mounted
 //! file waits for kubelet's sync period. Each version becomes a
-//! [`SourceEvent`] for the [`Reloader`](crate::reload::Reloader), which builds
+//! [`SourceEvent`] for the [`Reloader`](crate::control::reload::Reloader), which builds
 //! and swaps the config as it does for a file. Secrets stay mounted files,
 //! referenced by path, and the reloader keeps polling them.
 
@@ -18,7 +18,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client};
 
-use claude_relay_proxy::reload::{Feed, SourceEvent};
+use claude_relay_proxy::control::reload::{Feed, SourceEvent};
 
 /// The key of the config document when `--config-map-key` is not given
 /// (the operator renders it under this key).

@@ -7,10 +7,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use claude_relay_crds::ProxyConfig;
 use claude_relay_crds::config::{LogConfig, LogFormat};
-use claude_relay_proxy::reload::{ConfigSource, config_from_text, read_config};
-use claude_relay_proxy::runtime::{App, Services, Snapshot};
-use claude_relay_proxy::server;
-use claude_relay_proxy::sign_cli::{self, SignArgs};
+use claude_relay_proxy::admission::sign_cli::{self, SignArgs};
+use claude_relay_proxy::control::reload::{ConfigSource, config_from_text, read_config};
+use claude_relay_proxy::control::runtime::{App, Services, Snapshot};
+use claude_relay_proxy::serve::server;
 use claude_relay_proxy::store::{AnyStore, MemoryStore};
 
 mod configmap;
@@ -146,7 +146,7 @@ fn hash_key() -> ExitCode {
     }
     println!(
         "{}",
-        hex::encode(claude_relay_proxy::auth::digest_of(key.trim()))
+        hex::encode(claude_relay_proxy::admission::auth::digest_of(key.trim()))
     );
     ExitCode::SUCCESS
 }
@@ -202,7 +202,7 @@ fn run(origin: Origin, listen: server::ListenOverride) -> ExitCode {
         }
     };
     init_logging(&config.log);
-    let workers = claude_relay_proxy::worker::count(config.server.workers);
+    let workers = claude_relay_proxy::base::worker::count(config.server.workers);
     // The store connects on the control runtime, which drives its connections.
     let store = match control.block_on(AnyStore::from_config(
         config.store.as_ref(),

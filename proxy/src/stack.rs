@@ -14,14 +14,14 @@
 //!    otherwise the region with the lowest priority.
 //! 5. **body** — read whole, up to `server.max_body_bytes` (413 past it),
 //!    within `server.body_read_timeout` and `server.min_body_rate` (408,
-//!    [`crate::body_deadline`]).
+//!    [`crate::http::body_deadline`]).
 //! 6. **verify** — a signed request's HMAC over method, path with query,
 //!    timestamp (within `replay.window`), nonce and body hash (401 naming
 //!    the failed check), all over the bytes as sent. Then a JSON body must
 //!    parse (400), so garbage never spends an upstream call; a compressed
 //!    one (`Content-Encoding: gzip` or `deflate`) is decoded for this check
 //!    and the cache key only, within `server.max_body_bytes` decoded (413),
-//!    ([`crate::request_encoding`]; other codings 415, corrupt ones 400).
+//!    ([`crate::http::request_encoding`]; other codings 415, corrupt ones 400).
 //! 7. **admit** — one store round trip, only when there is something to ask:
 //!    the nonce claimed once across replicas (401 on replay), the client's
 //!    rate window (429 with retry-after) and its quota: token budgets of the
@@ -29,13 +29,13 @@
 //!    (429 with retry-after at the window's end) and a concurrency slot (429). Store down: signed requests 503 (unless
 //!    `replay.fail_open`), rate limits fail open, quotas fail open for
 //!    `quota.fail_open_grace`, then this replica's own budgets decide.
-//!    A request the response cache takes ([`crate::cache`]) looks in level 1
+//!    A request the response cache takes ([`crate::accounting::cache`]) looks in level 1
 //!    first (no round trip); a hit there asks only for the nonce and rate.
 //!    On a level-1 miss the admission and the level-2 read go to the store
 //!    together, one round trip in time; a hit costs no quota (a slot the
 //!    store gave goes back) and no upstream call.
-//!    → [`crate::usage::Meter`] on the exchange (client, quota, prices, slot,
-//!    cache fill).
+//!    → [`crate::accounting::usage::Meter`] on the exchange (client, quota,
+//!    prices, slot, cache fill).
 //! 8. **forward** — the region's next upstream key replaces the client's
 //!    credentials; hop-by-hop headers dropped, everything else passes; a slot
 //!    under the region's `max_in_flight`; response headers awaited within
@@ -47,8 +47,8 @@
 //! 9. **respond** — status, headers (hop-by-hop dropped) and body passed
 //!    through frame by frame ([`RelayBody`]), with the relay's request id
 //!    added and `X-Accel-Buffering: no` on event streams. A 2xx Messages
-//!    answer gets a [`crate::usage::UsageTap`] that reads its usage as it
-//!    passes (a compressed one decoded on the side, [`crate::encoding`]; the
+//!    answer gets a [`crate::accounting::usage::UsageTap`] that reads its usage as it
+//!    passes (a compressed one decoded on the side, [`crate::http::encoding`]; the
 //!    client gets the bytes and `Content-Encoding` as sent); the
 //!    concurrency slot goes back before the client sees the end
 //!    ([`RelayBody`] waits for the store's answer); when the exchange ends
@@ -57,6 +57,15 @@
 //!
 //! Every error becomes a response in the Claude API envelope here, at the
 //! edge ([`RelayError::into_response`]); the service never fails.
+//!
+//! The folders follow these layers, each using only those before it (no
+//! import cycles: `scripts/check-module-cycles.sh` checks it in CI):
+//! `base` (metrics, secrets, workers) → `store` (shared state) → `http`
+//! (HTTP/1 client, headers, codings, bodies, errors) → `upstream` (routing,
+//! breakers, key pools, connection pools) → `accounting` (usage, quotas,
+//! prices, cache, access record, trace spans) → `admission` (relay keys, signatures) → `control`
+//! (config snapshot, reloads, TLS certificates, admin) → this module → `serve`
+//! (listeners and the HTTP/1 server, which call [`handle`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,25 +78,25 @@ use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::access::Exchange;
-use crate::auth::Client;
-use crate::body::{RelayBody, RequestBody};
-use crate::body_deadline::BodyLate;
-use crate::breaker::{FailureKind, Outcome, retry_after};
-use crate::cache::{Fill, RELAY_CACHE};
-use crate::encoding::Encoded;
-use crate::error::RelayError;
-use crate::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
-use crate::keypool::{KeyLease, NoKeyReason};
-use crate::metrics::Name;
-use crate::metrics::QuotaLabels;
-use crate::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
-use crate::request_encoding::Coding;
-use crate::runtime::{App, Region, Snapshot};
-use crate::signing::{self, SignatureError, SignatureHeaders};
+use crate::accounting::access::Exchange;
+use crate::accounting::cache::{Fill, RELAY_CACHE};
+use crate::accounting::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
+use crate::admission::auth::Client;
+use crate::admission::signing::{self, SignatureHeaders};
+use crate::base::metrics::Name;
+use crate::base::metrics::QuotaLabels;
+use crate::base::metrics::{ClientLabels, ResultLabels, UpstreamErrorLabels, UpstreamLabels};
+use crate::control::runtime::{App, Region, Snapshot};
+use crate::http::body::RelayBody;
+use crate::http::body_deadline::{BodyLate, RequestBody};
+use crate::http::encoding::Encoded;
+use crate::http::error::{RelayError, SignatureError};
+use crate::http::headers::{self, RELAY_REGION, RELAY_REQUEST_ID, X_ACCEL_BUFFERING};
+use crate::http::request_encoding::Coding;
 use crate::store::{BudgetPeriod, QuotaDecision};
-use crate::upstream::{Outgoing, SendFailure, UpstreamBody, classify};
-use crate::usage::{Meter, Quota, SlotHeld, Unchecked, UsageTap};
+use crate::upstream::breaker::{FailureKind, Outcome, retry_after};
+use crate::upstream::keypool::{KeyLease, NoKeyReason};
+use crate::upstream::pool::{Outgoing, SendFailure, UpstreamBody, classify};
 
 /// The route label of a path: a fixed set, so metrics stay low-cardinality.
 pub fn route_of(path: &str) -> &'static str {
@@ -298,7 +307,7 @@ async fn relay(
         &parts.method,
         parts.uri.path(),
         controls
-            .then(|| parts.headers.get(crate::cache::RELAY_CACHE))
+            .then(|| parts.headers.get(crate::accounting::cache::RELAY_CACHE))
             .flatten(),
     )?;
     // The readers of the body see it decoded (`Content-Encoding: gzip`);
@@ -462,7 +471,11 @@ fn meter(
     }
 }
 
-fn cache_hit(app: &App, hit: crate::cache::Hit, exchange: &mut Exchange) -> Response<RelayBody> {
+fn cache_hit(
+    app: &App,
+    hit: crate::accounting::cache::Hit,
+    exchange: &mut Exchange,
+) -> Response<RelayBody> {
     app.services.cache.served(&hit);
     exchange.cache = Some(if hit.level == "l1" {
         "hit_l1"
@@ -647,11 +660,11 @@ fn decide_quota(
                 ),
                 BudgetPeriod::UsdDay => format!(
                     "spending budget of ${} per day (UTC) used up for this client",
-                    crate::pricing::usd(quota.usd_nanos_per_day)
+                    crate::accounting::pricing::usd(quota.usd_nanos_per_day)
                 ),
                 BudgetPeriod::UsdMonth => format!(
                     "spending budget of ${} per calendar month (UTC) used up for this client",
-                    crate::pricing::usd(quota.usd_nanos_per_month)
+                    crate::accounting::pricing::usd(quota.usd_nanos_per_month)
                 ),
             };
             refuse(per.label(), message, retry_after)
@@ -760,7 +773,7 @@ async fn decoded_for_readers(
 ) -> Result<Bytes, RelayError> {
     match Coding::of(headers)? {
         Coding::Identity => Ok(body.clone()),
-        coding => crate::request_encoding::decode_aside(body.clone(), coding, limit).await,
+        coding => crate::http::request_encoding::decode_aside(body.clone(), coding, limit).await,
     }
 }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claude_relay_crds::config::BreakerConfig;
-use claude_relay_proxy::breaker::{Breakers, FailureKind, Outcome, State};
-use claude_relay_proxy::metrics::Metrics;
+use claude_relay_proxy::base::metrics::Metrics;
+use claude_relay_proxy::upstream::breaker::{Breakers, FailureKind, Outcome, State};
 use claude_relay_testkit::http::wait_for;
 use claude_relay_testkit::redis::RedisServer;
 use fred::prelude::{Builder, ClientLike, Config, HashesInterface, Pool};

@@ -484,7 +484,7 @@ async fn compressed_answers_are_cached_decoded_and_hits_are_uncoded() {
     let stored_before = a
         .metric(r#"claude_relay_cache_requests_total{result="stored"}"#)
         .await;
-    let pad = (claude_relay_proxy::usage::DECODED_JSON_CAP + 1).to_string();
+    let pad = (claude_relay_proxy::accounting::usage::DECODED_JSON_CAP + 1).to_string();
     let bomb_body = BODY.replace("Hi", "Hi bomb");
     let bomb = setup
         .messages(

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
-use claude_relay_proxy::signing::{self, SigningSecret, Stamp};
+use claude_relay_proxy::admission::signing::{self, SigningSecret, Stamp};
 use claude_relay_testkit::http::{Answer, request, send};
 use claude_relay_testkit::proxy::ProxyProcess;
 use common::*;

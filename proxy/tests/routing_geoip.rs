@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use claude_relay_crds::ProxyConfig;
-use claude_relay_proxy::routing::{GeoIp, Location, RouteSource, Router};
+use claude_relay_proxy::upstream::routing::{GeoIp, Location, RouteSource, Router};
 use http::HeaderMap;
 use ipnet::IpNet;
 use serde_json::json;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claude_relay_crds::config::KeyPoolConfig;
-use claude_relay_proxy::keypool::KeyPools;
-use claude_relay_proxy::metrics::Metrics;
+use claude_relay_proxy::base::metrics::Metrics;
+use claude_relay_proxy::upstream::keypool::KeyPools;
 use claude_relay_testkit::redis::RedisServer;
 use fred::prelude::{Builder, ClientLike, Config};
 use http::{HeaderMap, HeaderValue, StatusCode};

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claude_relay_proxy::signing::{self, Request, SigningSecret, Stamp};
+use claude_relay_proxy::admission::signing::{self, Request, SigningSecret, Stamp};
 use claude_relay_testkit::http::{self as th, Answer, request, send};
 use claude_relay_testkit::proxy::ProxyProcess;
 use claude_relay_testkit::redis::RedisServer;

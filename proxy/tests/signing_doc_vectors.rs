@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use claude_relay_proxy::signing::{
+use claude_relay_proxy::admission::signing::{
     self, Request, SignatureHeaders, SigningSecret, Stamp, canonical_string,
 };
 use sha2::{Digest, Sha256};

@@ -445,7 +445,8 @@ async fn budgets_are_charged_by_compressed_answers() {
 async fn a_compression_bomb_reaches_the_client_whole_and_is_read_only_to_the_cap() {
     let setup = Setup::standalone().await;
     let proxy = setup.proxy(&setup.config("", "", ""));
-    let past_the_cap = (claude_relay_proxy::usage::DECODED_JSON_CAP + (1 << 20)).to_string();
+    let past_the_cap =
+        (claude_relay_proxy::accounting::usage::DECODED_JSON_CAP + (1 << 20)).to_string();
     let answer = setup
         .messages(
             &proxy,
@@ -458,7 +459,9 @@ async fn a_compression_bomb_reaches_the_client_whole_and_is_read_only_to_the_cap
     assert_eq!(answer.headers["content-encoding"], "gzip");
     assert!(answer.body.len() < 64 * 1024, "{} bytes", answer.body.len());
     sent_unchanged(&setup, &answer.body).await;
-    assert!(decoded("gzip", &answer).len() > claude_relay_proxy::usage::DECODED_JSON_CAP);
+    assert!(
+        decoded("gzip", &answer).len() > claude_relay_proxy::accounting::usage::DECODED_JSON_CAP
+    );
 
     let capped = r#"claude_relay_usage_decodes_total{encoding="gzip",result="capped"}"#;
     eventually(Duration::from_secs(5), "the cap counted", || async {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use claude_relay_proxy::signing::{self, SigningSecret, Stamp};
+use claude_relay_proxy::admission::signing::{self, SigningSecret, Stamp};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 

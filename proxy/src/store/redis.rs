@@ -34,7 +34,7 @@ use super::{
     BudgetPeriod, Charges, QuotaAsk, QuotaDecision, RateDecision, Store, StoreError, civil_date,
     day_of, minute_of, month_name, month_of,
 };
-use crate::secrets;
+use crate::base::secrets;
 
 /// Counts one hit in the client's window. KEYS[1]: the counter; ARGV[1]: the
 /// window in milliseconds. Returns {count, milliseconds left in the window}.
@@ -217,7 +217,7 @@ impl RedisStore {
         }
         Ok(Self {
             pool,
-            worker_pools: (0..crate::worker::MAX_WORKERS)
+            worker_pools: (0..crate::base::worker::MAX_WORKERS)
                 .map(|_| OnceLock::new())
                 .collect(),
             recipe: Box::new((config.clone(), fred)),
@@ -236,7 +236,7 @@ impl RedisStore {
     /// connection when it is up; otherwise (off the workers, while it
     /// connects or reconnects) the shared pool.
     fn hot_pool(&self) -> &Pool {
-        let Some(slot) = crate::worker::index().and_then(|i| self.worker_pools.get(i)) else {
+        let Some(slot) = crate::base::worker::index().and_then(|i| self.worker_pools.get(i)) else {
             return &self.pool;
         };
         // Made and connected without an await: the connection's tasks are

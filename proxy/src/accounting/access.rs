@@ -5,33 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::{Metrics, Name};
-
-/// How the exchange ended, as the access log tells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The whole response reached the client.
-    Complete,
-    /// The client went away before the response was complete.
-    ClientGone,
-    /// The upstream broke the response body off.
-    UpstreamBodyError,
-    /// The upstream was silent longer than the idle timeout, or the total cap passed.
-    Timeout,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Complete => "complete",
-            Self::ClientGone => "client_gone",
-            Self::UpstreamBodyError => "upstream_body_error",
-            Self::Timeout => "timeout",
-        }
-    }
-}
+use crate::accounting::usage::UsageTap;
+use crate::base::metrics::{Metrics, Name};
+use crate::http::body::{Outcome, Report, SlotRelease};
 
 pub struct Exchange {
     metrics: Arc<Metrics>,
@@ -47,13 +26,13 @@ pub struct Exchange {
     /// Holds the region's in-flight slot until the body is done.
     pub permit: Option<OwnedSemaphorePermit>,
     /// Holds the upstream key's in-flight count until the body is done.
-    pub key_lease: Option<crate::keypool::KeyLease>,
+    pub key_lease: Option<crate::upstream::keypool::KeyLease>,
     /// Usage, quota and cache work settled when the exchange ends.
-    pub meter: Option<crate::usage::Meter>,
+    pub meter: Option<crate::accounting::usage::Meter>,
     /// `hit_l1`, `hit_l2` or `miss` when the response cache was asked.
     pub cache: Option<&'static str>,
     /// The request's span when it is traced ([`crate::trace`]).
-    pub trace: Option<Box<crate::trace::RequestSpan>>,
+    pub trace: Option<Box<crate::accounting::trace::RequestSpan>>,
 }
 
 const NO_UPSTREAM: &str = "-";
@@ -124,7 +103,7 @@ impl Drop for Exchange {
             );
         }
         if let Some(meter) = self.meter.take() {
-            crate::usage::Finished {
+            crate::accounting::usage::Finished {
                 meter,
                 request_id: self.request_id.clone(),
                 region: self.upstream.clone(),
@@ -134,5 +113,35 @@ impl Drop for Exchange {
             }
             .spawn();
         }
+    }
+}
+
+/// The response body reports here: usage is read from its chunks, and its
+/// end settles the client's concurrency slot.
+impl Report for Exchange {
+    fn reads_chunks(&self) -> bool {
+        self.tap().is_some()
+    }
+
+    fn decodes(&self) -> bool {
+        self.tap().is_some_and(UsageTap::decodes)
+    }
+
+    fn feed(&mut self, chunk: &Bytes) {
+        if let Some(tap) = self.meter.as_mut().and_then(|m| m.tap.as_mut()) {
+            tap.feed(chunk);
+        }
+    }
+
+    fn end(&mut self, outcome: Outcome) -> Option<SlotRelease> {
+        self.outcome = outcome;
+        let release = self.meter.as_mut()?.release_slot()?;
+        Some(Box::pin(release.run()))
+    }
+}
+
+impl Exchange {
+    fn tap(&self) -> Option<&UsageTap> {
+        self.meter.as_ref().and_then(|m| m.tap.as_ref())
     }
 }

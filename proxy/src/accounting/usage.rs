@@ -7,11 +7,11 @@
 //! answer, the body's chunks are kept by reference and `model` and `usage`
 //! read where the API puts them once the response is over, off the
 //! response path. A compressed answer (`Content-Encoding`) is decoded on
-//! the side first ([`crate::encoding`]), up to a cap on the decoded bytes,
+//! the side first ([`crate::http::encoding`]), up to a cap on the decoded bytes,
 //! each chunk once the writer has had its turn to send it, the last one
 //! when the body is dropped; the client's bytes are never touched.
 //!
-//! [`Meter`] rides on the request's [`crate::access::Exchange`]. Its
+//! [`Meter`] rides on the request's [`crate::accounting::access::Exchange`]. Its
 //! concurrency slot goes back as the answer ends, before the client sees
 //! the end ([`Meter::release_slot`]), so that a client's next request never
 //! meets its own last one. When the exchange ends (complete, cut off or
@@ -35,9 +35,11 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
-use crate::metrics::{CostCounter, CostLabels, FastMap, Metrics, ModelLabels, Name, TokenLabels};
-use crate::pricing::Pricing;
+use crate::accounting::pricing::Pricing;
+use crate::base::metrics::{
+    CostCounter, CostLabels, FastMap, Metrics, ModelLabels, Name, TokenLabels,
+};
+use crate::http::encoding::{Coding, DecodeError, Decoder, Encoded, Flow, Progress};
 use crate::store::{
     AnyStore, Charges, MemoryStore, QuotaAsk, QuotaDecision, Settlement, Store, StoreError, Usage,
     unix_ms,
@@ -830,7 +832,7 @@ pub struct Meter {
     /// Reads the response's usage; set when the response may report some.
     pub tap: Option<UsageTap>,
     /// Stores the response in the cache when it completes.
-    pub cache_fill: Option<crate::cache::Fill>,
+    pub cache_fill: Option<crate::accounting::cache::Fill>,
 }
 
 impl Meter {
@@ -907,7 +909,7 @@ pub struct Finished {
     pub key_id: Option<String>,
     pub complete: bool,
     /// The request's span, told the answer's usage (`crate::trace`).
-    pub trace: Option<Box<crate::trace::RequestSpan>>,
+    pub trace: Option<Box<crate::accounting::trace::RequestSpan>>,
 }
 
 impl Finished {
@@ -975,7 +977,11 @@ impl Finished {
             _ => Reported::default(),
         };
         if let Some(mut span) = trace {
-            span.answered(&reported);
+            span.answered(
+                reported.model.as_deref(),
+                reported.id.as_deref(),
+                reported.seen.then_some(&reported.usage),
+            );
         }
         let accounting = &meter.accounting;
         let model = reported.model.as_deref().unwrap_or("unknown");
@@ -1006,7 +1012,7 @@ impl Finished {
                 cache_creation_input_tokens = reported.usage.cache_creation_input_tokens,
                 cache_creation_1h_input_tokens = reported.usage.cache_creation_1h_input_tokens,
                 cache_read_input_tokens = reported.usage.cache_read_input_tokens,
-                cost_usd = cost_nanos.map(crate::pricing::usd),
+                cost_usd = cost_nanos.map(crate::accounting::pricing::usd),
                 complete,
             );
         }
@@ -1116,7 +1122,7 @@ impl Accounting {
     /// with requests finished since the last flush, all in parallel.
     pub fn spawn_flush(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        crate::breaker::spawn_periodic(FLUSH_EVERY, move || {
+        crate::upstream::breaker::spawn_periodic(FLUSH_EVERY, move || {
             let this = this.clone();
             async move { this.flush_once().await }
         })
@@ -1189,7 +1195,7 @@ impl Accounting {
     pub fn store_error(&self, error: &StoreError) {
         self.metrics
             .store_errors
-            .get_or_create(&crate::metrics::ResultLabels {
+            .get_or_create(&crate::base::metrics::ResultLabels {
                 result: error.label(),
             })
             .inc();
@@ -1213,7 +1219,7 @@ impl Accounting {
         };
         self.metrics
             .quota_unchecked
-            .get_or_create(&crate::metrics::ResultLabels { result: label })
+            .get_or_create(&crate::base::metrics::ResultLabels { result: label })
             .inc();
         result
     }
@@ -1225,7 +1231,7 @@ impl Accounting {
             .or_insert_with(|| {
                 self.metrics
                     .usage_decodes
-                    .get_or_create(&crate::metrics::DecodeLabels { encoding, result })
+                    .get_or_create(&crate::base::metrics::DecodeLabels { encoding, result })
                     .clone()
             })
             .inc();
@@ -1269,7 +1275,7 @@ impl Accounting {
                     })
                     .clone()
             })
-            .inc_by(crate::pricing::usd(nanos));
+            .inc_by(crate::accounting::pricing::usd(nanos));
     }
 
     /// Counts an answer whose model has no price.
@@ -1310,7 +1316,7 @@ impl Accounting {
     /// [`RENEW_EVERY`], so long streams keep theirs.
     pub fn spawn_renewal(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        crate::breaker::spawn_periodic(RENEW_EVERY, move || {
+        crate::upstream::breaker::spawn_periodic(RENEW_EVERY, move || {
             let this = this.clone();
             async move { this.renew_once().await }
         })

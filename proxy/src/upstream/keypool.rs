@@ -27,7 +27,7 @@ use futures_util::future::join_all;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::metrics::{Metrics, Name, UpstreamLabels};
+use crate::base::metrics::{Metrics, Name, UpstreamLabels};
 use crate::store::keys::Keys;
 
 /// How often cooldowns are exchanged with Redis.
@@ -402,10 +402,13 @@ impl KeyPools {
     pub fn spawn_sync(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         self.common.redis.as_ref()?;
         let this = self.clone();
-        Some(crate::breaker::spawn_periodic(SYNC_INTERVAL, move || {
-            let this = this.clone();
-            async move { this.sync_once().await }
-        }))
+        Some(crate::upstream::breaker::spawn_periodic(
+            SYNC_INTERVAL,
+            move || {
+                let this = this.clone();
+                async move { this.sync_once().await }
+            },
+        ))
     }
 
     /// One round: write new cooldowns, read everyone's.
@@ -483,7 +486,7 @@ pub fn key_id(key: &[u8]) -> String {
 /// times (RFC 3339): the latest among the limits whose `-remaining` is 0, or
 /// the earliest future one; else [`DEFAULT_COOLDOWN`]. Capped at an hour.
 pub fn cooldown(headers: &HeaderMap, now: SystemTime) -> Duration {
-    if let Some(wait) = crate::breaker::retry_after(headers, now) {
+    if let Some(wait) = crate::upstream::breaker::retry_after(headers, now) {
         return wait.min(MAX_COOLDOWN);
     }
     let mut exhausted: Option<Duration> = None;

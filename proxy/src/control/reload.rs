@@ -19,8 +19,8 @@ use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::metrics::ResultLabels;
-use crate::runtime::{App, Snapshot};
+use crate::base::metrics::ResultLabels;
+use crate::control::runtime::{App, Snapshot};
 use crate::store::AnyStore;
 
 /// Reads and validates a config file, naming the file in the error.

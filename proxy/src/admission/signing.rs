@@ -36,6 +36,8 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::http::error::SignatureError;
+
 pub const KEY_ID_HEADER: &str = "x-relay-key-id";
 pub const TIMESTAMP_HEADER: &str = "x-relay-timestamp";
 pub const NONCE_HEADER: &str = "x-relay-nonce";
@@ -134,50 +136,6 @@ pub struct Verified<'a> {
     /// Which of the secrets matched: lets the caller see when an old secret
     /// is no longer used and can be removed.
     pub secret_index: usize,
-}
-
-/// Why a signed request was refused. The message names the failed check and
-/// never contains a secret, a signature or a header value.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SignatureError {
-    #[error("missing {header} header")]
-    Missing { header: &'static str },
-    #[error("malformed {field}: {reason}")]
-    Malformed {
-        field: &'static str,
-        reason: &'static str,
-    },
-    #[error("unknown key id")]
-    UnknownKeyId,
-    #[error("signed requests are not enabled for this key id")]
-    NotAllowed,
-    #[error(
-        "stale timestamp: {} s {} the relay's clock, more than the allowed {window_secs} s",
-        skew_secs.unsigned_abs(),
-        if *skew_secs < 0 { "behind" } else { "ahead of" }
-    )]
-    StaleTimestamp { skew_secs: i64, window_secs: u64 },
-    #[error("bad signature")]
-    BadSignature,
-    /// Not produced by [`verify`]: the caller's verdict when the store says
-    /// the nonce was seen before, so every refusal speaks the same way.
-    #[error("replayed nonce")]
-    ReplayedNonce,
-}
-
-impl SignatureError {
-    /// A low-cardinality label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            SignatureError::Missing { .. } => "missing_header",
-            SignatureError::Malformed { .. } => "malformed_header",
-            SignatureError::UnknownKeyId => "unknown_key_id",
-            SignatureError::NotAllowed => "not_allowed",
-            SignatureError::StaleTimestamp { .. } => "stale_timestamp",
-            SignatureError::BadSignature => "bad_signature",
-            SignatureError::ReplayedNonce => "replayed_nonce",
-        }
-    }
 }
 
 fn malformed(field: &'static str, reason: &'static str) -> SignatureError {

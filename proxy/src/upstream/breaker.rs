@@ -29,7 +29,7 @@ use futures_util::future::join_all;
 use http::StatusCode;
 use tokio::time::Instant;
 
-use crate::metrics::{Metrics, Name, TransitionLabels, UpstreamLabels};
+use crate::base::metrics::{Metrics, Name, TransitionLabels, UpstreamLabels};
 use crate::store::keys::Keys;
 
 /// How often outcomes are flushed to Redis and the shared state read back.

@@ -16,12 +16,10 @@ use bytes::Bytes;
 use http::{HeaderMap, header};
 use tokio::sync::Semaphore;
 
-use crate::error::RelayError;
+use crate::http::error::RelayError;
 
-/// What the `Accept-Encoding` of a 415 names: the codings the relay reads.
-pub const ACCEPTED: &str = "gzip, deflate";
-
-/// The content coding of a request body.
+/// The content coding of a request body (a 415 names these: see
+/// `error::ACCEPTED_REQUEST_CODINGS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coding {
     Identity,
@@ -39,9 +37,9 @@ impl Coding {
                 if token.eq_ignore_ascii_case("identity") {
                     continue;
                 }
-                let next = match crate::encoding::Coding::from_name(token) {
-                    Some(crate::encoding::Coding::Gzip) => Coding::Gzip,
-                    Some(crate::encoding::Coding::Deflate) => Coding::Deflate,
+                let next = match crate::http::encoding::Coding::from_name(token) {
+                    Some(crate::http::encoding::Coding::Gzip) => Coding::Gzip,
+                    Some(crate::http::encoding::Coding::Deflate) => Coding::Deflate,
                     _ => return Err(unsupported(token)),
                 };
                 if coding != Coding::Identity {
@@ -90,7 +88,8 @@ pub async fn decode_aside(body: Bytes, coding: Coding, limit: u64) -> Result<Byt
 pub fn decode(body: &Bytes, coding: Coding, limit: u64) -> Result<Bytes, RelayError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     // HTTP's `deflate` is the zlib format; some clients send raw deflate.
-    let zlib = matches!(&body[..], [cmf, flg, ..] if crate::encoding::zlib_header(*cmf, *flg));
+    let zlib =
+        matches!(&body[..], [cmf, flg, ..] if crate::http::encoding::zlib_header(*cmf, *flg));
     match coding {
         Coding::Identity => return Ok(body.clone()),
         Coding::Gzip => bounded(flate2::bufread::MultiGzDecoder::new(&body[..]), body, limit),

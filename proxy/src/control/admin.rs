@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::body::RelayBody;
-use crate::error::error_response;
-use crate::metrics::UpstreamLabels;
-use crate::runtime::App;
+use crate::base::metrics::UpstreamLabels;
+use crate::control::runtime::App;
+use crate::http::body::RelayBody;
+use crate::http::error::error_response;
 use crate::store::{COST_FIELD, Store, civil_date, day_of, days_of, unix_ms};
 
 /// The longest period `/usage` answers for, in days.
@@ -198,7 +198,7 @@ fn counters_json(counters: BTreeMap<String, u64>) -> Value {
     let mut out = serde_json::Map::with_capacity(counters.len());
     for (field, n) in counters {
         if field == COST_FIELD {
-            out.insert("cost_usd".into(), crate::pricing::usd(n).into());
+            out.insert("cost_usd".into(), crate::accounting::pricing::usd(n).into());
         } else {
             out.insert(field, n.into());
         }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 
-use crate::secrets;
-use crate::signing::{self, Request, SigningSecret, Stamp};
+use crate::admission::signing::{self, Request, SigningSecret, Stamp};
+use crate::base::secrets;
 
 /// Where `--curl` sends the request when `--url` is not given.
 const DEFAULT_BASE_URL: &str = "http://127.0.0.1:8080";

@@ -12,7 +12,7 @@
 //!
 //! A body that did not come with its head is waited for only after the head
 //! passed authentication ([`stack::refuse_before_body`]), and within the
-//! body's deadlines ([`crate::body_deadline`]); a request refused or late
+//! body's deadlines ([`crate::http::body_deadline`]); a request refused or late
 //! is answered and its connection closed, its body unread. A response is
 //! framed by its length when its body knows it: never more is written, and
 //! a body that ends short of it closes the connection.
@@ -38,11 +38,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio_util::io::poll_read_buf;
 
-use crate::body::{RelayBody, RequestBody};
-use crate::body_deadline::{BodyClock, BodyLimits, TimedIncoming};
-use crate::error::RelayError;
-use crate::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
-use crate::runtime::App;
+use crate::control::runtime::App;
+use crate::http::body::RelayBody;
+use crate::http::body_deadline::{BodyClock, BodyLimits, RequestBody, TimedIncoming};
+use crate::http::error::RelayError;
+use crate::http::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
 use crate::stack;
 
 /// Bodies up to this size are read here; larger ones stream through hyper,
@@ -527,7 +527,7 @@ fn parse_request(buf: &[u8], fields: &mut Fields) -> Parse {
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
     for field in parsed.headers.iter() {
-        let Ok(name) = crate::headers::name_from_wire(field.name.as_bytes()) else {
+        let Ok(name) = crate::http::headers::name_from_wire(field.name.as_bytes()) else {
             return Parse::NotOurs;
         };
         // What `HeaderValue` accepts (httparse also lets DEL through).

@@ -18,7 +18,12 @@ use claude_relay_crds::config::ServerConfig;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::RelayError;
+use crate::http::error::RelayError;
+
+/// A request's body as the relay takes it: read whole already by the
+/// relay's own HTTP/1 server (left), or still coming through hyper (right),
+/// within the body's deadlines.
+pub type RequestBody = http_body_util::Either<http_body_util::Full<Bytes>, TimedIncoming>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimits {

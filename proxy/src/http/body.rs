@@ -10,23 +10,60 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{Exchange, Outcome};
-use crate::upstream::UpstreamBody;
-use crate::usage::UsageTap;
-
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request's body as the relay takes it: read whole already by the
-/// relay's own HTTP/1 server (left), or still coming through hyper (right),
-/// within the body's deadlines.
-pub type RequestBody =
-    http_body_util::Either<http_body_util::Full<Bytes>, crate::body_deadline::TimedIncoming>;
+/// How the exchange ended, as the access log tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole response reached the client.
+    Complete,
+    /// The client went away before the response was complete.
+    ClientGone,
+    /// The upstream broke the response body off.
+    UpstreamBodyError,
+    /// The upstream was silent longer than the idle timeout, or the total cap passed.
+    Timeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::ClientGone => "client_gone",
+            Self::UpstreamBodyError => "upstream_body_error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// What a response body tells the request's record as it goes: the chunks
+/// it handed on and how it ended. Accounting implements it (the access
+/// record with its usage meter), so this layer needs none of its types; the
+/// record is written when the report is dropped.
+pub trait Report: Send {
+    /// Usage is read from the chunks: each one handed on is to be fed.
+    fn reads_chunks(&self) -> bool;
+    /// The chunks are compressed, and decoding one costs: it is fed after
+    /// the writer has had a turn to send it.
+    fn decodes(&self) -> bool;
+    fn feed(&mut self, chunk: &Bytes);
+    /// The body ended so. What it gives back, if anything, releases the
+    /// client's concurrency slot, and the end waits for it.
+    fn end(&mut self, outcome: Outcome) -> Option<SlotRelease>;
+}
+
+pub type SlotRelease = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A body passed through: an upstream's response, whichever client read it.
+pub trait PassThrough: Body<Data = Bytes, Error = BoxError> + Send + Unpin {}
+
+impl<B: Body<Data = Bytes, Error = BoxError> + Send + Unpin> PassThrough for B {}
 
 pub struct RelayBody {
     inner: Inner,
     /// Boxed: the record is large, and a response is moved several times
     /// on its way out.
-    exchange: Option<Box<Exchange>>,
+    exchange: Option<Box<dyn Report>>,
     /// The body has ended and its concurrency slot is being released in
     /// the store: its last frame (or its end) waits for that.
     ending: Option<Box<Ending>>,
@@ -36,7 +73,7 @@ pub struct RelayBody {
 /// goes back before the client can see the end and send its next request,
 /// which any replica then admits.
 struct Ending {
-    release: Pin<Box<dyn Future<Output = ()> + Send>>,
+    release: SlotRelease,
     /// What the body gives once the slot is released; `None` until the
     /// poll that ended the body has returned it.
     then: Option<Option<Result<Frame<Bytes>, BoxError>>>,
@@ -44,12 +81,12 @@ struct Ending {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Box<Streaming>),
+    Upstream(Box<Streaming<dyn PassThrough>>),
 }
 
-struct Streaming {
-    /// Its HTTP/1 connection goes back to the pool when it is done.
-    body: UpstreamBody,
+/// Generic only to be unsized: the upstream's body is the last field, so
+/// the one box holds it with the rest.
+struct Streaming<B: ?Sized> {
     timer: Pin<Box<Sleep>>,
     idle: Duration,
     deadline: Instant,
@@ -73,6 +110,8 @@ struct Streaming {
     decoding: bool,
     /// A poll came back to let the writer send `unread` before decoding it.
     yielded: bool,
+    /// Its HTTP/1 connection goes back to the pool when it is done.
+    body: B,
 }
 
 /// The relay ended a stream: the upstream fell silent or ran past the cap.
@@ -94,12 +133,16 @@ impl RelayBody {
     }
 
     /// The upstream body, cut off after `idle` without a chunk or at `deadline`.
-    pub fn upstream(body: UpstreamBody, idle: Duration, deadline: Instant, sse: bool) -> Self {
+    pub fn upstream(
+        body: impl PassThrough + 'static,
+        idle: Duration,
+        deadline: Instant,
+        sse: bool,
+    ) -> Self {
         let first = (Instant::now() + idle).min(deadline);
         let length_framed = body.size_hint().exact().is_some();
         Self {
             inner: Inner::Upstream(Box::new(Streaming {
-                body,
                 timer: Box::pin(tokio::time::sleep_until(first)),
                 idle,
                 deadline,
@@ -109,6 +152,7 @@ impl RelayBody {
                 unread: None,
                 decoding: false,
                 yielded: false,
+                body,
             })),
             exchange: None,
             ending: None,
@@ -116,13 +160,9 @@ impl RelayBody {
     }
 
     /// Attaches the request's record, written when this body is done or dropped.
-    pub fn with_exchange(mut self, exchange: Box<Exchange>) -> Self {
+    pub fn with_exchange(mut self, exchange: Box<dyn Report>) -> Self {
         if let Inner::Upstream(stream) = &mut self.inner {
-            stream.decoding = exchange
-                .meter
-                .as_ref()
-                .and_then(|m| m.tap.as_ref())
-                .is_some_and(UsageTap::decodes);
+            stream.decoding = exchange.decodes();
         }
         self.exchange = Some(exchange);
         self
@@ -139,16 +179,11 @@ impl RelayBody {
         let Some(exchange) = self.exchange.as_mut() else {
             return;
         };
-        exchange.outcome = outcome;
         // Released in this process at once, or in Redis before the end goes
         // out (see `poll_frame`), whatever the answer's coding.
-        if let Some(release) = exchange
-            .meter
-            .as_mut()
-            .and_then(crate::usage::Meter::release_slot)
-        {
+        if let Some(release) = exchange.end(outcome) {
             self.ending = Some(Box::new(Ending {
-                release: Box::pin(release.run()),
+                release,
                 then: None,
             }));
         }
@@ -167,19 +202,13 @@ impl RelayBody {
     }
 }
 
-fn usage_tap(exchange: &mut Option<Box<Exchange>>) -> Option<&mut UsageTap> {
-    exchange
-        .as_mut()
-        .and_then(|e| e.meter.as_mut())
-        .and_then(|m| m.tap.as_mut())
-}
-
-fn read_unread(stream: &mut Streaming, exchange: &mut Option<Box<Exchange>>) {
+fn read_unread(stream: &mut Streaming<dyn PassThrough>, exchange: &mut Option<Box<dyn Report>>) {
     stream.yielded = false;
     if let Some(chunk) = stream.unread.take()
-        && let Some(tap) = usage_tap(exchange)
+        && let Some(report) = exchange.as_mut()
+        && report.reads_chunks()
     {
-        tap.feed(&chunk);
+        report.feed(&chunk);
     }
 }
 
@@ -296,11 +325,7 @@ impl RelayBody {
                     read_unread(stream, &mut this.exchange);
                 }
                 // Usage is read from the bytes once they are handed on, unchanged.
-                let tapped = this
-                    .exchange
-                    .as_ref()
-                    .and_then(|e| e.meter.as_ref())
-                    .is_some_and(|m| m.tap.is_some());
+                let tapped = this.exchange.as_ref().is_some_and(|e| e.reads_chunks());
                 if let (true, Some(data)) = (tapped, frame.data_ref()) {
                     stream.unread = Some(data.clone());
                 }

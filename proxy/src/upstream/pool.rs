@@ -6,7 +6,7 @@
 //! The pool is ours rather than hyper-util's: a worker's connections sit in
 //! a plain list that only that worker touches, with no key hashing, no
 //! checkout future and no task per request to hand a connection back. So is
-//! the HTTP/1 client (`crate::h1_client`): the request's task reads and writes its
+//! the HTTP/1 client (`crate::http::h1_client`): the request's task reads and writes its
 //! connection itself. HTTP/2 connections are hyper's.
 //!
 //! A region with an egress proxy opens each upstream connection as a tunnel
@@ -39,9 +39,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::h1_client as h1;
-use crate::headers::{self, X_API_KEY};
-use crate::secrets::Secret;
+use crate::base::secrets::Secret;
+use crate::http::h1_client as h1;
+use crate::http::headers::{self, X_API_KEY};
 
 /// What the transport of a region depends on; regions whose transport
 /// settings did not change keep their pool across a reload.
@@ -294,7 +294,7 @@ impl Transport {
     /// closed while idle gives the request back unsent, and it goes out on
     /// another: never a request sent twice.
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
-        let pool = &self.pools[crate::worker::current() % self.pools.len()];
+        let pool = &self.pools[crate::base::worker::current() % self.pools.len()];
         for _ in 0..MAX_POOLED_TRIES {
             let Some(sender) = pool.checkout() else {
                 break;
@@ -367,7 +367,7 @@ impl Transport {
                 headers.insert(X_API_KEY, request.api_key.clone());
                 headers.insert(HOST, self.host.clone());
                 if let Some(traceparent) = request.traceparent {
-                    headers.insert(crate::trace::TRACEPARENT, traceparent.clone());
+                    headers.insert(crate::http::headers::TRACEPARENT, traceparent.clone());
                 }
                 match sender.try_send_request(outgoing).await {
                     Ok(response) => Ok(response.map(Either::Right)),
@@ -477,7 +477,7 @@ fn build_connector(
 // Statics, not the consts themselves: the HTTP/1 head borrows them.
 static HOST_FIELD: http::HeaderName = HOST;
 static API_KEY_FIELD: http::HeaderName = X_API_KEY;
-static TRACEPARENT: http::HeaderName = crate::trace::TRACEPARENT;
+static TRACEPARENT: http::HeaderName = crate::http::headers::TRACEPARENT;
 
 /// Pooled connections tried before a new one is made.
 const MAX_POOLED_TRIES: usize = 4;

@@ -1,5 +1,5 @@
 //! Clients and how they authenticate: by relay key, or by a signed request
-//! (see [`crate::signing`] and docs/signing.md).
+//! (see [`crate::admission::signing`] and docs/signing.md).
 //!
 //! Relay keys are kept as SHA-256 digests and every presented key is
 //! compared with every digest in constant time, so neither a key's content
@@ -13,10 +13,11 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::error::RelayError;
-use crate::metrics::Name;
-use crate::secrets;
-use crate::signing::{SignatureError, SigningSecret};
+use crate::admission::signing::SigningSecret;
+use crate::base::metrics::Name;
+use crate::base::secrets;
+use crate::http::error::RelayError;
+use crate::http::error::SignatureError;
 
 pub struct Clients {
     /// (client index, key digest); a client may hold several keys (rotation).
@@ -37,7 +38,7 @@ pub struct Client {
     /// Requests per window, shared by all replicas through the store.
     pub rate_limit: Option<(u32, Duration)>,
     /// Token budgets and concurrency cap, shared through the store.
-    pub quota: Option<crate::usage::Quota>,
+    pub quota: Option<crate::accounting::usage::Quota>,
     /// Whether the response cache is on for this client's requests.
     pub cache_enabled: bool,
 }
@@ -66,7 +67,7 @@ impl Clients {
                 quota: client
                     .quota
                     .filter(|q| q.is_active())
-                    .map(|q| crate::usage::Quota::from_config(&q)),
+                    .map(|q| crate::accounting::usage::Quota::from_config(&q)),
                 cache_enabled: client.cache.is_some_and(|c| c.enabled),
             });
             for (k, source) in client.relay_keys.iter().enumerate() {
@@ -152,7 +153,7 @@ pub fn digest_of(key: &str) -> [u8; 32] {
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(key) = headers
-        .get(crate::headers::X_API_KEY)
+        .get(crate::http::headers::X_API_KEY)
         .and_then(|v| v.to_str().ok())
     {
         return Some(key.trim()).filter(|k| !k.is_empty());

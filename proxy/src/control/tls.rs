@@ -1,16 +1,14 @@
-//! Downstream TLS: the certificate comes from the snapshot in force, so a
-//! renewed certificate file is served from the next handshake on, without a
-//! restart. Its expiry is exported as a metric.
+//! Downstream TLS certificates, read and checked here: the snapshot in
+//! force holds one and the server's resolver (`serve::server`) serves it, so
+//! a renewed certificate file is served from the next handshake on, without
+//! a restart. Its expiry is exported as a metric.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-use crate::runtime::App;
 
 pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
@@ -48,32 +46,4 @@ pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<LoadedCer
         key: Arc::new(certified),
         expiry_days: (not_after - now) as f64 / 86_400.0,
     })
-}
-
-/// Serves whatever certificate the snapshot in force holds.
-#[derive(Debug)]
-pub struct SnapshotCert(pub Arc<App>);
-
-impl std::fmt::Debug for App {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("App")
-    }
-}
-
-impl ResolvesServerCert for SnapshotCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.snapshot.load().downstream_cert.clone()
-    }
-}
-
-pub fn server_config(app: Arc<App>) -> Result<rustls::ServerConfig, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(SnapshotCert(app)));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
 }

@@ -27,12 +27,12 @@ use claude_relay_crds::config::TracesConfig;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use std::fmt::Write as _;
 
-use crate::error::RelayError;
-use crate::metrics::{Metrics, Name, ResultLabels};
-use crate::secrets;
-use crate::usage::Reported;
+use crate::base::metrics::{Metrics, Name, ResultLabels};
+use crate::base::secrets;
+use crate::http::error::RelayError;
+use crate::store::Usage;
 
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub use crate::http::headers::TRACEPARENT;
 
 /// Spans per export request: collectors refuse bodies of several MB.
 const SPANS_PER_EXPORT: usize = 512;
@@ -337,6 +337,14 @@ pub struct RequestSpan {
     data: SpanData,
 }
 
+/// What the answer reported, as its span shows it.
+struct Answer {
+    model: Option<String>,
+    id: Option<String>,
+    /// `None` when the answer carried no usage at all.
+    usage: Option<Usage>,
+}
+
 /// What a request's spans say; encoded by the exporter, off the request path.
 #[derive(Default)]
 struct SpanData {
@@ -349,7 +357,7 @@ struct SpanData {
     path: String,
     route: &'static str,
     request: RequestFields,
-    answer: Option<Reported>,
+    answer: Option<Answer>,
     relay: RelayFields,
     attempts: Vec<AttemptSpan>,
 }
@@ -425,9 +433,13 @@ impl RequestSpan {
     }
 
     /// What the answer reported (model, id, usage), read after it went out.
-    pub fn answered(&mut self, reported: &Reported) {
-        if reported.seen || reported.model.is_some() {
-            self.data.answer = Some(reported.clone());
+    pub fn answered(&mut self, model: Option<&str>, id: Option<&str>, usage: Option<&Usage>) {
+        if usage.is_some() || model.is_some() {
+            self.data.answer = Some(Answer {
+                model: model.map(str::to_owned),
+                id: id.map(str::to_owned),
+                usage: usage.cloned(),
+            });
         }
     }
 }
@@ -484,8 +496,7 @@ impl SpanData {
             if let Some(id) = &answer.id {
                 attributes.text("gen_ai.response.id", id);
             }
-            if answer.seen {
-                let usage = &answer.usage;
+            if let Some(usage) = &answer.usage {
                 attributes.int("gen_ai.usage.input_tokens", usage.input_tokens);
                 attributes.int("gen_ai.usage.output_tokens", usage.output_tokens);
                 attributes.int(

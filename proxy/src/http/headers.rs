@@ -4,7 +4,7 @@ use std::cell::RefCell;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
 
-use crate::metrics::FastMap;
+use crate::base::metrics::FastMap;
 
 /// The relay's own request id, beside the upstream's `request-id`.
 pub const RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
@@ -13,6 +13,8 @@ pub const RELAY_REGION: HeaderName = HeaderName::from_static("x-relay-region");
 /// The Claude API's key header.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+/// W3C trace context: honoured from clients, sent upstream naming the attempt.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Names a worker keeps, so that each distinct name the parsers meet is
 /// validated (and, outside the standard table, allocated) once.

@@ -317,7 +317,7 @@ fn parse_head(buf: &[u8], method: &Method, fields: &mut Fields) -> io::Result<Op
     let mut chunked: Option<bool> = None;
     fields.clear();
     for field in parsed.headers.iter() {
-        let name = crate::headers::name_from_wire(field.name.as_bytes())
+        let name = crate::http::headers::name_from_wire(field.name.as_bytes())
             .map_err(|_| invalid("the upstream's response has an invalid header name"))?;
         if name == CONTENT_LENGTH {
             let n = parse_content_length(field.value)?;

@@ -13,18 +13,18 @@ use claude_relay_crds::config::UpstreamTimeouts;
 use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
-use crate::auth::Clients;
-use crate::breaker::{Breakers, RegionBreaker};
-use crate::cache::{CachePolicy, ResponseCache};
-use crate::keypool::{KeyPool, KeyPools};
-use crate::metrics::{Metrics, Name};
-use crate::routing::Router;
-use crate::routing::geoip::GeoIp;
-use crate::secrets;
+use crate::accounting::cache::{CachePolicy, ResponseCache};
+use crate::accounting::usage::Accounting;
+use crate::admission::auth::Clients;
+use crate::base::metrics::{Metrics, Name};
+use crate::base::secrets;
+use crate::control::tls;
 use crate::store::AnyStore;
-use crate::tls;
-use crate::upstream::{EgressProxy, Transport, TransportKey};
-use crate::usage::Accounting;
+use crate::upstream::breaker::{Breakers, RegionBreaker};
+use crate::upstream::keypool::{KeyPool, KeyPools};
+use crate::upstream::pool::{EgressProxy, Transport, TransportKey};
+use crate::upstream::routing::Router;
+use crate::upstream::routing::geoip::GeoIp;
 
 pub struct Region {
     pub name: Name,
@@ -47,7 +47,7 @@ pub struct Services {
     pub accounting: Arc<Accounting>,
     pub cache: Arc<ResponseCache>,
     /// The span queue and its exporter (`traces`).
-    pub tracer: Arc<crate::trace::Tracer>,
+    pub tracer: Arc<crate::accounting::trace::Tracer>,
 }
 
 impl Services {
@@ -65,7 +65,7 @@ impl Services {
             keypools: KeyPools::new(&config.relay_name, redis.clone(), metrics.clone()),
             accounting: Accounting::new(metrics.clone()),
             cache: ResponseCache::new(&config.cache, &config.relay_name, redis, metrics.clone()),
-            tracer: crate::trace::Tracer::new(metrics.clone()),
+            tracer: crate::accounting::trace::Tracer::new(metrics.clone()),
             metrics,
         }
     }
@@ -98,9 +98,9 @@ pub struct Snapshot {
     /// Which requests the response cache takes, and under which key.
     pub cache: CachePolicy,
     /// The prices answers are costed at.
-    pub pricing: Arc<crate::pricing::Pricing>,
+    pub pricing: Arc<crate::accounting::pricing::Pricing>,
     /// `traces`, its header secrets resolved; `None`: no spans.
-    pub trace: Option<Arc<crate::trace::TraceSettings>>,
+    pub trace: Option<Arc<crate::accounting::trace::TraceSettings>>,
 }
 
 impl Snapshot {
@@ -204,9 +204,13 @@ impl Snapshot {
         }
         let region_indices = (0..regions.len()).collect();
         let cache = CachePolicy::new(&config.cache);
-        let pricing = Arc::new(crate::pricing::Pricing::from_config(&config.pricing));
+        let pricing = Arc::new(crate::accounting::pricing::Pricing::from_config(
+            &config.pricing,
+        ));
         let trace = match &config.traces {
-            Some(traces) => Some(Arc::new(crate::trace::TraceSettings::build(traces)?)),
+            Some(traces) => Some(Arc::new(crate::accounting::trace::TraceSettings::build(
+                traces,
+            )?)),
             None => None,
         };
         Ok(Self {

@@ -11,7 +11,7 @@
 //! key order do not matter. The body holds the model.
 //!
 //! Entries hold uncompressed bytes: a compressed answer (the SDKs ask for
-//! gzip) is stored as the usage tap decoded it ([`crate::usage::UsageTap`],
+//! gzip) is stored as the usage tap decoded it ([`crate::accounting::usage::UsageTap`],
 //! whole and within its cap, else not at all), and a hit is served without
 //! `Content-Encoding`, with its length, to any client. Every client takes
 //! that unless its `Accept-Encoding` refuses identity (`identity;q=0`, or
@@ -36,10 +36,10 @@ use fred::prelude::{HashesInterface, Pool};
 use http::{HeaderMap, HeaderValue, Method, Response, header};
 use sha2::{Digest, Sha256};
 
-use crate::body::RelayBody;
-use crate::error::RelayError;
-use crate::headers::RELAY_REQUEST_ID;
-use crate::metrics::{Metrics, ResultLabels};
+use crate::base::metrics::{Metrics, ResultLabels};
+use crate::http::body::RelayBody;
+use crate::http::error::RelayError;
+use crate::http::headers::RELAY_REQUEST_ID;
 use crate::store::keys::Keys;
 use crate::store::{AnyStore, StoreError, unix_ms};
 
@@ -136,7 +136,7 @@ impl CachePolicy {
             return None;
         }
         // Hits are served uncoded; a client that refuses that goes upstream.
-        if !crate::encoding::accepts_identity(headers) {
+        if !crate::http::encoding::accepts_identity(headers) {
             return None;
         }
         let model = request
@@ -578,10 +578,13 @@ impl ResponseCache {
     pub fn spawn_sync(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         self.redis.as_ref()?;
         let this = self.clone();
-        Some(crate::breaker::spawn_periodic(PURGE_SYNC, move || {
-            let this = this.clone();
-            async move { this.sync_once().await }
-        }))
+        Some(crate::upstream::breaker::spawn_periodic(
+            PURGE_SYNC,
+            move || {
+                let this = this.clone();
+                async move { this.sync_once().await }
+            },
+        ))
     }
 
     pub async fn sync_once(&self) {

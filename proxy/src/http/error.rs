@@ -9,8 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::RelayBody;
-use crate::headers::RELAY_REQUEST_ID;
+use crate::http::body::RelayBody;
+use crate::http::headers::RELAY_REQUEST_ID;
+
+/// What the `Accept-Encoding` of a 415 names: the codings `request_encoding` reads.
+const ACCEPTED_REQUEST_CODINGS: &str = "gzip, deflate";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -19,7 +22,7 @@ pub enum RelayError {
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("signed request refused: {0}")]
-    Signature(#[from] crate::signing::SignatureError),
+    Signature(#[from] SignatureError),
     #[error("{0}")]
     NotFound(String),
     /// The client sent its request body too slowly.
@@ -101,7 +104,7 @@ impl RelayError {
             // RFC 9110 §15.5.16: a 415 for a content coding names the ones taken.
             response.headers_mut().insert(
                 header::ACCEPT_ENCODING,
-                HeaderValue::from_static(crate::request_encoding::ACCEPTED),
+                HeaderValue::from_static(ACCEPTED_REQUEST_CODINGS),
             );
         }
         response
@@ -139,6 +142,50 @@ pub fn error_response(
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     response
+}
+
+/// Why a signed request was refused. The message names the failed check and
+/// never contains a secret, a signature or a header value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing {header} header")]
+    Missing { header: &'static str },
+    #[error("malformed {field}: {reason}")]
+    Malformed {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("unknown key id")]
+    UnknownKeyId,
+    #[error("signed requests are not enabled for this key id")]
+    NotAllowed,
+    #[error(
+        "stale timestamp: {} s {} the relay's clock, more than the allowed {window_secs} s",
+        skew_secs.unsigned_abs(),
+        if *skew_secs < 0 { "behind" } else { "ahead of" }
+    )]
+    StaleTimestamp { skew_secs: i64, window_secs: u64 },
+    #[error("bad signature")]
+    BadSignature,
+    /// Not produced by `signing::verify`: the caller's verdict when the store says
+    /// the nonce was seen before, so every refusal speaks the same way.
+    #[error("replayed nonce")]
+    ReplayedNonce,
+}
+
+impl SignatureError {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SignatureError::Missing { .. } => "missing_header",
+            SignatureError::Malformed { .. } => "malformed_header",
+            SignatureError::UnknownKeyId => "unknown_key_id",
+            SignatureError::NotAllowed => "not_allowed",
+            SignatureError::StaleTimestamp { .. } => "stale_timestamp",
+            SignatureError::BadSignature => "bad_signature",
+            SignatureError::ReplayedNonce => "replayed_nonce",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! Listeners and the life of the process: start, serve, drain on SIGTERM.
 //!
-//! Threads: one worker per core (see [`crate::worker`]), each a
+//! Threads: one worker per core (see [`crate::base::worker`]), each a
 //! single-threaded runtime with its own SO_REUSEPORT listener on the API
 //! address; and this control thread, which runs the admin listener, the
 //! config reloader and the signal handling. HTTP/1 connections are served
-//! by the relay's own loop ([`crate::h1_server`]), HTTP/2 by hyper.
+//! by the relay's own loop ([`crate::serve::h1_server`]), HTTP/2 by hyper.
 //!
 //! Client connections are capped by `server.max_connections`, across the
 //! workers: at the cap a worker stops accepting, so new connections wait in
@@ -24,14 +24,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::reload::{ConfigSource, Reloader};
-use crate::runtime::App;
-use crate::{admin, h1_server, worker};
+use crate::base::worker;
+use crate::control::admin;
+use crate::control::reload::{ConfigSource, Reloader};
+use crate::control::runtime::App;
+use crate::serve::h1_server;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors kept aside from client connections and the upstream
@@ -175,7 +179,7 @@ pub fn run(
     let admin_bound = admin.local_addr()?;
     let tls = match app.snapshot.load().downstream_cert {
         Some(_) => Some(TlsAcceptor::from(Arc::new(
-            crate::tls::server_config(app.clone()).map_err(anyhow::Error::msg)?,
+            server_config(app.clone()).map_err(anyhow::Error::msg)?,
         ))),
         None => None,
     };
@@ -435,4 +439,32 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         () = terminate => {},
     }
+}
+
+/// Serves whatever certificate the snapshot in force holds.
+#[derive(Debug)]
+pub struct SnapshotCert(pub Arc<App>);
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("App")
+    }
+}
+
+impl ResolvesServerCert for SnapshotCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.snapshot.load().downstream_cert.clone()
+    }
+}
+
+pub fn server_config(app: Arc<App>) -> Result<rustls::ServerConfig, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(SnapshotCert(app)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
