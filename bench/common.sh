@@ -39,27 +39,28 @@ PY
   start_nginx_upstream "$1" "location / { default_type application/json; return 200 '$body'; }"
 }
 
-# start_nginx_upstream PORT DIRECTIVES: one nginx worker in $work/up, its
-# one server on PORT configured by DIRECTIVES.
+# start_nginx_upstream PORT DIRECTIVES [DIR]: one nginx worker in $work/DIR
+# (default up), its one server on PORT configured by DIRECTIVES.
 start_nginx_upstream() {
-  mkdir -p "$work/up"
-  cat > "$work/up/nginx.conf" <<NGINX
+  local dir=$work/${3:-up}
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up; uwsgi_temp_path $work/up; scgi_temp_path $work/up;
+  client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
   server {
     listen 127.0.0.1:$1;
     $2
   }
 }
 NGINX
-  "$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+  "$NGINX" -c "$dir/nginx.conf" -p "$dir" & pids+=($!)
 }
 
 # write_proxy_conf PORT UPSTREAM_PORT KEEPALIVE WORKER_CONNECTIONS PROCESS_LINES:
