@@ -7,6 +7,8 @@
 //! The first two need the API double (its HPA controller and its service
 //! account tokens) and are skipped against a real cluster.
 
+mod common;
+
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use claude_relay_e2e::operator::OperatorProcess;
 use claude_relay_operator::controller::FIELD_MANAGER;
 use claude_relay_operator::handover::HANDOVER_MANAGER;
 use claude_relay_operator::leader::{Elector, LeaseConfig};
+use common::secret;
 use futures_util::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
@@ -30,17 +33,6 @@ use kube::api::{PostParams, ResourceExt};
 use serde_json::{Value, json};
 
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
-
-fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
-    let mut secret = Secret::default();
-    secret.metadata.name = Some(name.into());
-    secret.string_data = Some(
-        data.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    );
-    secret
-}
 
 /// The Secrets and the one UpstreamRegion every relay here selects.
 async fn upstream(cluster: &Cluster) {

@@ -6,6 +6,8 @@
 //! an operator restart that must change nothing, a breaker opening and
 //! closing, a replayed signed request, and deletion.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use claude_relay_e2e::pods::{self, Pod};
 use claude_relay_testkit::http::{self as th, next_chunk, request, send, send_streaming};
 use claude_relay_testkit::redis::RedisServer;
 use claude_relay_testkit::upstream::MockUpstream;
+use common::{eventually, secret};
 use futures_util::FutureExt;
 use http::{Method, StatusCode};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -113,36 +116,6 @@ impl World {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Polls `check` every 100 ms until it gives a value, for at most `within`.
-async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
-    let mut secret = Secret::default();
-    secret.metadata.name = Some(name.into());
-    secret.string_data = Some(
-        data.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    );
-    secret
 }
 
 fn region(name: &str, base_url: &str, priority: i32, key: &str) -> UpstreamRegion {

@@ -2,13 +2,15 @@
 //! Claude API double, spans exported over OTLP/HTTP to a receiver started
 //! by the test.
 
+mod common;
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use claude_relay_testkit::http::{self as th, request, send, wait_for};
 use claude_relay_testkit::otlp::{OtlpReceiver, Span};
 use claude_relay_testkit::proxy::{ProxyProcess, free_port};
 use claude_relay_testkit::upstream::{DEFAULT_STREAM_USAGE, DEFAULT_USAGE, MockUpstream};
+use common::messages_request;
 use http::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_claude-relay-proxy");
@@ -59,19 +61,6 @@ fn start(config: &str) -> ProxyProcess {
     )
 }
 
-fn message(
-    proxy: &ProxyProcess,
-    body: &'static str,
-    extra: &[(&str, &str)],
-) -> http::Request<http_body_util::Full<Bytes>> {
-    let mut headers = vec![
-        ("x-api-key", RELAY_KEY),
-        ("content-type", "application/json"),
-    ];
-    headers.extend_from_slice(extra);
-    request(Method::POST, &proxy.url("/v1/messages"), &headers, body)
-}
-
 fn only<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();
     assert_eq!(found.len(), 1, "{what}: {spans:#?}");
@@ -110,12 +99,16 @@ async fn requests_become_genai_spans_with_attempt_children_and_the_upstream_gets
 
     // A client's sampled trace: the relay's span joins it.
     let parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
-    let answer = send(&client, message(&proxy, BODY, &[("traceparent", &parent)])).await;
+    let answer = send(
+        &client,
+        messages_request(&proxy, RELAY_KEY, BODY, &[("traceparent", &parent)]),
+    )
+    .await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     // A stream, without a parent: a root span.
     let answer = send(
         &client,
-        message(&proxy, STREAM_BODY, &[("x-mock", "stream")]),
+        messages_request(&proxy, RELAY_KEY, STREAM_BODY, &[("x-mock", "stream")]),
     )
     .await;
     assert_eq!(answer.status, 200);
@@ -235,7 +228,11 @@ async fn a_failover_shows_one_attempt_span_per_region_tried() {
         &(region("dead", &dead, 0) + &region("good", &good.base_url(), 1)),
         &traces(&collector.endpoint(), 1.0, ""),
     ));
-    let answer = send(&th::client(), message(&proxy, BODY, &[])).await;
+    let answer = send(
+        &th::client(),
+        messages_request(&proxy, RELAY_KEY, BODY, &[]),
+    )
+    .await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
 
     let spans = collector.wait_for_spans(3, WAIT).await;
@@ -272,10 +269,19 @@ async fn sampling_follows_the_ratio_for_roots_and_the_parent_flag_otherwise() {
     ));
     let client = th::client();
     for _ in 0..5 {
-        assert_eq!(send(&client, message(&proxy, BODY, &[])).await.status, 200);
+        assert_eq!(
+            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
+                .await
+                .status,
+            200
+        );
     }
     let parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
-    let answer = send(&client, message(&proxy, BODY, &[("traceparent", &parent)])).await;
+    let answer = send(
+        &client,
+        messages_request(&proxy, RELAY_KEY, BODY, &[("traceparent", &parent)]),
+    )
+    .await;
     assert_eq!(answer.status, 200);
     let spans = collector.wait_for_spans(2, WAIT).await;
     // Several export intervals more: nothing else arrives.
@@ -304,12 +310,17 @@ async fn sampling_follows_the_ratio_for_roots_and_the_parent_flag_otherwise() {
     let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
     let answer = send(
         &client,
-        message(&proxy, BODY, &[("traceparent", &unsampled)]),
+        messages_request(&proxy, RELAY_KEY, BODY, &[("traceparent", &unsampled)]),
     )
     .await;
     assert_eq!(answer.status, 200);
     for _ in 0..3 {
-        assert_eq!(send(&client, message(&proxy, BODY, &[])).await.status, 200);
+        assert_eq!(
+            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
+                .await
+                .status,
+            200
+        );
     }
     let spans = collector.wait_for_spans(6, WAIT).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -321,7 +332,7 @@ async fn sampling_follows_the_ratio_for_roots_and_the_parent_flag_otherwise() {
     // A garbage traceparent is a root of a new trace, not passed on as ours.
     let answer = send(
         &client,
-        message(&proxy, BODY, &[("traceparent", "00-nothex-01")]),
+        messages_request(&proxy, RELAY_KEY, BODY, &[("traceparent", "00-nothex-01")]),
     )
     .await;
     assert_eq!(answer.status, 200);
@@ -352,7 +363,7 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
     ));
     let client = th::client();
     for _ in 0..20 {
-        let answer = send(&client, message(&proxy, BODY, &[])).await;
+        let answer = send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[])).await;
         assert_eq!(answer.status, 200);
     }
     // Two spans a request (the request and its attempt), all dropped.
@@ -375,7 +386,12 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
         &region("main", &upstream.base_url(), 0),
         &traces(&collector.endpoint(), 1.0, ""),
     ));
-    assert_eq!(send(&client, message(&proxy, BODY, &[])).await.status, 200);
+    assert_eq!(
+        send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
+            .await
+            .status,
+        200
+    );
     wait_for("the failed export counted", WAIT, async || {
         spans_metric(&proxy, "dropped_export_failed").await == 2.0
     })
@@ -390,7 +406,12 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
             .replace("export_interval: 100ms", "export_interval: 1h"),
     ));
     for _ in 0..5 {
-        assert_eq!(send(&client, message(&proxy, BODY, &[])).await.status, 200);
+        assert_eq!(
+            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
+                .await
+                .status,
+            200
+        );
     }
     wait_for("the queue drops counted", WAIT, async || {
         spans_metric(&proxy, "dropped_queue_full").await == 8.0
