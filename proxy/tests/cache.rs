@@ -206,7 +206,11 @@ async fn entries_expire_and_purges_reach_every_replica() {
         purged["purged_redis_entries"].as_u64() >= Some(1),
         "{purged}"
     );
-    assert_eq!(purged["purged_memory_entries"], 1, "{purged}");
+    // Level 1 likewise: the 1 s entry may not have been swept yet.
+    assert!(
+        (1..=2).contains(&purged["purged_memory_entries"].as_u64().unwrap_or(0)),
+        "{purged}"
+    );
     eventually(Duration::from_secs(3), "b forgets app's entry", || async {
         (cache_header(&setup.messages(&b, APP_KEY, BODY, &[]).await) == "miss").then_some(())
     })
