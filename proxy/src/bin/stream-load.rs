@@ -50,6 +50,10 @@ struct Args {
     /// Connections being opened at once (a backlog is not overrun).
     #[arg(long, default_value_t = 256)]
     opening: usize,
+    /// Streams are opened evenly over this time, so that their events do
+    /// not all fall due at the same instant (a burst, not a stream load).
+    #[arg(long, default_value_t = 3000)]
+    ramp_ms: u64,
     /// Events arriving in the first seconds of every stream are not timed
     /// (the upstream's and the relay's first allocations).
     #[arg(long, default_value_t = 2)]
@@ -99,11 +103,14 @@ fn main() -> anyhow::Result<()> {
     let tally = Arc::new(Tally::default());
     let opening = Arc::new(Semaphore::new(args.opening));
     let request: Arc<[u8]> = Arc::from(request.into_bytes());
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
     let args = Arc::new(args);
     let delays = runtime.block_on(async {
         let tasks: Vec<_> = (0..args.connections)
-            .map(|_| {
+            .map(|i| {
+                let due = started
+                    + Duration::from_millis(args.ramp_ms) * i as u32 / args.connections as u32;
                 let (args, tally, opening, request, addr) = (
                     args.clone(),
                     tally.clone(),
@@ -112,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                     addr.clone(),
                 );
                 tokio::spawn(async move {
+                    tokio::time::sleep_until(due.into()).await;
                     let permit = opening.acquire_owned().await.expect("never closed");
                     match args.mode {
                         Mode::Stream => {
