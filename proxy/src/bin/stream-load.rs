@@ -284,7 +284,10 @@ async fn idle(
     tally: &Tally,
 ) {
     let mut buf = Vec::with_capacity(512);
-    let Some(socket) = open_any(addr, request, &mut buf).await else {
+    // A connection the server never accepts (held in its listen backlog)
+    // fails at the deadline.
+    let opened = tokio::time::timeout_at(deadline.into(), open_any(addr, request, &mut buf));
+    let Ok(Some(socket)) = opened.await else {
         tally.failed.fetch_add(1, Ordering::Relaxed);
         return;
     };
