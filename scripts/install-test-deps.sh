@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the benchmark need, when it is missing:
 # redis-server (tests start their own on free ports), tinyproxy (the egress
-# proxy of the egress tests, started by them), nginx and wrk (benchmark),
+# proxy of the egress tests, started by them), nginx, its echo module and
+# wrk (benchmark),
 # unshare and mount (the e2e tests), prometheus and promtool (the
 # observability tests).
 set -euo pipefail
@@ -10,6 +11,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+# nginx's echo module: bench/streams.sh's upstream streams events with it.
+[ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || missing+=(libnginx-mod-http-echo)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
 # Debian's prometheus: the observability tests start it, and check the
