@@ -555,7 +555,7 @@ fn autoscaling_renders_an_hpa_and_leaves_replicas_to_it() {
                 "metrics": [
                     {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}},
                     {"type": "Pods", "pods": {
-                        "metric": {"name": "claude_relay_requests_in_flight"},
+                        "metric": {"name": "claude_relay_in_flight_requests"},
                         "target": {"type": "AverageValue", "averageValue": "200"},
                     }},
                 ],
