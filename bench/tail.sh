@@ -7,8 +7,8 @@
 # it and hides them from the tail (coordinated omission); here `oha -q` sends
 # at a fixed rate and, with --latency-correction, counts each request's
 # latency from when it was due. The rate is half of nginx's maximum, measured
-# first with wrk in the same run. It prints p50/p99/p99.9 of each target and
-# relay p99 / nginx p99 (target <= 1.2).
+# first with oha in the same run. It prints p50/p99/p99.9 of each target,
+# relay p99 / nginx p99 (target <= 1.2) and the relay's CPU per request.
 #
 # Needs oha (a load generator in Rust, from crates.io):
 #   cargo install oha --locked
@@ -52,7 +52,7 @@ clients: [{id: bench, relay_keys: [{file: $work/relay.key}]}]
 regions: [{name: local, base_url: "http://127.0.0.1:$UP", api_keys: [{file: $work/upstream.key}]}]
 YAML
 wait_port "$UP"; wait_port "$NG"; wait_port "$RD"
-"$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & pids+=($!)
+"$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
 wait_port "$RL"
 
 BODY='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
@@ -86,8 +86,13 @@ if [ -z "${RATE:-}" ]; then
 fi
 run_oha warm-nginx "$NG" "$RATE" > /dev/null; run_oha warm-relay "$RL" "$RATE" > /dev/null
 echo "constant rate: oha -q $RATE -c $CONNECTIONS -z ${SECS}s --latency-correction, $ROUNDS turns"
-all=$(for _ in $(seq 1 "$ROUNDS"); do run_oha nginx "$NG" "$RATE"; run_oha relay "$RL" "$RATE"; done)
-echo "$all" > "$out/tail-rounds.txt"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+relay_ticks=0
+for _ in $(seq 1 "$ROUNDS"); do
+  run_oha nginx "$NG" "$RATE"
+  t0=$(ticks "$relay_pid"); run_oha relay "$RL" "$RATE"; relay_ticks=$((relay_ticks + $(ticks "$relay_pid") - t0))
+done > "$out/tail-rounds.txt"
+all=$(cat "$out/tail-rounds.txt")
 
 report=$(
   echo "== tail latency at a constant rate ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores) =="
@@ -106,6 +111,9 @@ report=$(
       for (t in p99) printf "median %-6s p50 %6d us  p99 %6d us  p99.9 %6d us\n", t, median(p50[t]), median(p99[t]), median(p999[t])
       printf "ratio: relay p99 / nginx p99 %.2f (target <= 1.20); p99.9 %.2f\n", median(p99["relay"]) / median(p99["nginx"]), median(p999["relay"]) / median(p999["nginx"])
     }' | sort
+  # What a core serves: the relay's CPU time over the requests of its turns.
+  echo "$all" | awk -v t="$relay_ticks" -v hz="$(getconf CLK_TCK)" -v s="$SECS" '$1=="relay" {n += $5 * s}
+    END {us = t / hz * 1e6 / n; printf "relay CPU per request: %.1f us (%.0f req/s per core)\n", us, 1e6 / us}'
 )
 echo
 echo "$report" | tee "$out/tail.txt"

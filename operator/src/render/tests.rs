@@ -429,8 +429,8 @@ fn deployment_is_exactly_as_expected() {
                         "livenessProbe": probe("/healthz", 10),
                         "readinessProbe": probe("/readyz", 5),
                         "resources": {
-                            "requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": {"memory": "256Mi"},
+                            "requests": {"cpu": "100m", "memory": "128Mi"},
+                            "limits": {"memory": "512Mi"},
                         },
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
