@@ -42,7 +42,7 @@ UP=$(free_port); NG=$(free_port); RL=$(free_port); RA=$(free_port); RD=$(free_po
 redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no > "$work/redis.log" 2>&1 & pids+=($!)
 write_proxy_conf "$NG" "$UP" 256 8192 "worker_processes auto;"
 start_upstream "$UP"
-"$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" & pids+=($!)
+"$NGINX" -c "$work/ng/nginx.conf" -p "$work/ng" & nginx_pid=$!; pids+=($nginx_pid)
 # The core relay of run.sh: a relay key, one region, state in Redis.
 cat > "$work/relay.yaml" <<YAML
 server: {listen: 127.0.0.1:$RL, admin_listen: 127.0.0.1:$RA}
@@ -87,9 +87,11 @@ fi
 run_oha warm-nginx "$NG" "$RATE" > /dev/null; run_oha warm-relay "$RL" "$RATE" > /dev/null
 echo "constant rate: oha -q $RATE -c $CONNECTIONS -z ${SECS}s --latency-correction, $ROUNDS turns"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-relay_ticks=0
+# nginx's CPU: its master and worker processes.
+nginx_ticks_now() { local t=0 p; for p in "$nginx_pid" $(pgrep -P "$nginx_pid"); do t=$((t + $(ticks "$p"))); done; echo "$t"; }
+relay_ticks=0; nginx_ticks=0
 for _ in $(seq 1 "$ROUNDS"); do
-  run_oha nginx "$NG" "$RATE"
+  t0=$(nginx_ticks_now); run_oha nginx "$NG" "$RATE"; nginx_ticks=$((nginx_ticks + $(nginx_ticks_now) - t0))
   t0=$(ticks "$relay_pid"); run_oha relay "$RL" "$RATE"; relay_ticks=$((relay_ticks + $(ticks "$relay_pid") - t0))
 done > "$out/tail-rounds.txt"
 all=$(cat "$out/tail-rounds.txt")
@@ -111,9 +113,12 @@ report=$(
       for (t in p99) printf "median %-6s p50 %6d us  p99 %6d us  p99.9 %6d us\n", t, median(p50[t]), median(p99[t]), median(p999[t])
       printf "ratio: relay p99 / nginx p99 %.2f (target <= 1.20); p99.9 %.2f\n", median(p99["relay"]) / median(p99["nginx"]), median(p999["relay"]) / median(p999["nginx"])
     }' | sort
-  # What a core serves: the relay's CPU time over the requests of its turns.
-  echo "$all" | awk -v t="$relay_ticks" -v hz="$(getconf CLK_TCK)" -v s="$SECS" '$1=="relay" {n += $5 * s}
-    END {us = t / hz * 1e6 / n; printf "relay CPU per request: %.1f us (%.0f req/s per core)\n", us, 1e6 / us}'
+  # What a core serves: each proxy's CPU time over the requests of its turns.
+  for t in nginx relay; do
+    ticks_of=$nginx_ticks; [ "$t" = relay ] && ticks_of=$relay_ticks
+    echo "$all" | awk -v name="$t" -v t="$ticks_of" -v hz="$(getconf CLK_TCK)" -v s="$SECS" '$1==name {n += $5 * s}
+      END {us = t / hz * 1e6 / n; printf "%s CPU per request: %.1f us (%.0f req/s per core)\n", name, us, 1e6 / us}'
+  done
 )
 echo
 echo "$report" | tee "$out/tail.txt"

@@ -284,7 +284,7 @@ pub fn secret_volume_name(secret: &str) -> String {
 /// ~32 KB per open stream, so the request holds the ~2,000 streams per pod the
 /// README suggests for `targetInFlightPerPod`, and the limit ~15,000 (a burst
 /// faster than the HPA, or the 64 MiB response cache on top). CPU goes with
-/// requests (~23 us per 1 KB JSON request): 100m serves ~4,000 requests/s.
+/// requests (23-34 us per 1 KB JSON request): 100m serves ~3,000-4,000 requests/s.
 fn default_resources() -> ResourceRequirements {
     // No CPU limit: throttling adds latency to every request; memory is capped.
     ResourceRequirements {
