@@ -335,7 +335,7 @@ pub struct Autoscaling {
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
     /// Average requests in flight per pod to aim for; needs a custom metrics
-    /// adapter serving the proxy's `claude_relay_requests_in_flight` metric.
+    /// adapter serving the proxy's `claude_relay_in_flight_requests` metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_in_flight_per_pod: Option<i32>,

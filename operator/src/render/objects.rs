@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{CONFIG_KEY, Names, owned_meta, selector_labels};
 
 /// The metric a custom metrics adapter must serve for `targetInFlightPerPod`.
-pub const IN_FLIGHT_METRIC: &str = "claude_relay_requests_in_flight";
+pub const IN_FLIGHT_METRIC: &str = "claude_relay_in_flight_requests";
 
 pub fn service_account(relay: &ClaudeRelay, names: &Names) -> ServiceAccount {
     ServiceAccount {

@@ -429,8 +429,8 @@ fn deployment_is_exactly_as_expected() {
                         "livenessProbe": probe("/healthz", 10),
                         "readinessProbe": probe("/readyz", 5),
                         "resources": {
-                            "requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": {"memory": "256Mi"},
+                            "requests": {"cpu": "100m", "memory": "128Mi"},
+                            "limits": {"memory": "512Mi"},
                         },
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
@@ -555,7 +555,7 @@ fn autoscaling_renders_an_hpa_and_leaves_replicas_to_it() {
                 "metrics": [
                     {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}},
                     {"type": "Pods", "pods": {
-                        "metric": {"name": "claude_relay_requests_in_flight"},
+                        "metric": {"name": "claude_relay_in_flight_requests"},
                         "target": {"type": "AverageValue", "averageValue": "200"},
                     }},
                 ],
