@@ -16,6 +16,24 @@ use crate::apiserver::{ApiServer, Key};
 /// The field manager of the HPA controller's writes.
 pub const HPA_MANAGER: &str = "kube-controller-manager";
 
+/// The field managers owning a Deployment's `spec.replicas`, each as
+/// "manager Operation", from its `metadata.managedFields`.
+pub fn replica_owners(deployment: &Value) -> Vec<String> {
+    deployment["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.pointer("/fieldsV1/f:spec/f:replicas").is_some())
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["manager"].as_str().unwrap_or_default(),
+                e["operation"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 pub struct HpaController {
     delay: Duration,
     /// The replica count the metrics call for (no load metrics here).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use claude_relay_crds::{ClaudeRelay, UpstreamRegion};
 use claude_relay_e2e::apiserver::ApiServer;
 use claude_relay_e2e::cluster::{Cluster, work_dir};
-use claude_relay_e2e::hpa::{HPA_MANAGER, HpaController};
+use claude_relay_e2e::hpa::{HPA_MANAGER, HpaController, replica_owners};
 use claude_relay_e2e::operator::OperatorProcess;
 use claude_relay_operator::controller::FIELD_MANAGER;
 use claude_relay_operator::handover::HANDOVER_MANAGER;
@@ -107,23 +107,6 @@ fn runs(samples: &[Option<i64>]) -> String {
 
 fn replicas_of(deployment: &Value) -> Option<i64> {
     deployment["spec"]["replicas"].as_i64()
-}
-
-/// The managers owning `spec.replicas`, as "manager Operation".
-fn replica_owners(deployment: &Value) -> Vec<String> {
-    deployment["metadata"]["managedFields"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e.pointer("/fieldsV1/f:spec/f:replicas").is_some())
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["manager"].as_str().unwrap_or_default(),
-                e["operation"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
 }
 
 /// Runs `body`; on a panic prints the operator's log and the double's requests first.

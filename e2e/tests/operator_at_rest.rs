@@ -20,7 +20,8 @@ const REFRESH: Duration = Duration::from_millis(300);
 const UPSTREAM_KEY: &str = "sk-ant-e2e-value-never-shown";
 const RELAY_KEY: &str = "relay-key-value-never-shown";
 
-async fn base_objects(cluster: &Cluster) {
+/// The Secrets the relay refers to: its upstream key and its relay key.
+async fn apply_secrets(cluster: &Cluster) {
     cluster
         .apply(&secret("upstream-keys", &[("api-key", UPSTREAM_KEY)]))
         .await
@@ -29,6 +30,10 @@ async fn base_objects(cluster: &Cluster) {
         .apply(&secret("app-credentials", &[("relay-key", RELAY_KEY)]))
         .await
         .unwrap();
+}
+
+async fn base_objects(cluster: &Cluster) {
+    apply_secrets(cluster).await;
     for (name, priority, labels) in [
         ("us", 0, &[("relay", "main"), ("tier", "gold")][..]),
         ("eu", 10, &[("relay", "main")][..]),
@@ -282,14 +287,7 @@ async fn what_happens_to_a_relay_shows_as_events() {
     .await;
 
     // The Secrets appear (the operator watches them): the objects are created.
-    cluster
-        .apply(&secret("upstream-keys", &[("api-key", UPSTREAM_KEY)]))
-        .await
-        .unwrap();
-    cluster
-        .apply(&secret("app-credentials", &[("relay-key", RELAY_KEY)]))
-        .await
-        .unwrap();
+    apply_secrets(cluster).await;
     expect_event(&world, "main", "Created", "ConfigMap main-config created").await;
     expect_event(&world, "main", "Created", "Deployment main created").await;
     expect_event(

@@ -441,12 +441,8 @@ impl Store {
         body: Value,
         status: bool,
     ) -> Result<Value> {
+        let old = self.get(rt, namespace, name)?;
         let key = Self::key(rt, namespace, name);
-        let old = self
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt, name))?;
         if let Some(rv) = meta_str(&body, "resourceVersion")
             && Some(rv) != meta_str(&old, "resourceVersion")
         {
@@ -568,12 +564,8 @@ impl Store {
         manager: &str,
         patch: Value,
     ) -> Result<Value> {
+        let old = self.get(rt, namespace, name)?;
         let key = Self::key(rt, namespace, name);
-        let old = self
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt, name))?;
         let mut merged = old.clone();
         merge_patch(&mut merged, &patch);
         let saved = self.ownership_of(&key);
@@ -677,12 +669,8 @@ impl Store {
         name: &str,
         orphan: bool,
     ) -> Result<Value> {
+        let old = self.get(rt, namespace, name)?;
         let key = Self::key(rt, namespace, name);
-        let old = self
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt, name))?;
         let finalizers = meta(&old, "finalizers")
             .and_then(Value::as_array)
             .is_some_and(|f| !f.is_empty());
@@ -1203,6 +1191,7 @@ fn default_deployment(deployment: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hpa::replica_owners;
 
     fn configmaps(store: &Store) -> ResourceType {
         store.resource("", "v1", "configmaps").unwrap()
@@ -1244,31 +1233,15 @@ mod tests {
             .unwrap()
     }
 
-    fn managers_of_replicas(object: &Value) -> Vec<String> {
-        object["metadata"]["managedFields"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e.pointer("/fieldsV1/f:spec/f:replicas").is_some())
-            .map(|e| {
-                format!(
-                    "{} {}",
-                    e["manager"].as_str().unwrap(),
-                    e["operation"].as_str().unwrap()
-                )
-            })
-            .collect()
-    }
-
     #[test]
     fn a_field_dropped_by_its_only_applier_is_removed_then_defaulted() {
         let mut store = Store::default();
         let first = apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
         assert_eq!(first["spec"]["replicas"], 3);
-        assert_eq!(managers_of_replicas(&first), ["op Apply"]);
+        assert_eq!(replica_owners(&first), ["op Apply"]);
         let second = apply_deployment(&mut store, "op", json!({"paused": false}));
         assert_eq!(second["spec"]["replicas"], 1, "removed, then defaulted");
-        assert!(managers_of_replicas(&second).is_empty());
+        assert!(replica_owners(&second).is_empty());
     }
 
     #[test]
@@ -1276,13 +1249,10 @@ mod tests {
         let mut store = Store::default();
         apply_deployment(&mut store, "op", json!({"replicas": 3, "paused": false}));
         let shared = apply_deployment(&mut store, "handover", json!({"replicas": 3}));
-        assert_eq!(
-            managers_of_replicas(&shared),
-            ["handover Apply", "op Apply"]
-        );
+        assert_eq!(replica_owners(&shared), ["handover Apply", "op Apply"]);
         let dropped = apply_deployment(&mut store, "op", json!({"paused": false}));
         assert_eq!(dropped["spec"]["replicas"], 3);
-        assert_eq!(managers_of_replicas(&dropped), ["handover Apply"]);
+        assert_eq!(replica_owners(&dropped), ["handover Apply"]);
     }
 
     #[test]
@@ -1300,7 +1270,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(scaled["spec"]["replicas"], 4);
-        assert_eq!(managers_of_replicas(&scaled), ["hpa Update"]);
+        assert_eq!(replica_owners(&scaled), ["hpa Update"]);
         // Not the operator's any more: dropping it changes nothing.
         let dropped = apply_deployment(&mut store, "op", json!({"paused": false}));
         assert_eq!(dropped["spec"]["replicas"], 4);
@@ -1326,7 +1296,7 @@ mod tests {
         );
         let forced = apply_deployment(&mut store, "op", json!({"replicas": 2, "paused": false}));
         assert_eq!(forced["spec"]["replicas"], 2);
-        assert_eq!(managers_of_replicas(&forced), ["op Apply"]);
+        assert_eq!(replica_owners(&forced), ["op Apply"]);
     }
 
     #[test]
