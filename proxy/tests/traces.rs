@@ -61,6 +61,14 @@ fn start(config: &str) -> ProxyProcess {
     )
 }
 
+/// Sends `count` plain messages through `proxy`, each answered 200.
+async fn relay_ok(client: &th::TestClient, proxy: &ProxyProcess, count: usize) {
+    for _ in 0..count {
+        let answer = send(client, messages_request(proxy, RELAY_KEY, BODY, &[])).await;
+        assert_eq!(answer.status, 200);
+    }
+}
+
 fn only<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();
     assert_eq!(found.len(), 1, "{what}: {spans:#?}");
@@ -268,14 +276,7 @@ async fn sampling_follows_the_ratio_for_roots_and_the_parent_flag_otherwise() {
         &traces(&collector.endpoint(), 0.0, ""),
     ));
     let client = th::client();
-    for _ in 0..5 {
-        assert_eq!(
-            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
-                .await
-                .status,
-            200
-        );
-    }
+    relay_ok(&client, &proxy, 5).await;
     let parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
     let answer = send(
         &client,
@@ -314,14 +315,7 @@ async fn sampling_follows_the_ratio_for_roots_and_the_parent_flag_otherwise() {
     )
     .await;
     assert_eq!(answer.status, 200);
-    for _ in 0..3 {
-        assert_eq!(
-            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
-                .await
-                .status,
-            200
-        );
-    }
+    relay_ok(&client, &proxy, 3).await;
     let spans = collector.wait_for_spans(6, WAIT).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(collector.spans().len(), 6);
@@ -362,10 +356,7 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
         &traces(&down, 1.0, ""),
     ));
     let client = th::client();
-    for _ in 0..20 {
-        let answer = send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[])).await;
-        assert_eq!(answer.status, 200);
-    }
+    relay_ok(&client, &proxy, 20).await;
     // Two spans a request (the request and its attempt), all dropped.
     wait_for("the drops counted", WAIT, async || {
         spans_metric(&proxy, "dropped_export_failed").await == 40.0
@@ -386,12 +377,7 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
         &region("main", &upstream.base_url(), 0),
         &traces(&collector.endpoint(), 1.0, ""),
     ));
-    assert_eq!(
-        send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
-            .await
-            .status,
-        200
-    );
+    relay_ok(&client, &proxy, 1).await;
     wait_for("the failed export counted", WAIT, async || {
         spans_metric(&proxy, "dropped_export_failed").await == 2.0
     })
@@ -405,14 +391,7 @@ async fn a_collector_down_or_a_full_queue_drops_spans_and_never_a_request() {
         &traces(&collector.endpoint(), 1.0, "  max_queue_spans: 3\n")
             .replace("export_interval: 100ms", "export_interval: 1h"),
     ));
-    for _ in 0..5 {
-        assert_eq!(
-            send(&client, messages_request(&proxy, RELAY_KEY, BODY, &[]))
-                .await
-                .status,
-            200
-        );
-    }
+    relay_ok(&client, &proxy, 5).await;
     wait_for("the queue drops counted", WAIT, async || {
         spans_metric(&proxy, "dropped_queue_full").await == 8.0
     })

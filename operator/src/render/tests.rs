@@ -38,6 +38,16 @@ fn json_of<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap()
 }
 
+/// Where the proxy container mounts its volumes.
+fn mount_paths(rendered: &Rendered) -> Vec<String> {
+    json_of(&rendered.deployment)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str().map(str::to_owned))
+        .collect()
+}
+
 fn meta(name: &str) -> Value {
     json!({
         "name": name,
@@ -618,15 +628,11 @@ fn egress_proxies_are_rendered_with_mounted_credentials() {
     );
     assert!(value["regions"][2].get("egress_proxy").is_none());
     // The credentials Secret is mounted like the API key Secrets.
-    let pod = json_of(&rendered.deployment)["spec"]["template"]["spec"].clone();
-    let mounts: Vec<_> = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["mountPath"].as_str())
-        .collect();
+    let mounts = mount_paths(&rendered);
     assert!(
-        mounts.contains(&"/etc/claude-relay/secrets/egress-us"),
+        mounts
+            .iter()
+            .any(|m| m == "/etc/claude-relay/secrets/egress-us"),
         "{mounts:?}"
     );
 
@@ -920,15 +926,11 @@ fn traces_are_rendered_with_header_secrets_mounted() {
     );
     // The token's Secret is mounted like the API keys'; only its path is in
     // the ConfigMap.
-    let pod = json_of(&rendered.deployment)["spec"]["template"]["spec"].clone();
-    let mounts: Vec<_> = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["mountPath"].as_str())
-        .collect();
+    let mounts = mount_paths(&rendered);
     assert!(
-        mounts.contains(&"/etc/claude-relay/secrets/otel-token"),
+        mounts
+            .iter()
+            .any(|m| m == "/etc/claude-relay/secrets/otel-token"),
         "{mounts:?}"
     );
 
