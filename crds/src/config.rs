@@ -873,6 +873,13 @@ pub struct RedisStoreConfig {
     /// the commands of its requests.
     #[serde(default = "default_redis_pool_size")]
     pub pool_size: usize,
+    /// Several commands in flight on one connection: the commands of a
+    /// worker's concurrent requests go out together and Redis reads them
+    /// at once. `false` keeps one command at a time on each connection
+    /// (concurrent requests wait for each other's round trip), only to
+    /// measure what pipelining gains or to rule it out when diagnosing.
+    #[serde(default = "default_true")]
+    pub pipeline: bool,
     /// TCP (and TLS) connect.
     #[serde(default = "default_redis_connect_timeout")]
     pub connect_timeout: HumanDuration,
@@ -2277,6 +2284,15 @@ replay: {window: 2m, fail_open: true}
         };
         assert_eq!(redis.mode, RedisMode::Standalone);
         assert_eq!(redis.pool_size, 8);
+        assert!(redis.pipeline, "pipelining is on unless turned off");
+        let unpipelined = config(&format!(
+            "{clients}store: {{redis: {{url: 'redis://redis:6379/0', pipeline: false}}}}\n"
+        ))
+        .unwrap();
+        let Some(StoreConfig::Redis(redis)) = &unpipelined.store else {
+            panic!("not redis: {:?}", unpipelined.store)
+        };
+        assert!(!redis.pipeline);
         assert_eq!(redis.command_timeout.as_millis(), 250);
         assert_eq!(redis.reconnect.max_delay.as_secs(), 5);
 
@@ -2338,6 +2354,10 @@ replay: {window: 2m, fail_open: true}
             (
                 "{redis: {url: 'redis://x:1', reconnect: {min_delay: 10s, max_delay: 1s}}}",
                 "store.redis.reconnect.min_delay",
+            ),
+            (
+                "{redis: {url: 'redis://x:1', pipeline: sometimes}}",
+                "store.redis.pipeline",
             ),
             ("{memory: {max_entries: 0}}", "store.memory.max_entries"),
         ] {

@@ -718,3 +718,122 @@ async fn the_client_rate_limit_holds_across_two_replicas() {
         assert_eq!(send(&client, relay_key_request(&a)).await.status, 200);
     }
 }
+
+/// `store.redis.pipeline: false` keeps one command at a time on each Redis
+/// connection: while Redis holds writes back (`CLIENT PAUSE WRITE`), the
+/// concurrent requests of a worker leave one nonce in Redis's hands and
+/// wait in the relay; pipelined, they pile up in the connection's query
+/// buffer. Either way every request is served once its nonce is claimed,
+/// and a replayed nonce is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pipelining_a_connection_carries_one_nonce_at_a_time() {
+    const CONCURRENT: usize = 8;
+    let setup = Setup::new().await;
+    let config = |pipeline: bool| {
+        setup
+            .config(&["old"], "", default_replay())
+            .replace(
+                "reload_interval: 50ms}",
+                "reload_interval: 50ms, workers: 1}",
+            )
+            .replace(
+                "command_timeout: 200ms}",
+                // Long enough for commands held back by the pause.
+                &format!("command_timeout: 5s, pool_size: 1, pipeline: {pipeline}}}"),
+            )
+    };
+    // The nonce SETs Redis holds back, with the bytes queued behind each.
+    let held_nonces = || -> Vec<usize> {
+        let list = setup.redis.cli(&["CLIENT", "LIST"]).unwrap();
+        list.lines()
+            .filter(|line| line.contains(" flags=b ") && line.contains(" cmd=set "))
+            .map(|line| {
+                let qbuf = line.split(' ').find_map(|f| f.strip_prefix("qbuf="));
+                qbuf.unwrap().parse().unwrap()
+            })
+            .collect()
+    };
+    let mut served = 0;
+    for pipeline in [true, false] {
+        let proxy = setup.proxy(&config(pipeline));
+        let client = th::client();
+        // The worker's own connection comes up on its first requests.
+        let relay_connections = || {
+            let list = setup.redis.cli(&["CLIENT", "LIST"]).unwrap();
+            list.lines()
+                .filter(|line| !line.trim().is_empty() && !line.contains("cmd=client|list"))
+                .count()
+        };
+        let mut warm = 0;
+        th::wait_for(
+            "the shared connection and the worker's",
+            Duration::from_secs(5),
+            async || {
+                let answer = send(&client, signed_now(&proxy, SECRET_OLD)).await;
+                assert_eq!(answer.status, 200, "{:?}", answer.body);
+                warm += 1;
+                relay_connections() == 2
+            },
+        )
+        .await;
+        let nonce = fresh_nonce();
+        let now = signing::unix_now();
+        let once = || {
+            signed(
+                &proxy,
+                "signer",
+                SECRET_OLD,
+                "/v1/messages",
+                BODY,
+                now,
+                &nonce,
+            )
+        };
+        assert_eq!(send(&client, once()).await.status, 200);
+        assert_refused(
+            &send(&client, once()).await,
+            401,
+            "authentication_error",
+            "replayed nonce",
+        );
+
+        setup
+            .redis
+            .cli(&["CLIENT", "PAUSE", "3000", "WRITE"])
+            .unwrap();
+        let requests: Vec<_> = (0..CONCURRENT)
+            .map(|_| {
+                let (client, request) = (client.clone(), signed_now(&proxy, SECRET_OLD));
+                tokio::spawn(async move { send(&client, request).await })
+            })
+            .collect();
+        if pipeline {
+            th::wait_for(
+                "nonces queued behind the held one",
+                Duration::from_secs(2),
+                async || held_nonces().iter().any(|&queued| queued > 0),
+            )
+            .await;
+        } else {
+            th::wait_for("a nonce held back", Duration::from_secs(2), async || {
+                !held_nonces().is_empty()
+            })
+            .await;
+            // Time for the others to be written, were they to be.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                held_nonces(),
+                [0],
+                "one command on the connection, none behind it"
+            );
+            assert!(requests.iter().all(|r| !r.is_finished()));
+        }
+        setup.redis.cli(&["CLIENT", "UNPAUSE"]).unwrap();
+        for request in requests {
+            let answer = request.await.unwrap();
+            assert_eq!(answer.status, 200, "pipeline {pipeline}: {:?}", answer.body);
+        }
+        served += warm + 1 + CONCURRENT;
+    }
+    assert_eq!(setup.upstream.request_count(), served);
+}

@@ -6,18 +6,23 @@
 //!   replicas could interleave;
 //! - a rate-limit hit is one Lua script (INCR, and PEXPIRE on a new window).
 //!
+//! Commands of concurrent requests share a connection, several in flight
+//! at once (pipelined); `store.redis.pipeline: false` keeps one at a time
+//! on each connection, to measure what that gains or to rule it out.
+//!
 //! While Redis is unreachable, calls fail at once with transient errors
 //! (`fail_fast`), and every call is bounded by `command_timeout`, so a
 //! request never hangs on the store. Commands are never retried: a retried
 //! `SET NX` whose first reply was lost would call a fresh nonce a replay.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use claude_relay_crds::config::{RedisMode, RedisStoreConfig};
 use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
+    Builder, Client, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, Pool, ReconnectPolicy, Server, ServerConfig, SetOptions, Value,
 };
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping, UnresponsiveConfig};
@@ -176,13 +181,85 @@ return 1
 /// test against a real Redis), so EVALSHA needs no hashing here.
 pub(crate) const RATE_LIMIT_SHA1: &str = "1e41cfc412e6f2421d73aaf3e2078ab84078a3e2";
 
-pub struct RedisStore {
+/// Connections to Redis, and how commands take them.
+struct Lane {
     pool: Pool,
+    /// With pipelining off: one lock per connection of `pool`, held by a
+    /// command from its write to its reply.
+    turns: Option<Box<[tokio::sync::Mutex<()>]>>,
+    /// Where the next command starts looking for a free connection.
+    next: AtomicUsize,
+}
+
+/// A connection taken for one command (or a command and its retry).
+struct Turn<'a> {
+    client: &'a Client,
+    _held: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+impl Lane {
+    fn new(pool: Pool, pipeline: bool) -> Self {
+        let turns = (!pipeline).then(|| {
+            (0..pool.size())
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect()
+        });
+        Self {
+            pool,
+            turns,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A connection at once: pipelined, a connected one whatever it
+    /// carries (as the pool picks one); otherwise a connected one with no
+    /// command in flight, if there is one.
+    fn try_take(&self) -> Option<Turn<'_>> {
+        let Some(turns) = &self.turns else {
+            return Some(Turn {
+                client: self.pool.next_connected(),
+                _held: None,
+            });
+        };
+        let clients = self.pool.clients();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..clients.len())
+            .map(|i| (start + i) % clients.len())
+            .find_map(|at| {
+                let held = turns[at].try_lock().ok()?;
+                clients[at].is_connected().then_some(Turn {
+                    client: &clients[at],
+                    _held: Some(held),
+                })
+            })
+    }
+
+    /// The next connection to come free (pipelining off, all busy); the
+    /// wait is in line, first come first served.
+    async fn take(&self) -> Turn<'_> {
+        if let Some(turn) = self.try_take() {
+            return turn;
+        }
+        let clients = self.pool.clients();
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % clients.len();
+        let held = match &self.turns {
+            Some(turns) => Some(turns[at].lock().await),
+            None => None,
+        };
+        Turn {
+            client: &clients[at],
+            _held: held,
+        }
+    }
+}
+
+pub struct RedisStore {
+    shared: Lane,
     /// One connection per worker thread, made on its first request and
     /// driven by that worker's runtime: a request's command and its answer
-    /// stay on the request's thread, and the commands a worker's requests
-    /// send in one turn of its loop go out in one write.
-    worker_pools: Box<[OnceLock<Option<Pool>>]>,
+    /// stay on the request's thread, and (pipelined) the commands a
+    /// worker's requests send in one turn of its loop go out in one write.
+    worker_lanes: Box<[OnceLock<Option<Lane>>]>,
     /// What the shared pool was built from, for the workers' own; boxed,
     /// as it is read once per worker and would otherwise swell the store.
     recipe: Box<(RedisStoreConfig, Config)>,
@@ -216,8 +293,8 @@ impl RedisStore {
             ),
         }
         Ok(Self {
-            pool,
-            worker_pools: (0..crate::base::worker::MAX_WORKERS)
+            shared: Lane::new(pool, config.pipeline),
+            worker_lanes: (0..crate::base::worker::MAX_WORKERS)
                 .map(|_| OnceLock::new())
                 .collect(),
             recipe: Box::new((config.clone(), fred)),
@@ -232,12 +309,12 @@ impl RedisStore {
         })
     }
 
-    /// The pool for a request's commands: the calling worker's own
-    /// connection when it is up; otherwise (off the workers, while it
-    /// connects or reconnects) the shared pool.
-    fn hot_pool(&self) -> &Pool {
-        let Some(slot) = crate::base::worker::index().and_then(|i| self.worker_pools.get(i)) else {
-            return &self.pool;
+    /// The connections for a request's commands: the calling worker's own
+    /// when it is up; otherwise (off the workers, while it connects or
+    /// reconnects) the shared pool.
+    fn hot_lane(&self) -> &Lane {
+        let Some(slot) = crate::base::worker::index().and_then(|i| self.worker_lanes.get(i)) else {
+            return &self.shared;
         };
         // Made and connected without an await: the connection's tasks are
         // spawned on this worker's runtime.
@@ -245,26 +322,42 @@ impl RedisStore {
         let own = slot.get_or_init(|| match build_pool(settings, fred.clone(), 1) {
             Ok(pool) => {
                 drop(pool.connect());
-                Some(pool)
+                Some(Lane::new(pool, settings.pipeline))
             }
             // fred took the same config for the shared pool; should it not
             // now, the shared pool serves.
             Err(_) => None,
         });
         match own {
-            Some(pool) if pool.is_connected() => pool,
-            _ => &self.pool,
+            Some(lane) if lane.pool.is_connected() => lane,
+            _ => &self.shared,
         }
+    }
+
+    /// A connection of `lane` for one command; with pipelining off, the
+    /// wait for one to come free is bounded like a command.
+    async fn turn<'a>(&self, lane: &'a Lane) -> Result<Turn<'a>, StoreError> {
+        if let Some(turn) = lane.try_take() {
+            return Ok(turn);
+        }
+        tokio::time::timeout(self.command_timeout, lane.take())
+            .await
+            .map_err(|_| {
+                StoreError::transient(format!(
+                    "redis: no connection free within {:?}",
+                    self.command_timeout
+                ))
+            })
     }
 
     /// The connection pool, for the breakers and key cooldowns that share it.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.shared.pool
     }
 
     /// Whether at least one pooled connection is up.
     pub fn is_connected(&self) -> bool {
-        self.pool.is_connected()
+        self.shared.pool.is_connected()
     }
 
     /// Runs one command with the store's options and a hard bound on time.
@@ -310,7 +403,8 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, StoreError> {
-        let client = self.hot_pool().with_options(&self.options);
+        let turn = self.turn(self.hot_lane()).await?;
+        let client = turn.client.with_options(&self.options);
         let result = self
             .bounded(client.evalsha::<R, _, _, _>(sha1, keys.clone(), args.clone()))
             .await;
@@ -415,7 +509,8 @@ impl RedisStore {
 
     /// Level 2 of the response cache: the entry under `key`, if any.
     pub async fn cache_get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.bounded(self.hot_pool().with_options(&self.options).get(key))
+        let turn = self.turn(self.hot_lane()).await?;
+        self.bounded(turn.client.with_options(&self.options).get(key))
             .await
     }
 
@@ -427,7 +522,8 @@ impl RedisStore {
         value: Bytes,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.bounded(self.pool.with_options(&self.options).set::<(), _, _>(
+        let turn = self.turn(&self.shared).await?;
+        self.bounded(turn.client.with_options(&self.options).set::<(), _, _>(
             key,
             value,
             Some(Expiration::PX(millis_i64(ttl))),
@@ -442,7 +538,9 @@ impl RedisStore {
     /// admin operation, never one on the request path.
     pub async fn cache_purge(&self, scope: Option<&str>) -> Result<u64, StoreError> {
         let pattern = self.keys.cache_pattern(scope);
-        let client = self.pool.next();
+        // NB: the SCAN stream is not held to one command per connection
+        // when pipelining is off; the UNLINKs are.
+        let client = self.shared.pool.next();
         let mut keys = if client.is_clustered() {
             client
                 .scan_cluster_buffered(pattern, Some(500), None)
@@ -450,7 +548,6 @@ impl RedisStore {
         } else {
             client.scan_buffered(pattern, Some(500), None).boxed()
         };
-        let unlinker = self.pool.with_options(&self.options);
         let mut deleted = 0u64;
         let mut batch = Vec::new();
         loop {
@@ -463,9 +560,15 @@ impl RedisStore {
             }
             if batch.len() >= 100 || (done && !batch.is_empty()) {
                 // One key per UNLINK: keys of a batch may live on different cluster slots.
-                let unlinks = batch
-                    .drain(..)
-                    .map(|key| self.bounded(unlinker.unlink::<u64, _>(key)));
+                let unlinks = batch.drain(..).map(|key| async move {
+                    let turn = self.turn(&self.shared).await?;
+                    self.bounded(
+                        turn.client
+                            .with_options(&self.options)
+                            .unlink::<u64, _>(key),
+                    )
+                    .await
+                });
                 for result in futures_util::future::join_all(unlinks).await {
                     deleted += result?;
                 }
@@ -486,8 +589,9 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let key = self.keys.nonce(client, nonce);
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let turn = self.turn(self.hot_lane()).await?;
         let reply: Value = self
-            .bounded(self.hot_pool().with_options(&self.options).set(
+            .bounded(turn.client.with_options(&self.options).set(
                 key,
                 1,
                 Some(Expiration::PX(ttl_ms)),
@@ -574,8 +678,9 @@ impl Store for RedisStore {
 
     async fn release_slot(&self, client: &str, slot: &str) -> Result<(), StoreError> {
         // On the worker's own connection, like the admission that took it.
+        let turn = self.turn(self.hot_lane()).await?;
         self.bounded(
-            self.hot_pool()
+            turn.client
                 .with_options(&self.options)
                 .zrem::<i64, _, _>(self.keys.in_flight(client), slot),
         )
@@ -606,9 +711,10 @@ impl Store for RedisStore {
     }
 
     async fn usage(&self, client: &str, day: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let turn = self.turn(&self.shared).await?;
         let all: std::collections::HashMap<String, u64> = self
             .bounded(
-                self.pool
+                turn.client
                     .with_options(&self.options)
                     .hgetall(self.keys.usage(client, day)),
             )
@@ -643,11 +749,11 @@ impl Drop for RedisStore {
     fn drop(&mut self) {
         // Stop the reconnect loops of a store replaced on reload.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pools: Vec<Pool> = std::iter::once(self.pool.clone())
+            let pools: Vec<Pool> = std::iter::once(self.shared.pool.clone())
                 .chain(
-                    self.worker_pools
+                    self.worker_lanes
                         .iter()
-                        .filter_map(|p| p.get().cloned().flatten()),
+                        .filter_map(|lane| Some(lane.get()?.as_ref()?.pool.clone())),
                 )
                 .collect();
             runtime.spawn(async move {
@@ -663,7 +769,8 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("keys", &self.keys)
-            .field("pool_size", &self.pool.size())
+            .field("pool_size", &self.shared.pool.size())
+            .field("pipeline", &self.shared.turns.is_none())
             .field("command_timeout", &self.command_timeout)
             .finish_non_exhaustive()
     }
@@ -948,13 +1055,13 @@ mod tests {
         )
         .await
         .unwrap();
-        let sha: String = store.pool.script_load(RATE_LIMIT_LUA).await.unwrap();
+        let sha: String = store.pool().script_load(RATE_LIMIT_LUA).await.unwrap();
         assert_eq!(sha, RATE_LIMIT_SHA1);
-        let sha: String = store.pool.script_load(ADMIT_LUA).await.unwrap();
+        let sha: String = store.pool().script_load(ADMIT_LUA).await.unwrap();
         assert_eq!(sha, ADMIT_SHA1);
-        let sha: String = store.pool.script_load(SETTLE_LUA).await.unwrap();
+        let sha: String = store.pool().script_load(SETTLE_LUA).await.unwrap();
         assert_eq!(sha, SETTLE_SHA1);
-        let sha: String = store.pool.script_load(RENEW_LUA).await.unwrap();
+        let sha: String = store.pool().script_load(RENEW_LUA).await.unwrap();
         assert_eq!(sha, RENEW_SHA1);
     }
 }
