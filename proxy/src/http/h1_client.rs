@@ -16,13 +16,13 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 /// Longest response head read (status line and header fields).
@@ -35,6 +35,8 @@ const MAX_LINE: usize = 8 * 1024;
 /// Request bodies up to this size are copied behind the head, so that the
 /// request goes out in one write; larger ones are written on their own.
 const COALESCE_BODY: usize = 16 * 1024;
+/// Room for a request head without regrowing, as the relay sends them.
+const HEAD_ROOM: usize = 1024;
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -49,8 +51,6 @@ pub struct Conn<Io> {
     io: Io,
     /// Bytes read and not yet used: part of a head, or of a body.
     buf: BytesMut,
-    /// The request head being written; kept to reuse its allocation.
-    head: Vec<u8>,
     /// The relayed fields of the response head being parsed, their values
     /// as places in the buffer; kept to reuse its allocation.
     fields: Fields,
@@ -89,22 +89,46 @@ pub enum Failed {
     Exchange(io::Error),
 }
 
-/// Makes room to read into. An empty buffer that nothing shares any more
-/// starts again at the front of its allocation, so a connection keeps
-/// reading into the same few cache-warm lines; otherwise it grows only when
-/// little room is left: bytes handed on (a body chunk, header values) share
-/// the buffer, and reserving a full chunk while they live would allocate a
-/// new one at every read.
-pub(crate) fn make_room(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.try_reclaim(READ_CHUNK) {
-        return;
-    }
-    if buf.capacity() - buf.len() < MIN_ROOM {
+/// Reads what `io` has into `buf`, holding no memory while it waits, as
+/// nginx frees a keep-alive connection's buffers between requests: a
+/// connection that waits (idle in a pool or on a client, or a stream
+/// between events) would otherwise keep a read buffer each, and thousands
+/// of streams keep thousands.
+///
+/// An empty buffer whose read would block is let go. An empty buffer
+/// without room (its bytes were handed on and still live) is not grown
+/// before the read: the read lands on the stack, and the buffer is then
+/// made the size of what came. Otherwise the read goes straight into the
+/// buffer: an empty one that nothing shares any more starts again at the
+/// front of its allocation, so a busy connection keeps reading into the
+/// same few cache-warm lines; a partly filled one grows only when little
+/// room is left (bytes handed on, a body chunk or header values, share the
+/// buffer, and reserving a full chunk while they live would allocate a new
+/// one at every read).
+pub(crate) fn poll_read_lean<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.is_empty() {
+        if !buf.try_reclaim(READ_CHUNK) {
+            let mut landing = [const { MaybeUninit::<u8>::uninit() }; READ_CHUNK];
+            let mut read = ReadBuf::uninit(&mut landing);
+            ready!(Pin::new(io).poll_read(cx, &mut read))?;
+            *buf = BytesMut::from(read.filled());
+            return Poll::Ready(Ok(buf.len()));
+        }
+    } else if buf.capacity() - buf.len() < MIN_ROOM {
         buf.reserve(READ_CHUNK);
     }
+    let polled = poll_read_buf(Pin::new(io), cx, buf);
+    if polled.is_pending() && buf.is_empty() {
+        *buf = BytesMut::new();
+    }
+    polled
 }
 
-/// Room below which a read buffer grows (or is reclaimed) before a read.
+/// Room below which a read buffer grows before a read.
 const MIN_ROOM: usize = 4 * 1024;
 
 fn invalid(message: &'static str) -> io::Error {
@@ -112,10 +136,9 @@ fn invalid(message: &'static str) -> io::Error {
 }
 
 impl<Io: AsyncRead + Unpin> Conn<Io> {
-    /// Reads what the upstream has sent into the buffer, making room first.
+    /// Reads what the upstream has sent into the buffer.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        make_room(&mut self.buf);
-        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        poll_read_lean(&mut self.io, cx, &mut self.buf)
     }
 }
 
@@ -124,7 +147,6 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
         Box::new(Self {
             io,
             buf: BytesMut::new(),
-            head: Vec::new(),
             fields: Vec::new(),
         })
     }
@@ -154,7 +176,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
         home: Arc<dyn Home<Io>>,
     ) -> Result<Response<ResponseBody<Io>>, Failed> {
         let coalesced = body.len() <= COALESCE_BODY;
-        let mut head = std::mem::take(&mut self.head);
+        // Made for each request rather than kept: an idle pooled connection
+        // (or one carrying a long stream) then holds no copy of a request
+        // that may have carried a 16 KB body.
+        let mut head = Vec::with_capacity(HEAD_ROOM + if coalesced { body.len() } else { 0 });
         encode_head(&mut head, method, target, fields, body, coalesced);
         // A write refused at once (the upstream had closed the connection)
         // sent nothing of the request.
@@ -181,7 +206,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<Io> {
                 Err(_) => Err(Failed::Exchange(write_error)),
             };
         }
-        self.head = head;
+        drop(head);
         self.read_head(method, home).await.map_err(Failed::Exchange)
     }
 
@@ -917,5 +942,109 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(failed, Failed::Unsent(_)), "{failed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_waits_holds_no_buffer() {
+        let (mut near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut buf = BytesMut::new();
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_pending());
+        assert_eq!(buf.capacity(), 0);
+        // What comes is read into a buffer of its size.
+        far.write_all(b"data: one\n\n").await.unwrap();
+        let Poll::Ready(Ok(11)) = poll_read_lean(&mut near, &mut cx, &mut buf) else {
+            panic!("not read");
+        };
+        assert_eq!(&buf[..], b"data: one\n\n");
+        assert!(buf.capacity() < 64, "{}", buf.capacity());
+        // Handed on and still alive, then a wait: the buffer is let go.
+        let event = buf.split().freeze();
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_pending());
+        assert_eq!(buf.capacity(), 0);
+        // Part of a head is kept across a wait, and grown to read the rest.
+        far.write_all(b"HTTP/1.1 200").await.unwrap();
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_ready());
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_pending());
+        assert_eq!(&buf[..], b"HTTP/1.1 200");
+        far.write_all(b" OK\r\n").await.unwrap();
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_ready());
+        assert_eq!(&buf[..], b"HTTP/1.1 200 OK\r\n");
+        // A busy connection whose bytes were all used reads into the same
+        // allocation again, without a copy through the stack.
+        let at = buf.as_ptr();
+        buf.clear();
+        far.write_all(b"more").await.unwrap();
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_ready());
+        assert_eq!(&buf[..], b"more");
+        assert_eq!(buf.as_ptr(), at);
+        assert_eq!(&event[..], b"data: one\n\n");
+        // Used up with room to spare, then a wait: let go all the same.
+        let more = buf.split().freeze();
+        assert!(buf.capacity() > 0);
+        assert!(poll_read_lean(&mut near, &mut cx, &mut buf).is_pending());
+        assert_eq!(buf.capacity(), 0);
+        assert_eq!(&more[..], b"more");
+        // More than the landing holds comes in more than one read.
+        let big = vec![b'x'; READ_CHUNK + 100];
+        buf.clear();
+        far.write_all(&big).await.unwrap();
+        let mut got = 0;
+        while let Poll::Ready(Ok(n)) = poll_read_lean(&mut near, &mut cx, &mut buf) {
+            got += n;
+            if got == big.len() {
+                break;
+            }
+        }
+        assert_eq!(&buf[..], &big[..]);
+        drop(far);
+        buf.clear();
+        assert!(matches!(
+            poll_read_lean(&mut near, &mut cx, &mut buf),
+            Poll::Ready(Ok(0))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stream_between_events_holds_no_buffer() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let home: Arc<dyn Home<DuplexStream>> = Arc::new(Kennel::default());
+        let answering = tokio::spawn(async move {
+            let mut request = vec![0u8; 4096];
+            let _ = far.read(&mut request).await.unwrap();
+            far.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                  transfer-encoding: chunked\r\n\r\n6\r\nping\n\n\r\n",
+            )
+            .await
+            .unwrap();
+            far
+        });
+        let mut response = Conn::new(near)
+            .send(
+                &Method::POST,
+                "/v1/messages",
+                &HeaderMap::new(),
+                &Bytes::from_static(b"{}"),
+                home,
+            )
+            .await
+            .map_err(|_| "no response")
+            .unwrap();
+        let mut far = answering.await.unwrap();
+        let event = response.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(event.into_data().unwrap(), "ping\n\n");
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            Pin::new(response.body_mut())
+                .poll_frame(&mut cx)
+                .is_pending()
+        );
+        let conn = response.body().conn.as_ref().unwrap();
+        assert_eq!(conn.buf.capacity(), 0);
+        far.write_all(b"6\r\npong\n\n\r\n0\r\n\r\n").await.unwrap();
+        let event = response.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(event.into_data().unwrap(), "pong\n\n");
+        assert!(response.body_mut().frame().await.is_none());
     }
 }

@@ -36,13 +36,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio_util::io::poll_read_buf;
 
 use crate::control::runtime::App;
 use crate::http::body::RelayBody;
 use crate::http::body_deadline::{BodyClock, BodyLimits, RequestBody, TimedIncoming};
 use crate::http::error::RelayError;
-use crate::http::h1_client::{Fields, header_map, make_room, place_in, push_decimal};
+use crate::http::h1_client::{Fields, header_map, place_in, poll_read_lean, push_decimal};
 use crate::stack;
 
 /// Bodies up to this size are read here; larger ones stream through hyper,
@@ -55,7 +54,6 @@ const MAX_HEADERS: usize = 100;
 /// Time to receive a request head, idle time before it included: what
 /// hyper's `header_read_timeout` gives the connections it serves.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-const READ_CHUNK: usize = 8 * 1024;
 /// How long, and how much, a refused client's unread bytes are thrown away
 /// before its connection closes (what nginx's lingering close does).
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -64,6 +62,10 @@ const LINGER_BYTES: usize = 1024 * 1024;
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 /// Response bytes gathered before a write, when the body has more at hand.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Room for a response head without regrowing, as the relay sends them.
+const HEAD_ROOM: usize = 1024;
+/// A chunk's size line and line ends around its data.
+const CHUNK_FRAMING: usize = 16 + 4;
 
 /// Serves one plaintext connection until the client closes it, the relay
 /// shuts down, or a request needs hyper.
@@ -80,8 +82,10 @@ pub async fn serve<Io>(
 {
     let mut conn = Conn {
         io: stream,
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        out: Vec::with_capacity(4096),
+        // Both made when bytes come and go, not held while the connection
+        // waits (see `poll_read_lean`).
+        buf: BytesMut::new(),
+        out: Vec::new(),
         fields: Fields::new(),
     };
     // Armed once and moved only when it fires early: resetting a timer for
@@ -199,6 +203,8 @@ pub async fn serve<Io>(
         if conn.respond(response, closing).await.is_err() {
             return;
         }
+        // An idle keep-alive connection holds no write buffer.
+        conn.out = Vec::new();
         served = true;
         if closing {
             // A TLS client is told the end is meant (close_notify).
@@ -220,8 +226,7 @@ struct Conn<Io> {
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
     async fn read_more(&mut self) -> io::Result<usize> {
-        make_room(&mut self.buf);
-        poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await
+        poll_fn(|cx| poll_read_lean(&mut self.io, cx, &mut self.buf)).await
     }
 
     /// Ready when the client has closed (or broken) the connection. Bytes
@@ -231,12 +236,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             // Enough kept; the client's close is seen at the next write.
             return Poll::Pending;
         }
-        make_room(&mut self.buf);
         loop {
-            match ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)) {
+            match ready!(poll_read_lean(&mut self.io, cx, &mut self.buf)) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) if self.buf.len() > MAX_HEAD => return Poll::Pending,
-                Ok(_) => make_room(&mut self.buf),
+                Ok(_) => {}
             }
         }
     }
@@ -260,6 +264,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             Framing::Chunked
         };
         self.out.clear();
+        let at_hand = match framing {
+            Framing::Length(length) => length.min(WRITE_BATCH as u64) as usize,
+            _ => 0,
+        };
+        self.out.reserve(HEAD_ROOM + at_hand);
         encode_head(
             &mut self.out,
             parts.status,
@@ -267,6 +276,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
             framing,
             closing,
         );
+        // The header values may share the upstream's read buffer: not kept
+        // for the life of a stream.
+        drop(parts);
         if framing == Framing::Bodiless {
             // Read to its end (it has none to send), so that the exchange
             // is recorded as complete.
@@ -287,7 +299,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                 Poll::Ready(None) => Poll::Ready(Next::End),
                 // Nothing more at hand: what is gathered goes out now.
                 Poll::Pending if !self.out.is_empty() => Poll::Ready(Next::Flush),
-                Poll::Pending => self.poll_client_gone(cx).map(|()| Next::BrokeOff),
+                Poll::Pending => {
+                    // Nothing to write until the body has more: a stream
+                    // between events holds no write buffer.
+                    if self.out.capacity() != 0 {
+                        self.out = Vec::new();
+                    }
+                    self.poll_client_gone(cx).map(|()| Next::BrokeOff)
+                }
             })
             .await;
             match next {
@@ -321,6 +340,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Conn<Io> {
                         continue;
                     }
                     if chunked {
+                        self.out.reserve(data.len() + CHUNK_FRAMING);
                         push_hex(&mut self.out, data.len());
                         self.out.extend_from_slice(b"\r\n");
                         self.out.extend_from_slice(&data);
@@ -779,5 +799,81 @@ mod tests {
         let mut hex = Vec::new();
         push_hex(&mut hex, 0x1f3);
         assert_eq!(hex, b"1f3");
+    }
+
+    /// A response body that gives what the test sends, and waits between.
+    struct Events(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Events {
+        type Data = Bytes;
+        type Error = crate::http::body::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|event| event.map(|data| Ok(http_body::Frame::data(data))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_between_events_holds_no_buffers() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut conn = Conn {
+            io: near,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            fields: Fields::new(),
+        };
+        let (events, received) = tokio::sync::mpsc::unbounded_channel();
+        let body = RelayBody::upstream(
+            Events(received),
+            Duration::from_secs(60),
+            tokio::time::Instant::now() + Duration::from_secs(3600),
+            true,
+        );
+        let mut response = http::Response::new(body);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let event = "event: ping\ndata: {\"type\":\"ping\"}\n\n";
+        events.send(Bytes::from(event)).unwrap();
+        {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut writing = std::pin::pin!(conn.respond(response, false));
+            // Polled until the event is out and the body waits for the next.
+            for _ in 0..4 {
+                assert!(writing.as_mut().poll(&mut cx).is_pending());
+            }
+        }
+        let mut sent = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut far, &mut sent)
+            .await
+            .unwrap();
+        let sent = String::from_utf8_lossy(&sent[..n]);
+        assert!(sent.starts_with("HTTP/1.1 200 OK\r\n"), "{sent}");
+        assert!(
+            sent.ends_with(&format!("\r\n\r\n{:x}\r\n{event}\r\n", event.len())),
+            "{sent}"
+        );
+        // Waiting for the next event (and watching for the client's close),
+        // the connection holds neither its write nor its read buffer.
+        assert_eq!(conn.out.capacity(), 0);
+        assert_eq!(conn.buf.capacity(), 0);
+        // A pipelined request the client sends meanwhile is kept, whole.
+        let pipelined = b"GET /v1/models HTTP/1.1\r\nhost: relay\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut far, pipelined)
+            .await
+            .unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(conn.poll_client_gone(&mut cx).is_pending());
+        assert_eq!(&conn.buf[..], pipelined);
+        // The client's close is seen.
+        drop(far);
+        conn.buf.clear();
+        assert!(conn.poll_client_gone(&mut cx).is_ready());
     }
 }
