@@ -183,8 +183,10 @@ pub async fn serve<Io>(
 
         // A client that goes away before the answer cancels the request.
         let answered = {
-            let handled = stack::handle(app.clone(), request, peer);
-            tokio::pin!(handled);
+            // Boxed, and so only while the request is handled: inline, its
+            // state (several KB) would be part of every connection's task,
+            // idle or streaming, for the connection's life.
+            let mut handled = Box::pin(stack::handle(app.clone(), request, peer));
             poll_fn(|cx| {
                 if let Poll::Ready(response) = handled.as_mut().poll(cx) {
                     return Poll::Ready(Some(response));
