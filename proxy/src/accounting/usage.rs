@@ -1714,7 +1714,10 @@ mod tests {
     async fn unpriced_answers_are_all_counted_and_said_once_a_minute() {
         let metrics = Arc::new(Metrics::new());
         let accounting = Accounting::new(metrics.clone());
-        assert!(accounting.count_unpriced("mystery-model"), "the first is said");
+        assert!(
+            accounting.count_unpriced("mystery-model"),
+            "the first is said"
+        );
         assert!(!accounting.count_unpriced("mystery-model"));
         assert!(accounting.count_unpriced("other-model"), "per model");
         tokio::time::advance(UNPRICED_WARN_EVERY - Duration::from_secs(1)).await;
