@@ -1057,6 +1057,9 @@ struct Pending {
     retry: Charges,
 }
 
+/// A model's unpriced answers: their counter, and when one was last logged.
+type UnpricedCounter = (Counter, Option<Instant>);
+
 /// Accounting state that outlives reloads.
 pub struct Accounting {
     metrics: Arc<Metrics>,
@@ -1073,9 +1076,7 @@ pub struct Accounting {
     /// The cost counter (nano-dollars, exported as dollars) per client and model.
     cost_counters: Mutex<FastMap<TokenKey, CostCounter>>,
     /// The unpriced answer counters per model label.
-    /// Per model label: its counter, and when an unpriced answer of it
-    /// was last logged.
-    unpriced_counters: Mutex<FastMap<Arc<str>, (Counter, Option<Instant>)>>,
+    unpriced_counters: Mutex<FastMap<Arc<str>, UnpricedCounter>>,
     /// The decode counters by coding and result, looked up once.
     decode_counters: Mutex<FastMap<(&'static str, &'static str), Counter>>,
     /// Per client, what the next flush writes to the store.
