@@ -67,6 +67,8 @@ pub const DECODED_STREAM_CAP: usize = 64 * 1024 * 1024;
 const SSE_LINE_CAP: usize = 64 * 1024;
 /// Distinct model label values before new ones are counted as `other`.
 const MODEL_LABELS: usize = 64;
+/// How often an unpriced model's answers are logged (each is counted).
+const UNPRICED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The `usage` object of the Messages API; absent fields stay as they were.
 #[derive(Debug, Default, Deserialize)]
@@ -996,8 +998,12 @@ impl Finished {
             match cost_nanos {
                 Some(nanos) => accounting.count_cost(&meter.client, model, nanos),
                 None => {
-                    accounting.count_unpriced(model);
-                    tracing::warn!(request_id = %request_id, client = &*meter.client.0, model, "answer not priced: no pricing.models entry matches its model (counted in claude_relay_unpriced_answers_total)");
+                    // Said once a minute per model, not per answer: a log
+                    // line for every answer of an unpriced model cost more
+                    // CPU than relaying it, and the metric counts them all.
+                    if accounting.count_unpriced(model) {
+                        tracing::warn!(request_id = %request_id, client = &*meter.client.0, model, "answer not priced: no pricing.models entry matches its model (counted in claude_relay_unpriced_answers_total; said once a minute per model)");
+                    }
                 }
             }
             tracing::info!(
@@ -1051,6 +1057,9 @@ struct Pending {
     retry: Charges,
 }
 
+/// A model's unpriced answers: their counter, and when one was last logged.
+type UnpricedCounter = (Counter, Option<Instant>);
+
 /// Accounting state that outlives reloads.
 pub struct Accounting {
     metrics: Arc<Metrics>,
@@ -1067,7 +1076,7 @@ pub struct Accounting {
     /// The cost counter (nano-dollars, exported as dollars) per client and model.
     cost_counters: Mutex<FastMap<TokenKey, CostCounter>>,
     /// The unpriced answer counters per model label.
-    unpriced_counters: Mutex<FastMap<Arc<str>, Counter>>,
+    unpriced_counters: Mutex<FastMap<Arc<str>, UnpricedCounter>>,
     /// The decode counters by coding and result, looked up once.
     decode_counters: Mutex<FastMap<(&'static str, &'static str), Counter>>,
     /// Per client, what the next flush writes to the store.
@@ -1278,18 +1287,26 @@ impl Accounting {
             .inc_by(crate::accounting::pricing::usd(nanos));
     }
 
-    /// Counts an answer whose model has no price.
-    fn count_unpriced(&self, model: &str) {
+    /// Counts an answer whose model has no price; true when the model's
+    /// last warning is [`UNPRICED_WARN_EVERY`] old or more (or there was none).
+    fn count_unpriced(&self, model: &str) -> bool {
         let model = self.model_label(model);
-        lock(&self.unpriced_counters)
-            .entry(model.clone())
-            .or_insert_with(|| {
-                self.metrics
-                    .unpriced_answers
-                    .get_or_create(&ModelLabels { model: Name(model) })
-                    .clone()
-            })
-            .inc();
+        let now = Instant::now();
+        let mut counters = lock(&self.unpriced_counters);
+        let (counter, warned) = counters.entry(model.clone()).or_insert_with(|| {
+            let counter = self
+                .metrics
+                .unpriced_answers
+                .get_or_create(&ModelLabels { model: Name(model) })
+                .clone();
+            (counter, None)
+        });
+        counter.inc();
+        let due = warned.is_none_or(|at| now.duration_since(at) >= UNPRICED_WARN_EVERY);
+        if due {
+            *warned = Some(now);
+        }
+        due
     }
 
     /// The model as a label value: a plausible model name among the first
@@ -1692,6 +1709,32 @@ mod tests {
             Some(("other", "unsupported", None))
         );
         assert!(UsageTap::for_answer(true, None).decode_result().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unpriced_answers_are_all_counted_and_said_once_a_minute() {
+        let metrics = Arc::new(Metrics::new());
+        let accounting = Accounting::new(metrics.clone());
+        assert!(
+            accounting.count_unpriced("mystery-model"),
+            "the first is said"
+        );
+        assert!(!accounting.count_unpriced("mystery-model"));
+        assert!(accounting.count_unpriced("other-model"), "per model");
+        tokio::time::advance(UNPRICED_WARN_EVERY - Duration::from_secs(1)).await;
+        assert!(!accounting.count_unpriced("mystery-model"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(accounting.count_unpriced("mystery-model"), "a minute on");
+        let counted = |model: &str| {
+            metrics
+                .unpriced_answers
+                .get_or_create(&ModelLabels {
+                    model: Name(Arc::from(model)),
+                })
+                .get()
+        };
+        assert_eq!(counted("mystery-model"), 4);
+        assert_eq!(counted("other-model"), 1);
     }
 
     #[test]

@@ -153,7 +153,9 @@ async fn connection(shared: Shared, deadline: Instant) -> (Vec<u64>, u64) {
         };
         tokio::spawn(conn);
         while Instant::now() < deadline {
-            let mut request = http::Request::post(uri.clone())
+            // Origin form (`POST /v1/messages`), as the SDKs, curl, wrk and
+            // oha send it: an absolute URI takes the relay's rarer path.
+            let mut request = http::Request::post(path.as_str())
                 .header("host", addr.as_str())
                 .header("content-type", "application/json")
                 .header("anthropic-version", "2023-06-01");
