@@ -280,11 +280,12 @@ pub fn secret_volume_name(secret: &str) -> String {
 }
 
 /// The proxy's resources unless the ClaudeRelay sets its own; they follow the
-/// README's sizing table. Memory goes with open streams: ~12 MB idle and
-/// ~32 KB per open stream, so the request holds the ~2,000 streams per pod the
-/// README suggests for `targetInFlightPerPod`, and the limit ~15,000 (a burst
-/// faster than the HPA, or the 64 MiB response cache on top). CPU goes with
-/// requests (23-34 us per 1 KB JSON request): 100m serves ~3,000-4,000 requests/s.
+/// README's sizing table. Memory goes with open streams and the response
+/// cache: ~16 MB idle and ~7 KB per open stream, so the request holds the
+/// ~2,000 streams per pod the README suggests for `targetInFlightPerPod` with
+/// the 64 MiB response cache on top, and the limit the ~9,900 streams a
+/// replica's open files allow. CPU goes with requests (21-23 us per 1 KB JSON
+/// request): 100m serves ~4,300-4,800 requests/s.
 fn default_resources() -> ResourceRequirements {
     // No CPU limit: throttling adds latency to every request; memory is capped.
     ResourceRequirements {
