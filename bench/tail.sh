@@ -17,6 +17,8 @@
 #   ROUNDS=5 SECS=15 bench/tail.sh
 #   RATE=8000 bench/tail.sh            # a rate of your own instead of half of nginx's max
 #   RELAY=path bench/tail.sh           # another build of the relay (no build)
+#   BASE=path bench/tail.sh            # and a second build beside it, taking its
+#                                      # turn after the relay's (relay/base p99)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,6 +56,14 @@ YAML
 wait_port "$UP"; wait_port "$NG"; wait_port "$RD"
 "$RELAY" --config "$work/relay.yaml" > "$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
 wait_port "$RL"
+targets="nginx relay"
+if [ -n "${BASE:-}" ]; then
+  BL=$(free_port); BA=$(free_port)
+  sed -e "s/127.0.0.1:$RL,/127.0.0.1:$BL,/" -e "s/127.0.0.1:$RA}/127.0.0.1:$BA}/" "$work/relay.yaml" > "$work/base.yaml"
+  "$BASE" --config "$work/base.yaml" > "$work/base.log" 2>&1 & base_pid=$!; pids+=($base_pid)
+  wait_port "$BL"
+  targets="nginx relay base"
+fi
 
 BODY='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
 run_oha() { # name port rate: "name p50_us p99_us p99.9_us rps non-200"
@@ -74,7 +84,7 @@ PY
 }
 
 echo "warming up..."
-for p in "$NG" "$RL"; do wrk -t2 -c"$CONNECTIONS" -d2s -s "$work/post.lua" "http://127.0.0.1:$p/v1/messages" > /dev/null; done
+for p in "$NG" "$RL" ${BL:-}; do wrk -t2 -c"$CONNECTIONS" -d2s -s "$work/post.lua" "http://127.0.0.1:$p/v1/messages" > /dev/null; done
 if [ -z "${RATE:-}" ]; then
   # nginx's maximum with this generator, closed loop: oha spends more CPU per
   # request than wrk, and on a small machine it shares the cores with nginx.
@@ -85,20 +95,24 @@ if [ -z "${RATE:-}" ]; then
   echo "nginx max (oha -c64 -z5s, closed loop): $max req/s; rate: $RATE req/s"
 fi
 run_oha warm-nginx "$NG" "$RATE" > /dev/null; run_oha warm-relay "$RL" "$RATE" > /dev/null
+[ -z "${BL:-}" ] || run_oha warm-base "$BL" "$RATE" > /dev/null
 echo "constant rate: oha -q $RATE -c $CONNECTIONS -z ${SECS}s --latency-correction, $ROUNDS turns"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # nginx's CPU: its master and worker processes.
 nginx_ticks_now() { local t=0 p; for p in "$nginx_pid" $(pgrep -P "$nginx_pid"); do t=$((t + $(ticks "$p"))); done; echo "$t"; }
-relay_ticks=0; nginx_ticks=0
+relay_ticks=0; nginx_ticks=0; base_ticks=0
 for _ in $(seq 1 "$ROUNDS"); do
   t0=$(nginx_ticks_now); run_oha nginx "$NG" "$RATE"; nginx_ticks=$((nginx_ticks + $(nginx_ticks_now) - t0))
   t0=$(ticks "$relay_pid"); run_oha relay "$RL" "$RATE"; relay_ticks=$((relay_ticks + $(ticks "$relay_pid") - t0))
+  if [ -n "${BL:-}" ]; then
+    t0=$(ticks "$base_pid"); run_oha base "$BL" "$RATE"; base_ticks=$((base_ticks + $(ticks "$base_pid") - t0))
+  fi
 done > "$out/tail-rounds.txt"
 all=$(cat "$out/tail-rounds.txt")
 
 report=$(
   echo "== tail latency at a constant rate ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores) =="
-  echo "oha -q $RATE -c $CONNECTIONS -z ${SECS}s --latency-correction; 1 KB JSON answers; turns taken in order nginx, relay"
+  echo "oha -q $RATE -c $CONNECTIONS -z ${SECS}s --latency-correction; 1 KB JSON answers; turns taken in order ${targets// /, }"
   printf '%-6s %8s %8s %9s %8s %7s\n' target p50_us p99_us p99.9_us req/s errors
   echo "$all" | awk '{printf "%-6s %8d %8d %9d %8d %7d\n", $1, $2, $3, $4, $5, $6}'
   # The median turn's figures of each, and the ratio of the median p99s.
@@ -112,10 +126,11 @@ report=$(
     END {
       for (t in p99) printf "median %-6s p50 %6d us  p99 %6d us  p99.9 %6d us\n", t, median(p50[t]), median(p99[t]), median(p999[t])
       printf "ratio: relay p99 / nginx p99 %.2f (target <= 1.20); p99.9 %.2f\n", median(p99["relay"]) / median(p99["nginx"]), median(p999["relay"]) / median(p999["nginx"])
+      if ("base" in p99) printf "ratio: relay p99 / base p99 %.2f; p99.9 %.2f\n", median(p99["relay"]) / median(p99["base"]), median(p999["relay"]) / median(p999["base"])
     }' | sort
   # What a core serves: each proxy's CPU time over the requests of its turns.
-  for t in nginx relay; do
-    ticks_of=$nginx_ticks; [ "$t" = relay ] && ticks_of=$relay_ticks
+  for t in $targets; do
+    ticks_of=$nginx_ticks; [ "$t" = relay ] && ticks_of=$relay_ticks; [ "$t" = base ] && ticks_of=$base_ticks
     echo "$all" | awk -v name="$t" -v t="$ticks_of" -v hz="$(getconf CLK_TCK)" -v s="$SECS" '$1==name {n += $5 * s}
       END {us = t / hz * 1e6 / n; printf "%s CPU per request: %.1f us (%.0f req/s per core)\n", name, us, 1e6 / us}'
   done
