@@ -2,7 +2,8 @@
 //! really exports: every dashboard query parses (promtool) and names only
 //! metrics and labels the relay's `/metrics` shows after traffic of every
 //! kind; and Debian's `prometheus`, started here, scrapes a relay, answers
-//! a dashboard query and fires an alert of the chart's rule file.
+//! a dashboard query and the prometheus-adapter example's rule (the HPA's
+//! in-flight metric), and fires an alert of the chart's rule file.
 
 mod common;
 
@@ -583,6 +584,18 @@ fn percent_encoded(text: &str) -> String {
         .collect()
 }
 
+/// The custom-metrics rule of examples/prometheus-adapter/values.yaml, which
+/// serves the gauge the operator's HPA scales on (`targetInFlightPerPod`).
+fn adapter_rule() -> serde_yaml_ng::Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/prometheus-adapter/values.yaml");
+    let values: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rules = values["rules"]["custom"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "one rule: the in-flight gauge");
+    rules[0].clone()
+}
+
 fn alert_expr(name: &str) -> String {
     let text = std::fs::read_to_string(chart_file("rules/claude-relay-alerts.yaml")).unwrap();
     let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
@@ -596,7 +609,7 @@ fn alert_expr(name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_prometheus_scrapes_the_relay_answers_the_dashboard_and_fires_an_alert() {
+async fn a_real_prometheus_scrapes_the_relay_for_the_dashboard_the_adapter_and_an_alert() {
     let setup = Setup::standalone().await;
     let config = setup.config("", "", "");
     let proxy = setup.proxy(&config);
@@ -642,6 +655,45 @@ async fn a_real_prometheus_scrapes_the_relay_answers_the_dashboard_and_fires_an_
     })
     .await;
     assert_eq!(series["metric"].as_object().unwrap().len(), 1, "{series}");
+
+    // The prometheus-adapter example: its series query finds the relay's
+    // gauge with the pod labels it maps to resources, and its metrics query,
+    // filled in as the adapter does for a namespace's pods, gives one value
+    // per pod under the name the HPA asks for.
+    let rule = adapter_rule();
+    let served_as = rule["name"]["as"].as_str().unwrap();
+    assert_eq!(served_as, "claude_relay_in_flight_requests");
+    let found = prometheus
+        .api(&format!(
+            "/api/v1/series?match[]={}",
+            percent_encoded(rule["seriesQuery"].as_str().unwrap())
+        ))
+        .await
+        .unwrap();
+    let found = found["data"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["__name__"], served_as);
+    for (label, resource) in [("namespace", "namespace"), ("pod", "pod")] {
+        assert_eq!(
+            rule["resources"]["overrides"][label]["resource"].as_str(),
+            Some(resource)
+        );
+        assert!(found[0][label].is_string(), "{label} missing: {found:?}");
+    }
+    let per_pod = rule["metricsQuery"]
+        .as_str()
+        .unwrap()
+        .replace("<<.Series>>", found[0]["__name__"].as_str().unwrap())
+        .replace(
+            "<<.LabelMatchers>>",
+            r#"namespace="relays",pod=~"claude-0|claude-1""#,
+        )
+        .replace("<<.GroupBy>>", "pod");
+    let per_pod = prometheus.query(&per_pod).await.unwrap();
+    assert_eq!(per_pod.len(), 1, "{per_pod:?}");
+    assert_eq!(per_pod[0]["metric"]["pod"], "claude-0");
+    let in_flight: f64 = per_pod[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(in_flight >= 0.0, "{per_pod:?}");
 
     // A config the relay refuses: the alert's expression turns non-empty,
     // then the alert fires, with the relay's labels.
