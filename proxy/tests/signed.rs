@@ -125,6 +125,23 @@ fn signed_now(proxy: &ProxyProcess, secret: &str) -> http::Request<http_body_uti
     )
 }
 
+/// The signer's usual request under the old secret, at `timestamp`.
+fn signed_at(
+    proxy: &ProxyProcess,
+    timestamp: u64,
+    nonce: &str,
+) -> http::Request<http_body_util::Full<Bytes>> {
+    signed(
+        proxy,
+        "signer",
+        SECRET_OLD,
+        "/v1/messages",
+        BODY,
+        timestamp,
+        nonce,
+    )
+}
+
 fn fresh_nonce() -> String {
     signing::generate_nonce().unwrap()
 }
@@ -234,33 +251,9 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
     let now = signing::unix_now();
 
     let nonce = fresh_nonce();
-    let first = send(
-        &client,
-        signed(
-            &proxy,
-            "signer",
-            SECRET_OLD,
-            "/v1/messages",
-            BODY,
-            now,
-            &nonce,
-        ),
-    )
-    .await;
+    let first = send(&client, signed_at(&proxy, now, &nonce)).await;
     assert_eq!(first.status, 200, "{:?}", first.body);
-    let again = send(
-        &client,
-        signed(
-            &proxy,
-            "signer",
-            SECRET_OLD,
-            "/v1/messages",
-            BODY,
-            now,
-            &nonce,
-        ),
-    )
-    .await;
+    let again = send(&client, signed_at(&proxy, now, &nonce)).await;
     assert_refused(&again, 401, "authentication_error", "replayed nonce");
 
     // The window holds on both sides: 300 s is in, 301 s is out.
@@ -270,19 +263,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
         (now - 310, false),
         (now + 310, false),
     ] {
-        let answer = send(
-            &client,
-            signed(
-                &proxy,
-                "signer",
-                SECRET_OLD,
-                "/v1/messages",
-                BODY,
-                timestamp,
-                &fresh_nonce(),
-            ),
-        )
-        .await;
+        let answer = send(&client, signed_at(&proxy, timestamp, &fresh_nonce())).await;
         if ok {
             assert_eq!(answer.status, 200, "{timestamp}: {:?}", answer.body);
         } else {
@@ -291,15 +272,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
     }
 
     // Tampering: the body, the path or query, or the method changed after signing.
-    let mut tampered = signed(
-        &proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        now,
-        &fresh_nonce(),
-    );
+    let mut tampered = signed_at(&proxy, now, &fresh_nonce());
     *tampered.body_mut() = http_body_util::Full::new(Bytes::from(BODY.replace("Hi", "Hi!")));
     tampered.headers_mut().remove("content-length");
     assert_refused(
@@ -324,15 +297,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
         "authentication_error",
         "bad signature",
     );
-    let mut tampered = signed(
-        &proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        now,
-        &fresh_nonce(),
-    );
+    let mut tampered = signed_at(&proxy, now, &fresh_nonce());
     *tampered.method_mut() = Method::PUT;
     assert_refused(
         &send(&client, tampered).await,
@@ -340,15 +305,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
         "authentication_error",
         "bad signature",
     );
-    let mut tampered = signed(
-        &proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        now,
-        &fresh_nonce(),
-    );
+    let mut tampered = signed_at(&proxy, now, &fresh_nonce());
     tampered
         .headers_mut()
         .insert("x-relay-nonce", fresh_nonce().parse().unwrap());
@@ -358,15 +315,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
         "authentication_error",
         "bad signature",
     );
-    let mut tampered = signed(
-        &proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        now,
-        &fresh_nonce(),
-    );
+    let mut tampered = signed_at(&proxy, now, &fresh_nonce());
     tampered
         .headers_mut()
         .insert("x-relay-timestamp", (now - 1).to_string().parse().unwrap());
@@ -433,19 +382,7 @@ async fn replays_stale_timestamps_and_tampering_are_refused_before_the_upstream(
         "not enabled",
     );
     assert_refused(
-        &send(
-            &client,
-            signed(
-                &proxy,
-                "signer",
-                SECRET_OLD,
-                "/v1/messages",
-                BODY,
-                now,
-                "short",
-            ),
-        )
-        .await,
+        &send(&client, signed_at(&proxy, now, "short")).await,
         401,
         "authentication_error",
         "malformed",
@@ -585,26 +522,10 @@ async fn each_worker_checks_nonces_over_its_own_connection() {
     // And a replay is still caught, whichever worker takes it.
     let nonce = fresh_nonce();
     let now = signing::unix_now();
-    let first = signed(
-        &proxy,
-        "signer",
-        SECRET_OLD,
-        "/v1/messages",
-        BODY,
-        now,
-        &nonce,
-    );
+    let first = signed_at(&proxy, now, &nonce);
     assert_eq!(send(&th::client(), first).await.status, 200);
     for _ in 0..6 {
-        let again = signed(
-            &proxy,
-            "signer",
-            SECRET_OLD,
-            "/v1/messages",
-            BODY,
-            now,
-            &nonce,
-        );
+        let again = signed_at(&proxy, now, &nonce);
         let answer = send(&th::client(), again).await;
         assert_refused(&answer, 401, "authentication_error", "replayed nonce");
     }
@@ -778,17 +699,7 @@ async fn without_pipelining_a_connection_carries_one_nonce_at_a_time() {
         .await;
         let nonce = fresh_nonce();
         let now = signing::unix_now();
-        let once = || {
-            signed(
-                &proxy,
-                "signer",
-                SECRET_OLD,
-                "/v1/messages",
-                BODY,
-                now,
-                &nonce,
-            )
-        };
+        let once = || signed_at(&proxy, now, &nonce);
         assert_eq!(send(&client, once()).await.status, 200);
         assert_refused(
             &send(&client, once()).await,
