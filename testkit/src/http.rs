@@ -108,3 +108,38 @@ pub async fn wait_for(
     }
     start.elapsed()
 }
+
+/// Serves HTTP/1 and HTTP/2 (what the client speaks) on `listener` until the
+/// task running it is dropped or aborted: each request is answered by
+/// `answer(request, peer)`. The accept loop of the test doubles (the Claude
+/// API double, the OTLP receiver, the Kubernetes API double).
+pub async fn serve_http<F, Fut, B>(listener: tokio::net::TcpListener, answer: F)
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = std::sync::Arc::new(hyper_util::server::conn::auto::Builder::new(
+        TokioExecutor::new(),
+    ));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        // Small answers and stream events go out as written.
+        let _ = stream.set_nodelay(true);
+        let answer = answer.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answered = answer(request, peer);
+                async move { Ok::<_, std::convert::Infallible>(answered.await) }
+            });
+            let _ = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -2,7 +2,6 @@
 //! exports (`POST /v1/traces`) that keeps every request as received and
 //! reads the spans out of them.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,10 +11,10 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::TcpListener;
+
+use crate::http::serve_http;
 
 /// One export request as the receiver got it.
 #[derive(Clone, Debug)]
@@ -80,7 +79,11 @@ impl OtlpReceiver {
             .expect("bind OTLP receiver");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
-        let task = tokio::spawn(serve(listener, state.clone()));
+        let receiving = state.clone();
+        let task = tokio::spawn(serve_http(listener, move |request, _| {
+            let state = receiving.clone();
+            async move { receive(&state, request).await }
+        }));
         Self { addr, state, task }
     }
 
@@ -188,28 +191,6 @@ fn flatten(attributes: &Value) -> serde_json::Map<String, Value> {
         map.insert(key.to_owned(), flat);
     }
     map
-}
-
-async fn serve(listener: TcpListener, state: Arc<State>) {
-    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
-        TokioExecutor::new(),
-    ));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(receive(&state, request).await) }
-            });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
 }
 
 async fn receive(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {

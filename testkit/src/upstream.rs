@@ -41,7 +41,6 @@
 //! Paths: `/v1/messages`, `/v1/messages/count_tokens`, `/v1/models`; any
 //! other path answers 404 not_found_error, as the API does.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,12 +53,11 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
 use crate::compress;
+use crate::http::serve_http;
 
 /// One request as the upstream saw it.
 #[derive(Clone, Debug)]
@@ -199,26 +197,10 @@ pub async fn serve_forever(listener: TcpListener) {
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
-    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
-        TokioExecutor::new(),
-    ));
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(state, request, peer).await) }
-            });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    serve_http(listener, move |request, peer| {
+        answer(state.clone(), request, peer)
+    })
+    .await;
 }
 
 type MockResponse = Response<MockBody>;

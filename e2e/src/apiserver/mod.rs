@@ -67,11 +67,11 @@ use http::{Method, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+
+use claude_relay_testkit::http::serve_http;
 
 pub use audit::Call;
 pub use rbac::{ADMIN_TOKEN, service_account_token};
@@ -216,22 +216,14 @@ impl ApiServer {
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let mut stop = shared.stop.subscribe();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+    let answering = shared.clone();
+    let serving = serve_http(listener, move |request, _| {
+        let shared = answering.clone();
+        async move { handle(&shared, request).await }
+    });
+    tokio::select! {
+        () = serving => {}
+        _ = stop.wait_for(|s| *s) => {}
     }
 }
 
