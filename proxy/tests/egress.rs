@@ -2,6 +2,8 @@
 //! tinyproxy started per test, real relay processes, upstream doubles that
 //! record who connected to them.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -41,8 +43,13 @@ impl Files {
 /// A region entry; `egress` is the YAML of its `egress_proxy`, if any.
 fn region(name: &str, url: &str, priority: i32, egress: Option<&str>, extra: &str) -> String {
     let egress = egress.map_or(String::new(), |e| format!(", egress_proxy: {e}"));
-    format!(
-        "  - {{name: {name}, base_url: '{url}', priority: {priority}, api_keys: [{{env: UPSTREAM_KEY}}], timeouts: {{connect: 1s, response_headers: 5s}}{egress}{extra}}}\n"
+    common::region_entry(
+        name,
+        url,
+        priority,
+        &["UPSTREAM_KEY"],
+        "connect: 1s, response_headers: 5s",
+        &format!("{egress}{extra}"),
     )
 }
 
@@ -52,15 +59,11 @@ fn with_credentials(url: &str, file: &str) -> String {
 }
 
 fn config(regions: &str, extra: &str) -> String {
-    format!(
-        r#"
-relay_name: egress-test
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}", workers: 1, reload_interval: 50ms}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-{regions}{extra}"#
+    common::relay_config(
+        "egress-test",
+        ", workers: 1, reload_interval: 50ms",
+        regions,
+        extra,
     )
 }
 

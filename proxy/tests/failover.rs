@@ -1,6 +1,8 @@
 //! Failover, the shared breaker and the key pool, driven through real proxy
 //! processes against upstream doubles (and a real Redis where replicas share).
 
+mod common;
+
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -16,24 +18,18 @@ const BODY: &str =
     r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
 
 fn region(name: &str, url: &str, priority: i32, keys: &[&str]) -> String {
-    let keys: Vec<String> = keys.iter().map(|k| format!("{{env: {k}}}")).collect();
-    format!(
-        "  - {{name: {name}, base_url: '{url}', priority: {priority}, api_keys: [{}], timeouts: {{connect: 300ms, response_headers: 2s}}}}\n",
-        keys.join(", ")
+    common::region_entry(
+        name,
+        url,
+        priority,
+        keys,
+        "connect: 300ms, response_headers: 2s",
+        "",
     )
 }
 
 fn config(regions: &str, extra: &str) -> String {
-    format!(
-        r#"
-relay_name: failover-test
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-{regions}{extra}"#
-    )
+    common::relay_config("failover-test", "", regions, extra)
 }
 
 fn start(config: &str) -> ProxyProcess {

@@ -25,22 +25,18 @@ const CLIENT_SPAN: &str = "b7ad6b7169203331";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn region(name: &str, url: &str, priority: i32) -> String {
-    format!(
-        "  - {{name: {name}, base_url: '{url}', priority: {priority}, api_keys: [{{env: UPSTREAM_KEY}}], timeouts: {{connect: 300ms, response_headers: 2s}}}}\n"
+    common::region_entry(
+        name,
+        url,
+        priority,
+        &["UPSTREAM_KEY"],
+        "connect: 300ms, response_headers: 2s",
+        "",
     )
 }
 
 fn config(regions: &str, traces: &str) -> String {
-    format!(
-        r#"
-relay_name: traces-test
-server: {{listen: "{{listen}}", admin_listen: "{{admin}}"}}
-clients:
-  - id: app
-    relay_keys: [{{env: TEST_RELAY_KEY}}]
-regions:
-{regions}{traces}"#
-    )
+    common::relay_config("traces-test", "", regions, traces)
 }
 
 fn traces(endpoint: &str, ratio: f64, extra: &str) -> String {

@@ -350,3 +350,38 @@ pub async fn not_near_a_minute_boundary(seconds_needed: u64) {
             .await;
     }
 }
+
+/// A relay named `name` with one client, `app` (its relay key from the
+/// environment variable `TEST_RELAY_KEY`), `server` settings besides its
+/// addresses (`, workers: 1`, say), the items of `regions` (see
+/// [`region_entry`]) and `extra` top-level settings after them.
+pub fn relay_config(name: &str, server: &str, regions: &str, extra: &str) -> String {
+    format!(
+        r#"
+relay_name: {name}
+server: {{listen: "{{listen}}", admin_listen: "{{admin}}"{server}}}
+clients:
+  - id: app
+    relay_keys: [{{env: TEST_RELAY_KEY}}]
+regions:
+{regions}{extra}"#
+    )
+}
+
+/// One item of a config's `regions`: its upstream keys from the environment
+/// variables `keys`, its `timeouts` (the fields of the map) and `more`
+/// fields after them (`, egress_proxy: ...`).
+pub fn region_entry(
+    name: &str,
+    url: &str,
+    priority: i32,
+    keys: &[&str],
+    timeouts: &str,
+    more: &str,
+) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| format!("{{env: {k}}}")).collect();
+    format!(
+        "  - {{name: {name}, base_url: '{url}', priority: {priority}, api_keys: [{}], timeouts: {{{timeouts}}}{more}}}\n",
+        keys.join(", ")
+    )
+}
