@@ -62,23 +62,7 @@ async fn upstream(cluster: &Cluster) {
 
 /// A relay whose scaling is `scaling` (`replicas` or `autoscaling`).
 fn relay(name: &str, scaling: Value) -> ClaudeRelay {
-    let mut spec = json!({
-        "regionSelector": {"matchLabels": {"relay": "main"}},
-        "clients": [{
-            "id": "app",
-            "relayKeySecretRef": {"name": "app-credentials", "key": "relay-key"},
-        }],
-    });
-    for (key, value) in scaling.as_object().expect("an object") {
-        spec[key] = value.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "relay.claude-relay.dev/v1alpha1",
-        "kind": "ClaudeRelay",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("a ClaudeRelay")
+    common::relay_with(name, &[("relay", "main")], scaling)
 }
 
 /// The Deployment as the double stores it (no request: sampling must not

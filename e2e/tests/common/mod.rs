@@ -129,20 +129,29 @@ pub fn region(
 /// A relay with fixed replicas selecting regions by `selector` labels,
 /// its client key in Secret `app-credentials`.
 pub fn relay(name: &str, selector: &[(&str, &str)], redis_url: Option<&str>) -> ClaudeRelay {
+    let mut settings = json!({"replicas": 2});
+    if let Some(url) = redis_url {
+        settings["redis"] = json!({"url": url});
+    }
+    relay_with(name, selector, settings)
+}
+
+/// A relay selecting regions by `selector` labels, its client key in Secret
+/// `app-credentials`, with the spec's other fields from `settings`.
+pub fn relay_with(name: &str, selector: &[(&str, &str)], settings: Value) -> ClaudeRelay {
     let selector: serde_json::Map<String, Value> = selector
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
     let mut spec = json!({
-        "replicas": 2,
         "regionSelector": {"matchLabels": selector},
         "clients": [{
             "id": "app",
             "relayKeySecretRef": {"name": "app-credentials", "key": "relay-key"},
         }],
     });
-    if let Some(url) = redis_url {
-        spec["redis"] = json!({"url": url});
+    for (key, value) in settings.as_object().expect("an object") {
+        spec[key] = value.clone();
     }
     serde_json::from_value(json!({
         "apiVersion": "relay.claude-relay.dev/v1alpha1",
