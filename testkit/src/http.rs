@@ -1,4 +1,5 @@
-//! A small HTTP client for tests: real connections, nothing mocked.
+//! HTTP for tests: a small client (real connections, nothing mocked) and
+//! the accept loop the test doubles serve on.
 
 use std::net::SocketAddr;
 use std::time::Duration;
